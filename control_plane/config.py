@@ -1,0 +1,136 @@
+"""The CA's configuration: read from the environment in one place.
+
+Secrets come from ``*_FILE`` paths. Every field documents its unit, default
+and why. :func:`from_env` is the only reader of ``os.environ`` in the CA.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from control_plane.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class CAConfig:
+    listen: str = "127.0.0.1:50051"
+    """KEYWARD_CA_LISTEN, host:port. Default loopback: exposing the CA is a
+    deliberate act."""
+
+    db_dsn: str = ""
+    """KEYWARD_DB_DSN, a libpq DSN (may list several hosts). Passwords belong
+    in a passfile, not here, because the DSN may be printed in diagnostics."""
+
+    tls_cert_file: str = ""
+    """KEYWARD_TLS_CERT_FILE: PEM certificate of the CA's gRPC server."""
+
+    tls_key_file: str = ""
+    """KEYWARD_TLS_KEY_FILE: PEM key of the CA's gRPC server."""
+
+    client_ca_file: str = ""
+    """KEYWARD_CLIENT_CA_FILE: PEM trust anchors for client certificates."""
+
+    master_secret_file: str = ""
+    """KEYWARD_MASTER_SECRET_FILE: file with >= 32 random bytes, the root of
+    every key password. Empty: the KEYWARD_MASTER_SECRET variable is read
+    (and removed from the environment) instead."""
+
+    trust_domain: str = "keyward"
+    """KEYWARD_TRUST_DOMAIN: the SPIFFE trust domain of accepted identities;
+    a client certificate from another domain is refused."""
+
+    metrics_listen: str = "127.0.0.1:9464"
+    """KEYWARD_METRICS_LISTEN, host:port of the Prometheus endpoint; empty
+    disables it. Its own port so it can be scraped without client certs."""
+
+    max_message_bytes: int = 1 << 20
+    """KEYWARD_MAX_MESSAGE_BYTES, bytes (default 1 MiB). A request larger than
+    this gets RESOURCE_EXHAUSTED; a whole PEM chain is far smaller."""
+
+    max_call_seconds: float = 30.0
+    """KEYWARD_MAX_CALL_SECONDS, seconds (default 30). Caps every unary call's
+    deadline, including calls that sent none, so no request holds a
+    connection or a database session indefinitely."""
+
+    max_concurrent_streams: int = 100
+    """KEYWARD_MAX_CONCURRENT_STREAMS per HTTP/2 connection (default 100)."""
+
+    db_pool_size: int = 8
+    """KEYWARD_DB_POOL_SIZE, connections (default 8)."""
+
+    require_mlock: bool = True
+    """KEYWARD_REQUIRE_MLOCK (default true): refuse to start when the master
+    secret cannot be locked in RAM. Turn off only on a laptop without
+    CAP_IPC_LOCK, never in production."""
+
+    log_level: str = "INFO"
+    """KEYWARD_LOG_LEVEL (default INFO)."""
+
+    extra: Mapping[str, str] = field(default_factory=dict)
+    """Unused variables with the KEYWARD_ prefix, reported at start to catch typos."""
+
+
+_KNOWN = {
+    "KEYWARD_CA_LISTEN", "KEYWARD_DB_DSN", "KEYWARD_TLS_CERT_FILE", "KEYWARD_TLS_KEY_FILE",
+    "KEYWARD_CLIENT_CA_FILE", "KEYWARD_MASTER_SECRET_FILE", "KEYWARD_MASTER_SECRET",
+    "KEYWARD_TRUST_DOMAIN", "KEYWARD_METRICS_LISTEN", "KEYWARD_MAX_MESSAGE_BYTES",
+    "KEYWARD_MAX_CALL_SECONDS", "KEYWARD_MAX_CONCURRENT_STREAMS", "KEYWARD_DB_POOL_SIZE",
+    "KEYWARD_REQUIRE_MLOCK", "KEYWARD_LOG_LEVEL",
+}
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if not lo <= v <= hi:
+        raise ConfigError(f"{name}={v} is out of range {lo}..{hi}")
+    return v
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean (true/false)")
+
+
+def from_env(env: Mapping[str, str] | None = None) -> CAConfig:
+    env = os.environ if env is None else env
+    required = ["KEYWARD_DB_DSN", "KEYWARD_TLS_CERT_FILE", "KEYWARD_TLS_KEY_FILE", "KEYWARD_CLIENT_CA_FILE"]
+    missing = [n for n in required if not env.get(n)]
+    if missing:
+        raise ConfigError(f"missing required settings: {', '.join(missing)}")
+    try:
+        call_s = float(env.get("KEYWARD_MAX_CALL_SECONDS") or 30.0)
+    except ValueError:
+        raise ConfigError("KEYWARD_MAX_CALL_SECONDS is not a number") from None
+    if not 0.1 <= call_s <= 600:
+        raise ConfigError("KEYWARD_MAX_CALL_SECONDS must be within 0.1..600")
+    return CAConfig(
+        listen=env.get("KEYWARD_CA_LISTEN") or "127.0.0.1:50051",
+        db_dsn=env["KEYWARD_DB_DSN"],
+        tls_cert_file=env["KEYWARD_TLS_CERT_FILE"],
+        tls_key_file=env["KEYWARD_TLS_KEY_FILE"],
+        client_ca_file=env["KEYWARD_CLIENT_CA_FILE"],
+        master_secret_file=env.get("KEYWARD_MASTER_SECRET_FILE", ""),
+        trust_domain=env.get("KEYWARD_TRUST_DOMAIN") or "keyward",
+        metrics_listen=env.get("KEYWARD_METRICS_LISTEN", "127.0.0.1:9464"),
+        max_message_bytes=_int(env, "KEYWARD_MAX_MESSAGE_BYTES", 1 << 20, 4096, 64 << 20),
+        max_call_seconds=call_s,
+        max_concurrent_streams=_int(env, "KEYWARD_MAX_CONCURRENT_STREAMS", 100, 1, 10000),
+        db_pool_size=_int(env, "KEYWARD_DB_POOL_SIZE", 8, 1, 200),
+        require_mlock=_bool(env, "KEYWARD_REQUIRE_MLOCK", True),
+        log_level=(env.get("KEYWARD_LOG_LEVEL") or "INFO").upper(),
+        extra={k: "set" for k in env if k.startswith("KEYWARD_") and k not in _KNOWN},
+    )

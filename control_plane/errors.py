@@ -1,0 +1,53 @@
+"""The CA's error tree.
+
+Every failure a caller can see is one of these; :mod:`control_plane.service`
+maps each class to one gRPC status code in a single table. Messages are
+written for a person to act on and never hold key material, secrets or
+stack traces. Library errors are wrapped with ``raise ... from``.
+"""
+
+from __future__ import annotations
+
+
+class KeywardError(Exception):
+    """Base of every CA error. ``str(err)`` is safe to return to the caller."""
+
+
+class InvalidArgument(KeywardError):
+    """The request is malformed: fix the input and retry."""
+
+
+class NotFound(KeywardError):
+    """The named object does not exist (or the caller may not see it)."""
+
+
+class AlreadyExists(KeywardError):
+    """The object to create exists already."""
+
+
+class FailedPrecondition(KeywardError):
+    """The request is well formed but the system is not in a state to do it."""
+
+
+class Aborted(KeywardError):
+    """A concurrent change won; re-read and retry."""
+
+
+class PermissionDenied(KeywardError):
+    """The caller's identity may not do this."""
+
+
+class Unauthenticated(KeywardError):
+    """The caller presented no acceptable client certificate."""
+
+
+class Unavailable(KeywardError):
+    """A dependency (the database) is unreachable; retry later."""
+
+
+class DeadlineExceeded(KeywardError):
+    """The call ran past its deadline or the server's cap."""
+
+
+class ConfigError(KeywardError):
+    """The CA's own configuration is wrong; it refuses to start."""

@@ -1,0 +1,98 @@
+"""Fan-out of key events to WatchKeys streams, across CA replicas.
+
+Events are rows of ``key_events`` (no key material). One hub per process
+LISTENs for the store's notification and, on each wake-up or at least once a
+second, reads rows after the last one it saw and hands them to every
+subscriber. A lost notification therefore delays an event by at most the
+poll interval; it never loses it. A subscriber that falls too far behind is
+closed, and its ZEN resumes with ``after_seq``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from control_plane.errors import KeywardError
+from control_plane.store import KeyEventRow, Store
+
+log = logging.getLogger("keyward.ca.events")
+
+POLL_SECONDS = 1.0
+QUEUE_DEPTH = 1000
+
+
+class Overflow(Exception):
+    """The subscriber fell behind; it must resume from its last seq."""
+
+
+class Subscription:
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[KeyEventRow | None] = asyncio.Queue(QUEUE_DEPTH)
+        self.overflowed = False
+
+    def put(self, ev: KeyEventRow) -> None:
+        try:
+            self.queue.put_nowait(ev)
+        except asyncio.QueueFull:
+            self.overflowed = True
+
+    async def get(self) -> KeyEventRow:
+        if self.overflowed:
+            raise Overflow()
+        ev = await self.queue.get()
+        if ev is None or self.overflowed:
+            raise Overflow()
+        return ev
+
+
+class EventHub:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._subs: set[Subscription] = set()
+        self.last_seq = 0
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    async def start(self) -> None:
+        self.last_seq = await self._store.last_event_seq()
+        self._task = asyncio.create_task(self._run(), name="keyward-event-hub")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def subscribe(self) -> Subscription:
+        s = Subscription()
+        self._subs.add(s)
+        return s
+
+    def unsubscribe(self, s: Subscription) -> None:
+        self._subs.discard(s)
+
+    async def _drain(self) -> None:
+        while True:
+            rows = await self._store.events_after(self.last_seq)
+            for ev in rows:
+                self.last_seq = ev.seq
+                for s in list(self._subs):
+                    s.put(ev)
+            if len(rows) < 500:
+                return
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async for _ in self._store.wait_for_events(POLL_SECONDS):
+                    await self._drain()
+            except asyncio.CancelledError:
+                raise
+            except KeywardError as e:
+                log.warning("event hub: %s; retrying", e)
+            except Exception:
+                log.exception("event hub failed; retrying")
+            # Bounded back-off: the database is down or restarting.
+            await asyncio.sleep(POLL_SECONDS)

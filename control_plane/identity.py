@@ -1,0 +1,100 @@
+"""Caller identity from an mTLS client certificate (pure).
+
+The TLS layer has already checked the chain to our client trust anchors.
+This module adds the rules TLS does not know:
+
+* exactly one URI SAN, of the form ``spiffe://<trust-domain>/<path>``;
+* the trust domain is ours;
+* the certificate is not a CA (``BasicConstraints ca=FALSE`` or absent);
+* it is valid now (checked again, so the clock rule is ours, not implicit);
+* the path names a known role:
+
+    platform-admin            the platform's operators
+    org-admin/<org_id>        an org's admin (its own org only)
+    zen-pool/<pool>           a ZEN of a registered pool
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+from cryptography import x509
+
+from control_plane.errors import InvalidArgument, Unauthenticated
+
+ID_RE = re.compile(r"^[a-z][a-z0-9-]{1,61}[a-z0-9]$")
+
+
+class Role(Enum):
+    PLATFORM_ADMIN = "platform-admin"
+    ORG_ADMIN = "org-admin"
+    ZEN_POOL = "zen-pool"
+
+
+@dataclass(frozen=True)
+class Identity:
+    spiffe_id: str
+    role: Role
+    #: org id for ORG_ADMIN, pool name for ZEN_POOL, "" for PLATFORM_ADMIN.
+    subject: str
+
+    def __str__(self) -> str:
+        return self.spiffe_id
+
+
+def from_certificate(pem: bytes, *, trust_domain: str, now: dt.datetime | None = None) -> Identity:
+    """Return the caller's identity or raise :class:`Unauthenticated`."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError as e:
+        raise Unauthenticated("client certificate cannot be parsed") from e
+    now = now or dt.datetime.now(dt.timezone.utc)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise Unauthenticated("client certificate is expired or not yet valid")
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        if bc.ca:
+            raise Unauthenticated("a CA certificate cannot be used as a client identity")
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    if len(uris) != 1:
+        raise Unauthenticated(
+            f"client certificate must carry exactly one URI SAN (spiffe://{trust_domain}/...), "
+            f"found {len(uris)}"
+        )
+    return parse_spiffe_id(uris[0], trust_domain=trust_domain)
+
+
+def parse_spiffe_id(uri: str, *, trust_domain: str) -> Identity:
+    prefix = f"spiffe://{trust_domain}/"
+    if not uri.startswith("spiffe://"):
+        raise Unauthenticated("client identity is not a spiffe:// URI")
+    if not uri.startswith(prefix):
+        raise Unauthenticated(f"client identity is not in trust domain {trust_domain!r}")
+    parts = uri[len(prefix):].split("/")
+    if parts == ["platform-admin"]:
+        return Identity(uri, Role.PLATFORM_ADMIN, "")
+    if len(parts) == 2 and parts[0] in ("org-admin", "zen-pool") and ID_RE.match(parts[1]):
+        return Identity(uri, Role(parts[0]), parts[1])
+    raise Unauthenticated(
+        "client identity names no known role (platform-admin, org-admin/<org>, zen-pool/<pool>)"
+    )
+
+
+def check_id(value: str, what: str) -> str:
+    """Validate an org id or pool name (before any lookup, so a malformed id
+    is refused the same way whether or not anything by that name exists)."""
+    if not ID_RE.match(value or ""):
+        raise InvalidArgument(
+            f"{what} {value!r} is not valid: 3-63 lowercase letters, digits or '-', "
+            "starting with a letter and not ending with '-'"
+        )
+    return value

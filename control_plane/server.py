@@ -1,0 +1,150 @@
+"""Wiring of the CA process: TLS, gRPC server options, health, reflection.
+
+Hardening lives in the server options: message size caps (an oversized
+request gets RESOURCE_EXHAUSTED from gRPC itself), HTTP/2 stream limits and
+gRPC's own keepalive enforcement (a client pinging more often than allowed
+is sent GOAWAY "too_many_pings").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from control_plane import metrics
+from control_plane.config import CAConfig
+from control_plane.errors import ConfigError, KeywardError
+from control_plane.events import EventHub
+from control_plane.service import AdminService, KeyDistributionService
+from control_plane.store import Store
+from keylib.guard import forbid_unwrap
+from keylib.master import MasterSecret
+from protos.keyward.v1 import keyward_pb2 as pb
+from protos.keyward.v1 import keyward_pb2_grpc as pb_grpc
+
+log = logging.getLogger("keyward.ca")
+
+HEALTH_PERIOD = 2.0
+
+
+def server_options(cfg: CAConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.max_send_message_length", 4 * cfg.max_message_bytes),
+        ("grpc.max_concurrent_streams", cfg.max_concurrent_streams),
+        ("grpc.max_metadata_size", 16 * 1024),
+        # Server-side keepalive: probe idle connections, drop dead peers.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        # Keepalive enforcement: pings closer than 10 s apart are strikes;
+        # two strikes end the connection with GOAWAY (too_many_pings).
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.max_connection_idle_ms", 15 * 60_000),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path!r}: {e.strerror}") from None
+
+
+@dataclass
+class RunningCA:
+    server: grpc.aio.Server
+    port: int
+    store: Store
+    hub: EventHub
+    health: health.aio.HealthServicer
+    master: MasterSecret
+    _tasks: list[asyncio.Task[None]]
+
+    async def stop(self, grace: float = 2.0) -> None:
+        await self.server.stop(grace)
+        for t in self._tasks:
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await self.hub.stop()
+        await self.store.close()
+        self.master.wipe()
+
+
+async def _health_loop(store: Store, hs: health.aio.HealthServicer) -> None:
+    services = ["", "keyward.v1.Admin", "keyward.v1.KeyDistribution"]
+    last: int | None = None
+    while True:
+        try:
+            await store.ping()
+            status = health_pb2.HealthCheckResponse.SERVING
+            metrics.DB_UP.set(1)
+        except KeywardError:
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+            metrics.DB_UP.set(0)
+        if status != last:
+            for s in services:
+                await hs.set(s, status)
+            log.info("health: %s", health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+            last = status
+        await asyncio.sleep(HEALTH_PERIOD)
+
+
+async def start(cfg: CAConfig, master: MasterSecret) -> RunningCA:
+    """Start a CA; the caller owns ``master`` until then, the CA after."""
+    forbid_unwrap()
+    creds = grpc.ssl_server_credentials(
+        [(_read(cfg.tls_key_file, "TLS key"), _read(cfg.tls_cert_file, "TLS certificate"))],
+        root_certificates=_read(cfg.client_ca_file, "client CA bundle"),
+        require_client_auth=True,
+    )
+    store = await Store.open(cfg.db_dsn, max_size=cfg.db_pool_size)
+    await store.migrate()
+    hub = EventHub(store)
+    await hub.start()
+    server = grpc.aio.server(options=server_options(cfg))
+    pb_grpc.add_AdminServicer_to_server(
+        AdminService(store, master, cfg.trust_domain, cfg.max_call_seconds), server)
+    pb_grpc.add_KeyDistributionServicer_to_server(
+        KeyDistributionService(store, hub, cfg.trust_domain, cfg.max_call_seconds), server)
+    hs = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    names = (
+        pb.DESCRIPTOR.services_by_name["Admin"].full_name,
+        pb.DESCRIPTOR.services_by_name["KeyDistribution"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+    port = server.add_secure_port(cfg.listen, creds)
+    if port == 0:
+        raise ConfigError(f"cannot listen on {cfg.listen}")
+    await server.start()
+    tasks = [asyncio.create_task(_health_loop(store, hs), name="keyward-health")]
+    log.info("CA listening", extra={"port": port})
+    return RunningCA(server, port, store, hub, hs, master, tasks)
+
+
+async def serve(cfg: CAConfig, master: MasterSecret) -> None:
+    if cfg.metrics_listen:
+        mport = metrics.serve(cfg.metrics_listen)
+        log.info("metrics listening", extra={"port": mport})
+    ca = await start(cfg, master)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("CA stopping")
+    await ca.stop()

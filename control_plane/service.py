@@ -1,0 +1,474 @@
+"""gRPC servicers of the CA: the only module that touches protobuf types.
+
+Each handler: identify the caller from its mTLS certificate, cap the
+deadline, validate the input, call the store, convert the result. Errors
+from :mod:`control_plane.errors` are mapped to status codes in
+:data:`STATUS` (the one place), with their message; anything else becomes
+INTERNAL with a reference id and no details. Admin actions are audited with
+their outcome; key-distribution refusals are audited too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import functools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from control_plane import authz, certs, metrics
+from control_plane.custody import new_pending_key
+from control_plane.errors import (
+    Aborted,
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    KeywardError,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
+from control_plane.events import EventHub, Overflow
+from control_plane.identity import Identity, Role, check_id, from_certificate
+from control_plane.policy import FailMode, Policy, validate
+from control_plane.store import Actor, IntermediateRow, KeyEventRow, OrgRow, PoolRow, Store
+from keylib.master import MasterSecret
+from protos.keyward.v1 import keyward_pb2 as pb
+from protos.keyward.v1 import keyward_pb2_grpc as pb_grpc
+
+log = logging.getLogger("keyward.ca")
+
+STATUS: dict[type[KeywardError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    Aborted: grpc.StatusCode.ABORTED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def status_of(err: KeywardError) -> grpc.StatusCode:
+    for cls in type(err).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]  # type: ignore[index]
+    return grpc.StatusCode.INTERNAL
+
+
+# ------------------------------------------------------------- conversions
+
+_ALG_TO_PB = {
+    certs.KeyAlgorithm.RSA_2048: pb.KEY_ALGORITHM_RSA_2048,
+    certs.KeyAlgorithm.RSA_3072: pb.KEY_ALGORITHM_RSA_3072,
+    certs.KeyAlgorithm.RSA_4096: pb.KEY_ALGORITHM_RSA_4096,
+    certs.KeyAlgorithm.EC_P256: pb.KEY_ALGORITHM_EC_P256,
+    certs.KeyAlgorithm.EC_P384: pb.KEY_ALGORITHM_EC_P384,
+}
+_PB_TO_ALG = {v: k for k, v in _ALG_TO_PB.items()}
+_PB_TO_ALG[pb.KEY_ALGORITHM_UNSPECIFIED] = certs.KeyAlgorithm.RSA_2048
+
+_STATE_TO_PB = {
+    "pending": pb.INTERMEDIATE_STATE_PENDING,
+    "active": pb.INTERMEDIATE_STATE_ACTIVE,
+    "rotated": pb.INTERMEDIATE_STATE_ROTATED,
+    "revoked": pb.INTERMEDIATE_STATE_REVOKED,
+    "discarded": pb.INTERMEDIATE_STATE_DISCARDED,
+}
+_EVENT_TO_PB = {
+    "rotated": pb.KEY_EVENT_KIND_ROTATED,
+    "revoked": pb.KEY_EVENT_KIND_REVOKED,
+    "policy_changed": pb.KEY_EVENT_KIND_POLICY_CHANGED,
+    "access_revoked": pb.KEY_EVENT_KIND_ACCESS_REVOKED,
+}
+
+
+def _ts(t: dt.datetime | None) -> Timestamp | None:
+    if t is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(t)
+    return ts
+
+
+def policy_from_pb(p: pb.Policy) -> Policy:
+    if p.fail_mode not in (pb.FAIL_MODE_UNSPECIFIED, pb.FAIL_MODE_OPEN, pb.FAIL_MODE_CLOSED):
+        raise InvalidArgument(f"policy.fail_mode {p.fail_mode} is unknown (use FAIL_MODE_OPEN or FAIL_MODE_CLOSED)")
+    return validate(
+        private_zen_only=p.private_zen_only,
+        fail_mode=FailMode.CLOSED if p.fail_mode == pb.FAIL_MODE_CLOSED else FailMode.OPEN,
+        key_idle_timeout_seconds=p.key_idle_timeout_seconds,
+        location_cidrs=list(p.location_cidrs),
+        blocked_hosts=list(p.blocked_hosts),
+        blocked_url_prefixes=list(p.blocked_url_prefixes),
+        do_not_inspect_hosts=list(p.do_not_inspect_hosts),
+    )
+
+
+def policy_to_pb(p: Policy) -> pb.Policy:
+    return pb.Policy(
+        private_zen_only=p.private_zen_only,
+        fail_mode=pb.FAIL_MODE_CLOSED if p.fail_mode is FailMode.CLOSED else pb.FAIL_MODE_OPEN,
+        key_idle_timeout_seconds=p.key_idle_timeout_seconds,
+        location_cidrs=list(p.location_cidrs),
+        blocked_hosts=list(p.blocked_hosts),
+        blocked_url_prefixes=list(p.blocked_url_prefixes),
+        do_not_inspect_hosts=list(p.do_not_inspect_hosts),
+    )
+
+
+def org_to_pb(o: OrgRow) -> pb.Organization:
+    return pb.Organization(org_id=o.org_id, display_name=o.display_name, policy=policy_to_pb(o.policy),
+                           policy_version=o.policy_version, active_key_id=o.active_key_id,
+                           created_at=_ts(o.created_at), updated_at=_ts(o.updated_at))
+
+
+def pool_to_pb(p: PoolRow) -> pb.ZenPool:
+    return pb.ZenPool(name=p.name, org_ids=list(p.org_ids),
+                      visibility=pb.POOL_VISIBILITY_PUBLIC if p.visibility == "public" else pb.POOL_VISIBILITY_PRIVATE)
+
+
+def inter_to_pb(r: IntermediateRow) -> pb.Intermediate:
+    return pb.Intermediate(
+        key_id=r.key_id, org_id=r.org_id, state=_STATE_TO_PB[r.state], version=r.version,
+        algorithm=_ALG_TO_PB[r.algorithm], public_key_sha256=r.spki_sha256.hex(), subject=r.subject,
+        serial_hex=r.serial_hex, not_before=_ts(r.not_before), not_after=_ts(r.not_after),
+        created_at=_ts(r.created_at), activated_at=_ts(r.activated_at), ended_at=_ts(r.ended_at))
+
+
+def event_to_pb(e: KeyEventRow) -> pb.KeyEvent:
+    return pb.KeyEvent(seq=e.seq, kind=_EVENT_TO_PB[e.kind], org_id=e.org_id, key_id=e.key_id,
+                       version=e.version, policy=policy_to_pb(e.policy) if e.policy else None,
+                       policy_version=e.policy_version, at=_ts(e.at))
+
+
+def _display_name(v: str) -> str:
+    v = v.strip()
+    if len(v) > 200 or any(ord(c) < 0x20 for c in v):
+        raise InvalidArgument("display_name must be at most 200 printable characters")
+    return v
+
+
+# ------------------------------------------------------------ call wrapper
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp], Identity], Awaitable[Resp]]
+
+
+class _Base:
+    def __init__(self, store: Store, trust_domain: str, max_call_seconds: float) -> None:
+        self.store = store
+        self.trust_domain = trust_domain
+        self.max_call_seconds = max_call_seconds
+
+    def identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> Identity:
+        auth = context.auth_context()
+        pems = auth.get("x509_pem_cert") or []
+        if not pems:
+            raise Unauthenticated("no client certificate: every call needs mTLS with a keyward identity")
+        return from_certificate(pems[0], trust_domain=self.trust_domain)
+
+    async def _audit_failure(self, action: str, ident: Identity | None, request: Any,
+                             code: grpc.StatusCode, message: str) -> None:
+        await _audit_failure_impl(self.store, action, ident, request, code, message)
+
+    def budget(self, context: grpc.aio.ServicerContext[Any, Any]) -> float:
+        remaining = context.time_remaining()
+        if remaining is None:
+            return self.max_call_seconds
+        return max(0.0, min(remaining, self.max_call_seconds))
+
+
+def unary(action: str, *, audited: bool) -> Callable[[Handler[Req, Resp]], Callable[..., Awaitable[Resp]]]:
+    """Wrap a unary handler: identity, deadline cap, error mapping, metrics, audit of failures."""
+
+    def deco(fn: Handler[Req, Resp]) -> Callable[..., Awaitable[Resp]]:
+        @functools.wraps(fn)
+        async def wrapper(self: _Base, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
+            start = time.monotonic()
+            code = grpc.StatusCode.OK
+            ident: Identity | None = None
+            message = ""
+            try:
+                ident = self.identify(context)
+                async with asyncio.timeout(self.budget(context)):
+                    return await fn(self, request, context, ident)
+            except KeywardError as e:
+                code, message = status_of(e), str(e)
+                if isinstance(e, Unavailable):
+                    metrics.DB_ERRORS.inc()
+            except TimeoutError:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+                message = f"{action} did not finish within its deadline (server cap {self.max_call_seconds:g}s)"
+            except Exception:
+                ref = uuid.uuid4().hex[:12]
+                log.exception("unexpected error in %s (ref %s)", action, ref, extra={"method": action})
+                code, message = grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); the request was not applied"
+            finally:
+                metrics.RPCS.labels(action, code.name).inc()
+                metrics.LATENCY.labels(action).observe(time.monotonic() - start)
+            if audited or code is grpc.StatusCode.PERMISSION_DENIED or code is grpc.StatusCode.UNAUTHENTICATED:
+                await self._audit_failure(action, ident, request, code, message)
+            log.info("%s refused: %s", action, code.name,
+                     extra={"method": action, "code": code.name, "actor": str(ident or "-")})
+            await context.abort(code, message)
+            raise AssertionError("unreachable")  # abort raises
+
+        return wrapper
+
+    return deco
+
+
+async def _audit_failure_impl(store: Store, action: str, ident: Identity | None, request: Any,
+                              code: grpc.StatusCode, message: str) -> None:
+    org_id = str(getattr(request, "org_id", ""))[:64]
+    key_id = str(getattr(request, "key_id", ""))[:64]
+    try:
+        await store.audit(Actor(ident.spiffe_id if ident else "unauthenticated"), action,
+                          org_id=org_id, key_id=key_id, outcome=code.name, detail=message)
+    except KeywardError:
+        log.warning("could not audit a refused %s (database unavailable)", action, extra={"method": action})
+
+
+# ------------------------------------------------------------------ Admin
+
+class AdminService(_Base, pb_grpc.AdminServicer):
+    def __init__(self, store: Store, master: MasterSecret, trust_domain: str, max_call_seconds: float,
+                 keygen_slots: int = 2) -> None:
+        super().__init__(store, trust_domain, max_call_seconds)
+        self._master = master
+        self._keygen = asyncio.Semaphore(keygen_slots)
+
+    async def _visible_org(self, ident: Identity, org_id: str) -> OrgRow:
+        check_id(org_id, "org_id")
+        authz.require_admin_of(ident, org_id)
+        org = await self.store.get_org(org_id)
+        if org is None:
+            raise NotFound(f"organization {org_id!r} not found")
+        return org
+
+    @unary("CreateOrganization", audited=True)
+    async def CreateOrganization(self, request: pb.CreateOrganizationRequest, context: Any, ident: Identity) -> pb.Organization:
+        authz.require_platform_admin(ident, "create organizations")
+        check_id(request.org_id, "org_id")
+        policy = policy_from_pb(request.policy)
+        org = await self.store.create_org(Actor(ident.spiffe_id), request.org_id,
+                                          _display_name(request.display_name) or request.org_id, policy)
+        return org_to_pb(org)
+
+    @unary("GetOrganization", audited=False)
+    async def GetOrganization(self, request: pb.GetOrganizationRequest, context: Any, ident: Identity) -> pb.Organization:
+        return org_to_pb(await self._visible_org(ident, request.org_id))
+
+    @unary("UpdatePolicy", audited=True)
+    async def UpdatePolicy(self, request: pb.UpdatePolicyRequest, context: Any, ident: Identity) -> pb.Organization:
+        check_id(request.org_id, "org_id")
+        authz.require_admin_of(ident, request.org_id)
+        if not request.HasField("policy"):
+            raise InvalidArgument("policy is required (send the whole policy; absent fields take their defaults)")
+        policy = policy_from_pb(request.policy)
+        org = await self.store.update_policy(Actor(ident.spiffe_id), request.org_id, policy,
+                                             request.expected_policy_version)
+        return org_to_pb(org)
+
+    @unary("RegisterZenPool", audited=True)
+    async def RegisterZenPool(self, request: pb.RegisterZenPoolRequest, context: Any, ident: Identity) -> pb.ZenPool:
+        authz.require_platform_admin(ident, "register ZEN pools")
+        p = request.pool
+        check_id(p.name, "pool.name")
+        if p.visibility == pb.POOL_VISIBILITY_PUBLIC:
+            if p.org_ids:
+                raise InvalidArgument("a public pool serves every non-private org; org_ids are for private pools only")
+            vis = "public"
+        elif p.visibility == pb.POOL_VISIBILITY_PRIVATE:
+            vis = "private"
+        else:
+            raise InvalidArgument("pool.visibility is required: POOL_VISIBILITY_PUBLIC or POOL_VISIBILITY_PRIVATE")
+        for o in p.org_ids:
+            check_id(o, "pool.org_ids entry")
+        if len(p.org_ids) > 1000:
+            raise InvalidArgument("a pool may be bound to at most 1000 orgs")
+        row = await self.store.register_pool(Actor(ident.spiffe_id), p.name, vis, list(p.org_ids))
+        return pool_to_pb(row)
+
+    @unary("ListZenPools", audited=False)
+    async def ListZenPools(self, request: pb.ListZenPoolsRequest, context: Any, ident: Identity) -> pb.ListZenPoolsResponse:
+        authz.require_platform_admin(ident, "list ZEN pools")
+        return pb.ListZenPoolsResponse(pools=[pool_to_pb(p) for p in await self.store.list_pools()])
+
+    @unary("RequestIntermediateCsr", audited=True)
+    async def RequestIntermediateCsr(self, request: pb.RequestIntermediateCsrRequest, context: Any,
+                                     ident: Identity) -> pb.RequestIntermediateCsrResponse:
+        org = await self._visible_org(ident, request.org_id)
+        if request.algorithm not in _PB_TO_ALG:
+            raise InvalidArgument(f"algorithm {request.algorithm} is unknown; use RSA_2048/3072/4096 or EC_P256/P384")
+        alg = _PB_TO_ALG[request.algorithm]
+        cn = certs.check_subject_field(request.common_name, "common_name") or f"{org.org_id} keyward intermediate"
+        o = certs.check_subject_field(request.organization, "organization") or org.display_name[:64]
+        async with self._keygen:  # key generation is CPU-bound: bounded, off the event loop
+            pending = await asyncio.to_thread(new_pending_key, self._master, org_id=org.org_id,
+                                              algorithm=alg, common_name=cn, organization=o)
+        await self.store.add_pending_key(Actor(ident.spiffe_id), pending)
+        return pb.RequestIntermediateCsrResponse(key_id=pending.key_id, algorithm=_ALG_TO_PB[alg],
+                                                 csr_pem=pending.csr_pem,
+                                                 public_key_sha256=pending.spki_sha256.hex())
+
+    @unary("UploadIntermediateCertificate", audited=True)
+    async def UploadIntermediateCertificate(self, request: pb.UploadIntermediateCertificateRequest, context: Any,
+                                            ident: Identity) -> pb.Intermediate:
+        await self._visible_org(ident, request.org_id)
+        # Parse once up front so malformed input fails before any database work.
+        certs.parse_pem_certs(request.certificate_pem, "certificate_pem", max_count=1)
+        certs.parse_pem_certs(request.chain_pem, "chain_pem", max_count=certs.MAX_CHAIN)
+        row = await self.store.activate(
+            Actor(ident.spiffe_id), request.org_id,
+            lambda fp: certs.validate_intermediate(request.certificate_pem, request.chain_pem,
+                                                   pending_spki_sha256=fp))
+        return inter_to_pb(row)
+
+    @unary("ListIntermediates", audited=False)
+    async def ListIntermediates(self, request: pb.ListIntermediatesRequest, context: Any,
+                                ident: Identity) -> pb.ListIntermediatesResponse:
+        await self._visible_org(ident, request.org_id)
+        rows = await self.store.list_intermediates(request.org_id)
+        return pb.ListIntermediatesResponse(intermediates=[inter_to_pb(r) for r in rows])
+
+    @unary("RevokeIntermediate", audited=True)
+    async def RevokeIntermediate(self, request: pb.RevokeIntermediateRequest, context: Any,
+                                 ident: Identity) -> pb.Intermediate:
+        await self._visible_org(ident, request.org_id)
+        try:
+            key_id = str(uuid.UUID(request.key_id))
+        except ValueError:
+            raise InvalidArgument(f"key_id {request.key_id[:64]!r} is not a UUID (see ListIntermediates)") from None
+        if len(request.reason) > 200:
+            raise InvalidArgument("reason must be at most 200 characters")
+        row = await self.store.revoke(Actor(ident.spiffe_id), request.org_id, key_id, request.reason)
+        return inter_to_pb(row)
+
+    @unary("ListAuditEvents", audited=False)
+    async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context: Any,
+                              ident: Identity) -> pb.ListAuditEventsResponse:
+        if request.org_id:
+            check_id(request.org_id, "org_id")
+            authz.require_admin_of(ident, request.org_id)
+            org: str | None = request.org_id
+        else:
+            authz.require_platform_admin(ident, "list every org's audit events (give org_id)")
+            org = None
+        limit = request.limit or 100
+        if not 1 <= limit <= 1000:
+            raise InvalidArgument("limit must be within 1..1000")
+        rows = await self.store.list_audit(org, request.after_seq, limit)
+        return pb.ListAuditEventsResponse(events=[
+            pb.AuditEvent(seq=r.seq, at=_ts(r.at), actor=r.actor, action=r.action, org_id=r.org_id,
+                          key_id=r.key_id, outcome=r.outcome, detail=r.detail, hash_hex=h.hex())
+            for r, h in rows])
+
+
+# ------------------------------------------------------- KeyDistribution
+
+class KeyDistributionService(_Base, pb_grpc.KeyDistributionServicer):
+    def __init__(self, store: Store, hub: EventHub, trust_domain: str, max_call_seconds: float) -> None:
+        super().__init__(store, trust_domain, max_call_seconds)
+        self.hub = hub
+
+    async def _pool(self, ident: Identity) -> PoolRow:
+        name = authz.require_zen(ident)
+        pool = await self.store.get_pool(name)
+        if pool is None:
+            raise PermissionDenied(f"ZEN pool {name!r} is not registered with the CA (RegisterZenPool)")
+        return pool
+
+    @unary("GetKeyPair", audited=False)
+    async def GetKeyPair(self, request: pb.GetKeyPairRequest, context: Any, ident: Identity) -> pb.KeyPair:
+        pool = await self._pool(ident)
+        org_id = check_id(request.org_id, "org_id")
+        if pool.visibility == "private" and org_id not in pool.org_ids:
+            metrics.KEYS_REFUSED.labels("-").inc()
+            raise authz.key_refusal(pool.name, org_id)
+        org, key = await self.store.active_key(org_id)
+        if org is None or not pool.serves(org_id, org.policy.private_zen_only):
+            metrics.KEYS_REFUSED.labels("-").inc()
+            raise authz.key_refusal(pool.name, org_id)
+        if key is None:
+            raise FailedPrecondition(f"organization {org_id!r} has no active intermediate certificate yet")
+        # Audit before sending: a key that cannot be audited is not sent.
+        await self.store.audit(Actor(ident.spiffe_id), "KeySent", org_id=org_id, key_id=key.key_id,
+                               detail=f"pool={pool.name} version={key.version}")
+        metrics.KEYS_SENT.labels(org_id).inc()
+        return pb.KeyPair(
+            org_id=org_id, key_id=key.key_id, version=key.version, algorithm=_ALG_TO_PB[key.algorithm],
+            encrypted_private_key=key.sealed_key, keylib_format=key.keylib_format,
+            public_key_sha256=key.spki_sha256.hex(), certificate_pem=key.certificate_pem,
+            chain_pem=key.chain_pem, not_after=_ts(key.not_after), policy=policy_to_pb(org.policy),
+            policy_version=org.policy_version)
+
+    async def _deliverable(self, pool_name: str, ev: KeyEventRow, orgs: set[str]) -> bool:
+        if orgs and ev.org_id not in orgs:
+            return False
+        pool = await self.store.get_pool(pool_name)
+        if pool is None:
+            return False
+        if ev.kind == "access_revoked":
+            return ev.audience == f"pool:{pool.name}" or (ev.audience == "public" and pool.visibility == "public")
+        org = await self.store.get_org(ev.org_id)
+        return org is not None and pool.serves(ev.org_id, org.policy.private_zen_only)
+
+    async def WatchKeys(self, request: pb.WatchKeysRequest, context: grpc.aio.ServicerContext[Any, Any]
+                        ) -> AsyncIterator[pb.KeyEvent]:
+        code, message = grpc.StatusCode.OK, ""
+        ident: Identity | None = None
+        sub = self.hub.subscribe()
+        metrics.WATCHERS.inc()
+        try:
+            ident = self.identify(context)
+            pool = await self._pool(ident)
+            orgs = {check_id(o, "org_ids entry") for o in request.org_ids}
+            if pool.visibility == "private":
+                denied = sorted(orgs - set(pool.org_ids))
+                if denied:
+                    metrics.KEYS_REFUSED.labels("-").inc()
+                    raise authz.key_refusal(pool.name, denied[0])
+            last = self.hub.last_seq
+            await context.send_initial_metadata((("keyward-event-seq", str(last)),))
+            if request.after_seq:
+                last = request.after_seq
+                while True:
+                    backlog = await self.store.events_after(last)
+                    for ev in backlog:
+                        last = ev.seq
+                        if await self._deliverable(pool.name, ev, orgs):
+                            yield event_to_pb(ev)
+                    if len(backlog) < 500:
+                        break
+            while True:
+                ev = await sub.get()
+                if ev.seq <= last:
+                    continue
+                last = ev.seq
+                if await self._deliverable(pool.name, ev, orgs):
+                    yield event_to_pb(ev)
+        except Overflow:
+            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, "watcher fell behind; reconnect with after_seq"
+        except KeywardError as e:
+            code, message = status_of(e), str(e)
+        finally:
+            self.hub.unsubscribe(sub)
+            metrics.WATCHERS.dec()
+        metrics.RPCS.labels("WatchKeys", code.name).inc()
+        if code is grpc.StatusCode.PERMISSION_DENIED or code is grpc.StatusCode.UNAUTHENTICATED:
+            await _audit_failure_impl(self.store, "WatchKeys", ident, request, code, message)
+        if code is not grpc.StatusCode.OK:
+            await context.abort(code, message)

@@ -1,0 +1,649 @@
+"""Postgres storage of the CA: the only module that touches psycopg.
+
+Contract
+--------
+* Every write is one transaction that also appends its audit row, so an
+  action and its audit event commit together or not at all.
+* Write transactions take one advisory lock first. Admin writes are rare;
+  serializing them makes the audit chain and the key-event sequence strictly
+  ordered by commit, so a watcher reading ``seq > last`` never skips a row.
+* Retiring a key (rotation, revocation, discarding a pending key) is a hard
+  DELETE of its row, sealed key and certificate, in the same transaction;
+  only a metadata tombstone (fingerprint, serial, dates) is kept.
+* Library errors become :mod:`control_plane.errors` classes: an unreachable
+  database is :class:`Unavailable`, a duplicate is :class:`AlreadyExists`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from control_plane import auditchain
+from control_plane.certs import CertInfo, KeyAlgorithm
+from control_plane.custody import PendingKey
+from control_plane.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    KeywardError,
+    NotFound,
+    Unavailable,
+)
+from control_plane.policy import Policy
+
+_WRITE_LOCK = 0x6B657977  # "keyw": one advisory lock serializes CA writes
+NOTIFY_CHANNEL = "keyward_key_events"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS organizations (
+    org_id          text PRIMARY KEY,
+    display_name    text NOT NULL,
+    policy          jsonb NOT NULL,
+    policy_version  bigint NOT NULL DEFAULT 1,
+    key_version     bigint NOT NULL DEFAULT 0,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS zen_pools (
+    name        text PRIMARY KEY,
+    visibility  text NOT NULL CHECK (visibility IN ('public', 'private')),
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS zen_pool_orgs (
+    pool    text NOT NULL REFERENCES zen_pools(name) ON DELETE CASCADE,
+    org_id  text NOT NULL REFERENCES organizations(org_id) ON DELETE CASCADE,
+    PRIMARY KEY (pool, org_id)
+);
+CREATE TABLE IF NOT EXISTS intermediate_keys (
+    key_id          uuid PRIMARY KEY,
+    org_id          text NOT NULL REFERENCES organizations(org_id),
+    state           text NOT NULL CHECK (state IN ('pending', 'active')),
+    version         bigint,
+    algorithm       text NOT NULL,
+    keylib_format   text NOT NULL,
+    spki_sha256     bytea NOT NULL,
+    sealed_key      bytea NOT NULL,
+    certificate_pem text,
+    chain_pem       text,
+    subject         text,
+    serial_hex      text,
+    not_before      timestamptz,
+    not_after       timestamptz,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    activated_at    timestamptz,
+    CHECK ((state = 'active') = (certificate_pem IS NOT NULL))
+);
+CREATE UNIQUE INDEX IF NOT EXISTS intermediate_keys_one_active
+    ON intermediate_keys (org_id) WHERE state = 'active';
+CREATE UNIQUE INDEX IF NOT EXISTS intermediate_keys_one_pending
+    ON intermediate_keys (org_id) WHERE state = 'pending';
+CREATE TABLE IF NOT EXISTS intermediate_history (
+    key_id        uuid PRIMARY KEY,
+    org_id        text NOT NULL,
+    state         text NOT NULL CHECK (state IN ('rotated', 'revoked', 'discarded')),
+    version       bigint,
+    algorithm     text NOT NULL,
+    spki_sha256   bytea NOT NULL,
+    subject       text,
+    serial_hex    text,
+    not_before    timestamptz,
+    not_after     timestamptz,
+    created_at    timestamptz NOT NULL,
+    activated_at  timestamptz,
+    ended_at      timestamptz NOT NULL DEFAULT now(),
+    reason        text NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS key_events (
+    seq             bigserial PRIMARY KEY,
+    org_id          text NOT NULL,
+    kind            text NOT NULL,
+    key_id          text NOT NULL DEFAULT '',
+    version         bigint NOT NULL DEFAULT 0,
+    policy          jsonb,
+    policy_version  bigint NOT NULL DEFAULT 0,
+    audience        text NOT NULL DEFAULT '',
+    at              timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS audit_events (
+    seq        bigint PRIMARY KEY,
+    at         timestamptz NOT NULL,
+    actor      text NOT NULL,
+    action     text NOT NULL,
+    org_id     text NOT NULL DEFAULT '',
+    key_id     text NOT NULL DEFAULT '',
+    outcome    text NOT NULL,
+    detail     text NOT NULL DEFAULT '',
+    prev_hash  bytea NOT NULL,
+    hash       bytea NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class OrgRow:
+    org_id: str
+    display_name: str
+    policy: Policy
+    policy_version: int
+    active_key_id: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class PoolRow:
+    name: str
+    visibility: str  # "public" | "private"
+    org_ids: tuple[str, ...]
+
+    def serves(self, org_id: str, private_zen_only: bool) -> bool:
+        if self.visibility == "public":
+            return not private_zen_only
+        return org_id in self.org_ids
+
+
+@dataclass(frozen=True)
+class IntermediateRow:
+    key_id: str
+    org_id: str
+    state: str  # pending | active | rotated | revoked | discarded
+    version: int
+    algorithm: KeyAlgorithm
+    spki_sha256: bytes
+    subject: str
+    serial_hex: str
+    not_before: dt.datetime | None
+    not_after: dt.datetime | None
+    created_at: dt.datetime
+    activated_at: dt.datetime | None
+    ended_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class ActiveKey:
+    org: OrgRow
+    key_id: str
+    version: int
+    algorithm: KeyAlgorithm
+    keylib_format: str
+    spki_sha256: bytes
+    sealed_key: bytes
+    certificate_pem: str
+    chain_pem: str
+    not_after: dt.datetime
+
+    def __repr__(self) -> str:
+        return f"ActiveKey(org={self.org.org_id!r}, key_id={self.key_id!r}, version={self.version})"
+
+
+@dataclass(frozen=True)
+class KeyEventRow:
+    seq: int
+    org_id: str
+    kind: str  # rotated | revoked | policy_changed | access_revoked
+    key_id: str
+    version: int
+    policy: Policy | None
+    policy_version: int
+    audience: str  # "" (everyone serving the org) | "public" | "pool:<name>"
+    at: dt.datetime
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who is acting, for the audit row."""
+
+    spiffe_id: str
+
+
+@contextmanager
+def _db_errors() -> Iterator[None]:
+    try:
+        yield
+    except KeywardError:
+        raise
+    except PoolTimeout as e:
+        raise Unavailable("database unavailable: no connection could be had in time; retry later") from e
+    except psycopg.errors.UniqueViolation as e:
+        raise AlreadyExists("the object exists already") from e
+    except psycopg.errors.ForeignKeyViolation as e:
+        raise FailedPrecondition("a referenced object does not exist") from e
+    except psycopg.OperationalError as e:
+        raise Unavailable("database unavailable; retry later") from e
+    except psycopg.Error as e:
+        raise Unavailable(f"database error ({type(e).__name__}); the request was not applied") from e
+
+
+def _org(r: dict[str, Any]) -> OrgRow:
+    return OrgRow(
+        org_id=r["org_id"],
+        display_name=r["display_name"],
+        policy=Policy.from_json(r["policy"]),
+        policy_version=r["policy_version"],
+        active_key_id=str(r["active_key_id"] or ""),
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+    )
+
+
+_ORG_SELECT = """
+SELECT o.*, (SELECT k.key_id FROM intermediate_keys k
+             WHERE k.org_id = o.org_id AND k.state = 'active') AS active_key_id
+FROM organizations o WHERE o.org_id = %s
+"""
+
+
+def _inter(r: dict[str, Any]) -> IntermediateRow:
+    return IntermediateRow(
+        key_id=str(r["key_id"]),
+        org_id=r["org_id"],
+        state=r["state"],
+        version=r["version"] or 0,
+        algorithm=KeyAlgorithm(r["algorithm"]),
+        spki_sha256=bytes(r["spki_sha256"]),
+        subject=r["subject"] or "",
+        serial_hex=r["serial_hex"] or "",
+        not_before=r["not_before"],
+        not_after=r["not_after"],
+        created_at=r["created_at"],
+        activated_at=r["activated_at"],
+        ended_at=r.get("ended_at"),
+    )
+
+
+def _event(r: dict[str, Any]) -> KeyEventRow:
+    return KeyEventRow(
+        seq=r["seq"], org_id=r["org_id"], kind=r["kind"], key_id=r["key_id"], version=r["version"],
+        policy=Policy.from_json(r["policy"]) if r["policy"] is not None else None,
+        policy_version=r["policy_version"], audience=r["audience"], at=r["at"],
+    )
+
+
+class Store:
+    """The CA's database. Create with :meth:`open`, release with :meth:`close`."""
+
+    def __init__(self, dsn: str, pool: AsyncConnectionPool) -> None:  # type: ignore[type-arg]
+        self._dsn = dsn
+        self._pool = pool
+
+    @classmethod
+    async def open(cls, dsn: str, *, max_size: int = 8, timeout: float = 5.0) -> Store:
+        pool: AsyncConnectionPool = AsyncConnectionPool(  # type: ignore[type-arg]
+            dsn,
+            min_size=1,
+            max_size=max_size,
+            timeout=timeout,
+            open=False,
+            kwargs={"row_factory": dict_row, "autocommit": False},
+            check=AsyncConnectionPool.check_connection,
+            name="keyward-ca",
+        )
+        with _db_errors():
+            await pool.open(wait=True, timeout=timeout)
+        return cls(dsn, pool)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def migrate(self) -> None:
+        async with self._tx(write=True) as conn:
+            await conn.execute(SCHEMA)
+
+    @asynccontextmanager
+    async def _tx(self, *, write: bool) -> AsyncIterator[AsyncConnection[dict[str, Any]]]:
+        with _db_errors():
+            async with self._pool.connection() as conn:
+                async with conn.transaction():
+                    if write:
+                        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
+                    yield conn
+
+    async def ping(self) -> None:
+        async with self._tx(write=False) as conn:
+            await conn.execute("SELECT 1")
+
+    # ---------------------------------------------------------------- audit
+
+    @staticmethod
+    async def _append_audit(
+        conn: AsyncConnection[dict[str, Any]], actor: Actor, action: str, *, org_id: str = "",
+        key_id: str = "", outcome: str = "ok", detail: str = "",
+    ) -> int:
+        cur = await conn.execute("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+        last = await cur.fetchone()
+        seq = (last["seq"] + 1) if last else 1
+        prev = bytes(last["hash"]) if last else auditchain.GENESIS
+        rec = auditchain.AuditRecord(
+            seq=seq, at=dt.datetime.now(dt.timezone.utc), actor=actor.spiffe_id, action=action,
+            org_id=org_id, key_id=key_id, outcome=outcome, detail=detail[:500],
+        )
+        await conn.execute(
+            "INSERT INTO audit_events (seq, at, actor, action, org_id, key_id, outcome, detail, prev_hash, hash)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (rec.seq, rec.at, rec.actor, rec.action, rec.org_id, rec.key_id, rec.outcome, rec.detail,
+             prev, auditchain.link(prev, rec)),
+        )
+        return seq
+
+    async def audit(self, actor: Actor, action: str, *, org_id: str = "", key_id: str = "",
+                    outcome: str = "ok", detail: str = "") -> None:
+        """Append one audit event in its own transaction (refusals, failures)."""
+        async with self._tx(write=True) as conn:
+            await self._append_audit(conn, actor, action, org_id=org_id, key_id=key_id,
+                                     outcome=outcome, detail=detail)
+
+    async def list_audit(self, org_id: str | None, after_seq: int, limit: int) -> list[tuple[auditchain.AuditRecord, bytes]]:
+        async with self._tx(write=False) as conn:
+            if org_id is None:
+                cur = await conn.execute(
+                    "SELECT * FROM audit_events WHERE seq > %s ORDER BY seq LIMIT %s", (after_seq, limit))
+            else:
+                cur = await conn.execute(
+                    "SELECT * FROM audit_events WHERE seq > %s AND org_id = %s ORDER BY seq LIMIT %s",
+                    (after_seq, org_id, limit))
+            rows = await cur.fetchall()
+        return [(self._audit_rec(r), bytes(r["hash"])) for r in rows]
+
+    @staticmethod
+    def _audit_rec(r: dict[str, Any]) -> auditchain.AuditRecord:
+        return auditchain.AuditRecord(seq=r["seq"], at=r["at"], actor=r["actor"], action=r["action"],
+                                      org_id=r["org_id"], key_id=r["key_id"], outcome=r["outcome"],
+                                      detail=r["detail"])
+
+    async def verify_audit(self) -> auditchain.Verdict:
+        async with self._tx(write=False) as conn:
+            cur = await conn.execute("SELECT * FROM audit_events ORDER BY seq")
+            rows = await cur.fetchall()
+        return auditchain.verify((self._audit_rec(r), bytes(r["prev_hash"]), bytes(r["hash"])) for r in rows)
+
+    # --------------------------------------------------------------- events
+
+    @staticmethod
+    async def _emit(conn: AsyncConnection[dict[str, Any]], org_id: str, kind: str, *, key_id: str = "",
+                    version: int = 0, policy: Policy | None = None, policy_version: int = 0,
+                    audience: str = "") -> None:
+        await conn.execute(
+            "INSERT INTO key_events (org_id, kind, key_id, version, policy, policy_version, audience)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (org_id, kind, key_id, version, json.dumps(policy.to_json()) if policy else None,
+             policy_version, audience),
+        )
+        await conn.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
+
+    async def events_after(self, seq: int, limit: int = 500) -> list[KeyEventRow]:
+        async with self._tx(write=False) as conn:
+            cur = await conn.execute("SELECT * FROM key_events WHERE seq > %s ORDER BY seq LIMIT %s",
+                                     (seq, limit))
+            return [_event(r) for r in await cur.fetchall()]
+
+    async def last_event_seq(self) -> int:
+        async with self._tx(write=False) as conn:
+            cur = await conn.execute("SELECT coalesce(max(seq), 0) AS s FROM key_events")
+            row = await cur.fetchone()
+            return int(row["s"]) if row else 0
+
+    async def wait_for_events(self, timeout: float) -> AsyncIterator[None]:
+        """Yield each time key events may have been added (LISTEN), or every
+        ``timeout`` seconds at most, so a lost notification delays, never loses."""
+        with _db_errors():
+            conn = await AsyncConnection.connect(self._dsn, autocommit=True)
+        try:
+            with _db_errors():
+                await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            while True:
+                with _db_errors():
+                    async for _ in conn.notifies(timeout=timeout, stop_after=1):
+                        break
+                yield None
+        finally:
+            await conn.close()
+
+    # ---------------------------------------------------------- organizations
+
+    async def get_org(self, org_id: str) -> OrgRow | None:
+        async with self._tx(write=False) as conn:
+            cur = await conn.execute(_ORG_SELECT, (org_id,))
+            r = await cur.fetchone()
+        return _org(r) if r else None
+
+    async def create_org(self, actor: Actor, org_id: str, display_name: str, policy: Policy) -> OrgRow:
+        async with self._tx(write=True) as conn:
+            cur = await conn.execute("SELECT 1 FROM organizations WHERE org_id = %s", (org_id,))
+            if await cur.fetchone():
+                raise AlreadyExists(f"organization {org_id!r} exists already")
+            await conn.execute(
+                "INSERT INTO organizations (org_id, display_name, policy) VALUES (%s, %s, %s)",
+                (org_id, display_name, json.dumps(policy.to_json())))
+            await self._append_audit(conn, actor, "CreateOrganization", org_id=org_id,
+                                     detail=f"private_zen_only={policy.private_zen_only}")
+            cur = await conn.execute(_ORG_SELECT, (org_id,))
+            r = await cur.fetchone()
+        assert r is not None
+        return _org(r)
+
+    async def update_policy(self, actor: Actor, org_id: str, policy: Policy, expected_version: int) -> OrgRow:
+        async with self._tx(write=True) as conn:
+            cur = await conn.execute("SELECT * FROM organizations WHERE org_id = %s FOR UPDATE", (org_id,))
+            old = await cur.fetchone()
+            if old is None:
+                raise NotFound(f"organization {org_id!r} not found")
+            if expected_version and expected_version != old["policy_version"]:
+                raise Aborted(
+                    f"policy of {org_id!r} is at version {old['policy_version']}, not {expected_version}: "
+                    "re-read it and apply your change again")
+            new_version = old["policy_version"] + 1
+            await conn.execute(
+                "UPDATE organizations SET policy = %s, policy_version = %s, updated_at = now() WHERE org_id = %s",
+                (json.dumps(policy.to_json()), new_version, org_id))
+            was_private = bool(old["policy"].get("private_zen_only", False))
+            if policy.private_zen_only and not was_private:
+                # Public pools lose the org: they must drop its key now.
+                await self._emit(conn, org_id, "access_revoked", audience="public")
+            await self._emit(conn, org_id, "policy_changed", policy=policy, policy_version=new_version)
+            await self._append_audit(conn, actor, "UpdatePolicy", org_id=org_id,
+                                     detail=f"policy_version={new_version} private_zen_only={policy.private_zen_only}")
+            cur = await conn.execute(_ORG_SELECT, (org_id,))
+            r = await cur.fetchone()
+        assert r is not None
+        return _org(r)
+
+    # -------------------------------------------------------------- ZEN pools
+
+    async def get_pool(self, name: str) -> PoolRow | None:
+        async with self._tx(write=False) as conn:
+            return await self._pool_row(conn, name)
+
+    @staticmethod
+    async def _pool_row(conn: AsyncConnection[dict[str, Any]], name: str) -> PoolRow | None:
+        cur = await conn.execute("SELECT visibility FROM zen_pools WHERE name = %s", (name,))
+        r = await cur.fetchone()
+        if r is None:
+            return None
+        cur = await conn.execute("SELECT org_id FROM zen_pool_orgs WHERE pool = %s ORDER BY org_id", (name,))
+        orgs = tuple(x["org_id"] for x in await cur.fetchall())
+        return PoolRow(name=name, visibility=r["visibility"], org_ids=orgs)
+
+    async def list_pools(self) -> list[PoolRow]:
+        async with self._tx(write=False) as conn:
+            cur = await conn.execute("SELECT name FROM zen_pools ORDER BY name")
+            names = [r["name"] for r in await cur.fetchall()]
+            out = []
+            for n in names:
+                p = await self._pool_row(conn, n)
+                if p:
+                    out.append(p)
+            return out
+
+    async def register_pool(self, actor: Actor, name: str, visibility: str, org_ids: list[str]) -> PoolRow:
+        async with self._tx(write=True) as conn:
+            old = await self._pool_row(conn, name)
+            if old and old.visibility != visibility:
+                raise FailedPrecondition(
+                    f"pool {name!r} is {old.visibility}; a pool's visibility cannot change "
+                    "(register a new pool instead)")
+            if org_ids:
+                cur = await conn.execute("SELECT org_id FROM organizations WHERE org_id = ANY(%s)", (org_ids,))
+                known = {r["org_id"] for r in await cur.fetchall()}
+                unknown = sorted(set(org_ids) - known)
+                if unknown:
+                    raise NotFound(f"organization(s) not found: {', '.join(unknown)}")
+            if old is None:
+                await conn.execute("INSERT INTO zen_pools (name, visibility) VALUES (%s, %s)", (name, visibility))
+            else:
+                await conn.execute("UPDATE zen_pools SET updated_at = now() WHERE name = %s", (name,))
+            removed = sorted(set(old.org_ids if old else ()) - set(org_ids))
+            await conn.execute("DELETE FROM zen_pool_orgs WHERE pool = %s", (name,))
+            for o in sorted(set(org_ids)):
+                await conn.execute("INSERT INTO zen_pool_orgs (pool, org_id) VALUES (%s, %s)", (name, o))
+            for o in removed:
+                await self._emit(conn, o, "access_revoked", audience=f"pool:{name}")
+            await self._append_audit(conn, actor, "RegisterZenPool",
+                                     detail=f"pool={name} visibility={visibility} orgs={','.join(sorted(set(org_ids)))}")
+            row = await self._pool_row(conn, name)
+        assert row is not None
+        return row
+
+    # ---------------------------------------------------------- intermediates
+
+    async def add_pending_key(self, actor: Actor, pending: PendingKey) -> None:
+        """Store a new sealed pending key; a previous pending key is discarded."""
+        async with self._tx(write=True) as conn:
+            cur = await conn.execute("SELECT 1 FROM organizations WHERE org_id = %s", (pending.org_id,))
+            if not await cur.fetchone():
+                raise NotFound(f"organization {pending.org_id!r} not found")
+            cur = await conn.execute(
+                "DELETE FROM intermediate_keys WHERE org_id = %s AND state = 'pending' RETURNING *",
+                (pending.org_id,))
+            for old in await cur.fetchall():
+                await self._tombstone(conn, old, "discarded", "replaced by a newer CSR")
+            await conn.execute(
+                "INSERT INTO intermediate_keys (key_id, org_id, state, algorithm, keylib_format, spki_sha256, sealed_key)"
+                " VALUES (%s, %s, 'pending', %s, %s, %s, %s)",
+                (pending.key_id, pending.org_id, pending.algorithm.value, pending.keylib_format,
+                 pending.spki_sha256, pending.sealed))
+            await self._append_audit(conn, actor, "RequestIntermediateCsr", org_id=pending.org_id,
+                                     key_id=pending.key_id, detail=f"algorithm={pending.algorithm.value}")
+
+    @staticmethod
+    async def _tombstone(conn: AsyncConnection[dict[str, Any]], r: dict[str, Any], state: str, reason: str) -> None:
+        await conn.execute(
+            "INSERT INTO intermediate_history (key_id, org_id, state, version, algorithm, spki_sha256, subject,"
+            " serial_hex, not_before, not_after, created_at, activated_at, reason)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (r["key_id"], r["org_id"], state, r["version"], r["algorithm"], r["spki_sha256"], r["subject"],
+             r["serial_hex"], r["not_before"], r["not_after"], r["created_at"], r["activated_at"], reason[:200]))
+
+    async def activate(
+        self,
+        actor: Actor,
+        org_id: str,
+        validate: Callable[[bytes], tuple[CertInfo, str, str]],
+    ) -> IntermediateRow:
+        """Activate the org's pending key with a certificate ``validate`` accepts.
+
+        ``validate(pending_spki_sha256)`` runs inside the transaction and
+        returns (info, certificate_pem, chain_pem) or raises. The previous
+        active key and certificate are deleted in the same transaction.
+        """
+        async with self._tx(write=True) as conn:
+            cur = await conn.execute("SELECT * FROM organizations WHERE org_id = %s FOR UPDATE", (org_id,))
+            org = await cur.fetchone()
+            if org is None:
+                raise NotFound(f"organization {org_id!r} not found")
+            cur = await conn.execute(
+                "SELECT * FROM intermediate_keys WHERE org_id = %s AND state = 'pending' FOR UPDATE", (org_id,))
+            pending = await cur.fetchone()
+            if pending is None:
+                raise FailedPrecondition(
+                    f"organization {org_id!r} has no pending key: call RequestIntermediateCsr, "
+                    "sign its CSR, then upload the certificate")
+            ci, cert_pem, chain_pem = validate(bytes(pending["spki_sha256"]))
+            cur = await conn.execute(
+                "DELETE FROM intermediate_keys WHERE org_id = %s AND state = 'active' RETURNING *", (org_id,))
+            retired = await cur.fetchall()
+            for old in retired:
+                await self._tombstone(conn, old, "rotated", f"replaced by {pending['key_id']}")
+            version = org["key_version"] + 1
+            await conn.execute("UPDATE organizations SET key_version = %s, updated_at = now() WHERE org_id = %s",
+                               (version, org_id))
+            cur = await conn.execute(
+                "UPDATE intermediate_keys SET state = 'active', version = %s, certificate_pem = %s, chain_pem = %s,"
+                " subject = %s, serial_hex = %s, not_before = %s, not_after = %s, activated_at = now()"
+                " WHERE key_id = %s RETURNING *, NULL::timestamptz AS ended_at",
+                (version, cert_pem, chain_pem, ci.subject, ci.serial_hex, ci.not_before, ci.not_after,
+                 pending["key_id"]))
+            row = await cur.fetchone()
+            assert row is not None
+            key_id = str(pending["key_id"])
+            await self._emit(conn, org_id, "rotated", key_id=key_id, version=version)
+            detail = f"version={version} serial={ci.serial_hex}"
+            if retired:
+                detail += " retired=" + ",".join(str(r["key_id"]) for r in retired)
+            await self._append_audit(conn, actor, "UploadIntermediateCertificate", org_id=org_id,
+                                     key_id=key_id, detail=detail)
+        return _inter(row)
+
+    async def revoke(self, actor: Actor, org_id: str, key_id: str, reason: str) -> IntermediateRow:
+        async with self._tx(write=True) as conn:
+            cur = await conn.execute(
+                "DELETE FROM intermediate_keys WHERE org_id = %s AND key_id = %s RETURNING *",
+                (org_id, key_id))
+            r = await cur.fetchone()
+            if r is None:
+                cur = await conn.execute(
+                    "SELECT state FROM intermediate_history WHERE org_id = %s AND key_id = %s", (org_id, key_id))
+                h = await cur.fetchone()
+                if h:
+                    raise FailedPrecondition(f"key {key_id} is already {h['state']}; nothing to revoke")
+                raise NotFound(f"key {key_id} not found in organization {org_id!r}")
+            state = "revoked" if r["state"] == "active" else "discarded"
+            await self._tombstone(conn, r, state, reason or "revoked by admin")
+            if r["state"] == "active":
+                await self._emit(conn, org_id, "revoked", key_id=key_id, version=r["version"] or 0)
+            await self._append_audit(conn, actor, "RevokeIntermediate", org_id=org_id, key_id=key_id,
+                                     detail=f"was={r['state']} reason={reason[:100]}")
+            cur = await conn.execute("SELECT * FROM intermediate_history WHERE key_id = %s", (key_id,))
+            t = await cur.fetchone()
+        assert t is not None
+        return _inter(t)
+
+    async def list_intermediates(self, org_id: str) -> list[IntermediateRow]:
+        async with self._tx(write=False) as conn:
+            cur = await conn.execute(
+                "SELECT key_id, org_id, state, version, algorithm, spki_sha256, subject, serial_hex, not_before,"
+                " not_after, created_at, activated_at, NULL::timestamptz AS ended_at FROM intermediate_keys"
+                " WHERE org_id = %s"
+                " UNION ALL SELECT key_id, org_id, state, version, algorithm, spki_sha256, subject, serial_hex,"
+                " not_before, not_after, created_at, activated_at, ended_at FROM intermediate_history"
+                " WHERE org_id = %s ORDER BY created_at DESC", (org_id, org_id))
+            return [_inter(r) for r in await cur.fetchall()]
+
+    async def active_key(self, org_id: str) -> tuple[OrgRow | None, ActiveKey | None]:
+        async with self._tx(write=False) as conn:
+            cur = await conn.execute(_ORG_SELECT, (org_id,))
+            o = await cur.fetchone()
+            if o is None:
+                return None, None
+            org = _org(o)
+            cur = await conn.execute(
+                "SELECT * FROM intermediate_keys WHERE org_id = %s AND state = 'active'", (org_id,))
+            k = await cur.fetchone()
+        if k is None:
+            return org, None
+        return org, ActiveKey(
+            org=org, key_id=str(k["key_id"]), version=k["version"], algorithm=KeyAlgorithm(k["algorithm"]),
+            keylib_format=k["keylib_format"], spki_sha256=bytes(k["spki_sha256"]),
+            sealed_key=bytes(k["sealed_key"]), certificate_pem=k["certificate_pem"],
+            chain_pem=k["chain_pem"] or "", not_after=k["not_after"])
+

@@ -1,0 +1,157 @@
+"""Dev PKI for the local stack and the tests (never for production).
+
+Writes PEM files into a folder:
+
+    ca.crt / ca.key          trust anchor for the CA server and all clients
+    server.crt / server.key  the Central Authority (localhost, 127.0.0.1)
+    platform-admin.{crt,key} spiffe://<td>/platform-admin
+    org-admin-<org>.{crt,key} spiffe://<td>/org-admin/<org>
+    zen-public.{crt,key}     spiffe://<td>/zen-pool/public
+    zen-private.{crt,key}    spiffe://<td>/zen-pool/private
+
+These are TLS identities only. Org intermediate keys never touch this folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import ipaddress
+import os
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+TRUST_DOMAIN = "keyward"
+
+PrivKey = ec.EllipticCurvePrivateKey
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _key_pem(key: PrivKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _load(pki: Path) -> tuple[x509.Certificate, PrivKey]:
+    cert = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
+    key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return cert, key
+
+
+def build_cert(
+    *,
+    subject_cn: str,
+    issuer: x509.Certificate | None,
+    issuer_key: PrivKey | None,
+    uris: list[str] = (),  # type: ignore[assignment]
+    dns: list[str] = (),  # type: ignore[assignment]
+    ips: list[str] = (),  # type: ignore[assignment]
+    is_ca: bool = False,
+    server: bool = False,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+) -> tuple[x509.Certificate, PrivKey]:
+    """Issue a certificate (self-signed when ``issuer`` is None)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)])
+    nb = not_before or _now() - dt.timedelta(minutes=5)
+    na = not_after or _now() + dt.timedelta(days=365)
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer.subject if issuer else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(nb)
+        .not_valid_after(na)
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    if is_ca:
+        b = b.add_extension(
+            x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                          data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                          crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+    else:
+        b = b.add_extension(
+            x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                          data_encipherment=False, key_agreement=True, key_cert_sign=False,
+                          crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        b = b.add_extension(x509.ExtendedKeyUsage(
+            [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
+    sans += [x509.DNSName(d) for d in dns]
+    sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    if sans:
+        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert = b.sign(issuer_key or key, hashes.SHA256())
+    return cert, key
+
+
+def write_identity(pki: Path, stem: str, cert: x509.Certificate, key: PrivKey) -> None:
+    _write(pki / f"{stem}.crt", cert.public_bytes(serialization.Encoding.PEM))
+    _write(pki / f"{stem}.key", _key_pem(key), private=True)
+
+
+def client(pki: Path, stem: str, spiffe_path: str, *, trust_domain: str = TRUST_DOMAIN) -> None:
+    """Issue a client identity ``spiffe://<td>/<spiffe_path>`` as ``stem``."""
+    ca, ca_key = _load(pki)
+    cert, key = build_cert(subject_cn=stem, issuer=ca, issuer_key=ca_key,
+                           uris=[f"spiffe://{trust_domain}/{spiffe_path}"])
+    write_identity(pki, stem, cert, key)
+
+
+def org_admin(pki: Path, org_id: str) -> None:
+    client(pki, f"org-admin-{org_id}", f"org-admin/{org_id}")
+
+
+def init(pki: Path) -> None:
+    """Create the dev PKI if ``pki`` has none."""
+    pki.mkdir(parents=True, exist_ok=True)
+    os.chmod(pki, 0o700)
+    if (pki / "ca.crt").exists():
+        return
+    ca, ca_key = build_cert(subject_cn="keyward dev platform CA", issuer=None, issuer_key=None,
+                            is_ca=True, not_after=_now() + dt.timedelta(days=3650))
+    write_identity(pki, "ca", ca, ca_key)
+    srv, srv_key = build_cert(subject_cn="keyward-ca", issuer=ca, issuer_key=ca_key, server=True,
+                              uris=[f"spiffe://{TRUST_DOMAIN}/ca"], dns=["localhost", "keyward-ca"],
+                              ips=["127.0.0.1"])
+    write_identity(pki, "server", srv, srv_key)
+    client(pki, "platform-admin", "platform-admin")
+    client(pki, "zen-public", "zen-pool/public")
+    client(pki, "zen-private", "zen-pool/private")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m devstack.pki", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p_init = sub.add_parser("init", help="create the dev PKI in DIR")
+    p_init.add_argument("dir", type=Path)
+    p_org = sub.add_parser("org-admin", help="issue org-admin-ORG.{crt,key} in DIR")
+    p_org.add_argument("dir", type=Path)
+    p_org.add_argument("org")
+    a = ap.parse_args()
+    if a.cmd == "init":
+        init(a.dir)
+    else:
+        org_admin(a.dir, a.org)
+
+
+if __name__ == "__main__":
+    main()

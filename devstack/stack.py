@@ -1,0 +1,172 @@
+"""The local stack: ``make up`` / ``make down`` (``python -m devstack.stack``).
+
+``up`` starts, in the background: a Postgres server (data in .run/pg), the
+CA (``keyward serve``, log in .run/logs/ca.log), registers the dev ZEN pools
+``public`` and ``private``, and writes ``.run/env``. The master secret is
+generated into a memory-backed file under /dev/shm (the local stand-in for a
+Kubernetes Secret on a tmpfs volume); it never touches the disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from devstack import pki
+from devstack.pg import PgServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ROOT / ".run"
+PG_PORT = int(os.environ.get("KEYWARD_PG_PORT", "55432"))
+CA_ADDR = os.environ.get("KEYWARD_CA_ADDR", "127.0.0.1:50051")
+METRICS_ADDR = os.environ.get("KEYWARD_METRICS_ADDR", "127.0.0.1:9464")
+
+
+def secret_dir() -> Path:
+    return Path("/dev/shm") / f"keyward-{os.getuid()}-{hashlib.sha256(str(ROOT).encode()).hexdigest()[:10]}"
+
+
+def grpcurl_bin() -> str:
+    exe = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
+    if not exe:
+        raise SystemExit("grpcurl not found: run `make venv`")
+    return exe
+
+
+def grpcurl(pki_dir: Path, who: str, method: str, data: str | None = None, addr: str = CA_ADDR,
+            timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    cmd = [grpcurl_bin(), "-max-time", str(int(timeout)), "-cacert", str(pki_dir / "ca.crt"),
+           "-cert", str(pki_dir / f"{who}.crt"), "-key", str(pki_dir / f"{who}.key")]
+    if data is not None:
+        cmd += ["-d", data]
+    cmd += [addr, method]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 5)
+
+
+def ca_env(pg: PgServer, pki_dir: Path, master_file: Path, listen: str, metrics: str) -> dict[str, str]:
+    return {
+        "KEYWARD_CA_LISTEN": listen,
+        "KEYWARD_DB_DSN": pg.dsn(),
+        "KEYWARD_TLS_CERT_FILE": str(pki_dir / "server.crt"),
+        "KEYWARD_TLS_KEY_FILE": str(pki_dir / "server.key"),
+        "KEYWARD_CLIENT_CA_FILE": str(pki_dir / "ca.crt"),
+        "KEYWARD_MASTER_SECRET_FILE": str(master_file),
+        "KEYWARD_METRICS_LISTEN": metrics,
+    }
+
+
+def make_master_secret(d: Path) -> Path:
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    f = d / "master.key"
+    if not f.exists():
+        fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(os.urandom(48))
+    return f
+
+
+def wait_healthy(pki_dir: Path, addr: str, proc: subprocess.Popen[bytes] | None, log: Path,
+                 timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"CA exited with {proc.returncode}; see {log}:\n{log.read_text()[-2000:]}")
+        r = grpcurl(pki_dir, "platform-admin", "grpc.health.v1.Health/Check", "{}", addr=addr, timeout=5)
+        if '"SERVING"' in r.stdout:
+            return
+        last = (r.stderr or r.stdout).strip()
+        time.sleep(0.3)  # poll interval of a bounded wait
+    raise SystemExit(f"CA not healthy after {timeout}s: {last}")
+
+
+def up() -> None:
+    RUN.mkdir(exist_ok=True)
+    (RUN / "logs").mkdir(exist_ok=True)
+    pg = PgServer(RUN / "pg", PG_PORT)
+    if not pg.initialized():
+        print(f"initdb + start Postgres on 127.0.0.1:{PG_PORT} ({pg.root})")
+        pg.init()
+    else:
+        pg.start()
+    pki_dir = RUN / "pki"
+    pki.init(pki_dir)
+    master = make_master_secret(secret_dir())
+    pidfile = RUN / "ca.pid"
+    if pidfile.exists():
+        try:
+            os.kill(int(pidfile.read_text()), 0)
+            print("CA already running")
+            write_env(pg, pki_dir, master)
+            return
+        except (ProcessLookupError, ValueError):
+            pidfile.unlink()
+    env = dict(os.environ)
+    env.update(ca_env(pg, pki_dir, master, CA_ADDR, METRICS_ADDR))
+    log = RUN / "logs" / "ca.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "control_plane", "serve"], env=env, cwd=ROOT,
+                                stdout=out, stderr=out, start_new_session=True)
+    pidfile.write_text(str(proc.pid))
+    wait_healthy(pki_dir, CA_ADDR, proc, log)
+    for body in ('{"pool": {"name": "public", "visibility": "POOL_VISIBILITY_PUBLIC"}}',
+                 '{"pool": {"name": "private", "visibility": "POOL_VISIBILITY_PRIVATE"}}'):
+        existing = grpcurl(pki_dir, "platform-admin", "keyward.v1.Admin/ListZenPools", "{}")
+        name = body.split('"name": "')[1].split('"')[0]
+        if f'"name": "{name}"' in existing.stdout:
+            continue
+        r = grpcurl(pki_dir, "platform-admin", "keyward.v1.Admin/RegisterZenPool", body)
+        if r.returncode != 0:
+            raise SystemExit(f"registering pool {name}: {r.stderr}")
+    write_env(pg, pki_dir, master)
+    print(f"CA up at {CA_ADDR} (pid {proc.pid}); metrics at http://{METRICS_ADDR}/metrics; env in {RUN / 'env'}")
+
+
+def write_env(pg: PgServer, pki_dir: Path, master: Path) -> None:
+    lines = {
+        "KEYWARD_CA_ADDR": CA_ADDR,
+        "KEYWARD_DB_DSN": pg.dsn(),
+        "KEYWARD_PKI_DIR": str(pki_dir),
+        "KEYWARD_METRICS_ADDR": METRICS_ADDR,
+        "KEYWARD_MASTER_SECRET_FILE": str(master),
+    }
+    (RUN / "env").write_text("".join(f"{k}='{v}'\n" for k, v in lines.items()))
+
+
+def down() -> None:
+    pidfile = RUN / "ca.pid"
+    if pidfile.exists():
+        try:
+            pid = int(pidfile.read_text())
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                os.kill(pid, 0)
+                time.sleep(0.1)
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+        pidfile.unlink(missing_ok=True)
+    pg = PgServer(RUN / "pg", PG_PORT)
+    if pg.initialized():
+        pg.stop()
+    shutil.rmtree(secret_dir(), ignore_errors=True)
+    print("stack stopped (data kept in .run/; `make clean` removes it)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m devstack.stack")
+    ap.add_argument("cmd", choices=["up", "down"])
+    a = ap.parse_args()
+    up() if a.cmd == "up" else down()
+
+
+if __name__ == "__main__":
+    main()
