@@ -1,0 +1,51 @@
+# keyward: the two commands are `make demo` and `make test`; both set up
+# everything they need (system packages, virtualenv, gRPC stubs, Postgres).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+PROTOS := $(wildcard protos/keyward/v1/*.proto)
+STUBS  := $(PROTOS:.proto=_pb2.py)
+PYTEST_ARGS ?=
+
+.PHONY: all deps venv protos test lint up down demo clean
+
+all: venv protos
+
+deps:
+	@bash scripts/install-deps.sh
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@rm -f $(VENV)/.installed-*; touch $@
+
+venv: $(STAMP)
+
+# Stubs import as `protos.keyward.v1...` because protoc runs with -I. from the root.
+protos/keyward/v1/%_pb2.py: protos/keyward/v1/%.proto $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. $<
+
+protos: $(STUBS)
+
+lint: venv protos
+	$(BIN)/lint-imports
+	$(BIN)/mypy
+
+test: deps venv protos
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+up: deps venv protos
+	$(BIN)/python -m devstack.stack up
+
+down:
+	@test -x $(BIN)/python && $(BIN)/python -m devstack.stack down || true
+
+demo: deps venv protos
+	$(BIN)/python -m devstack.demo
+
+clean: down
+	rm -rf .run
