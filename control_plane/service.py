@@ -230,15 +230,33 @@ def unary(action: str, *, audited: bool) -> Callable[[Handler[Req, Resp]], Calla
     return deco
 
 
+_background: set[asyncio.Task[None]] = set()
+AUDIT_WAIT_SECONDS = 2.0
+
+
 async def _audit_failure_impl(store: Store, action: str, ident: Identity | None, request: Any,
-                              code: grpc.StatusCode, message: str) -> None:
-    org_id = str(getattr(request, "org_id", ""))[:64]
+                              code: grpc.StatusCode, message: str, org_id: str = "") -> None:
+    """Audit a failed call. Waits up to AUDIT_WAIT_SECONDS, then lets the
+    write finish in the background, so a stuck database (the very reason a
+    call may have failed) cannot hold the caller's answer back."""
+    org_id = (org_id or str(getattr(request, "org_id", "")))[:64]
     key_id = str(getattr(request, "key_id", ""))[:64]
+
+    async def write() -> None:
+        try:
+            async with asyncio.timeout(30):
+                await store.audit(Actor(ident.spiffe_id if ident else "unauthenticated"), action,
+                                  org_id=org_id, key_id=key_id, outcome=code.name, detail=message)
+        except (KeywardError, TimeoutError):
+            log.warning("could not audit a refused %s (database unavailable)", action, extra={"method": action})
+
+    task = asyncio.create_task(write())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
     try:
-        await store.audit(Actor(ident.spiffe_id if ident else "unauthenticated"), action,
-                          org_id=org_id, key_id=key_id, outcome=code.name, detail=message)
-    except KeywardError:
-        log.warning("could not audit a refused %s (database unavailable)", action, extra={"method": action})
+        await asyncio.wait_for(asyncio.shield(task), AUDIT_WAIT_SECONDS)
+    except TimeoutError:
+        pass
 
 
 # ------------------------------------------------------------------ Admin
@@ -430,6 +448,7 @@ class KeyDistributionService(_Base, pb_grpc.KeyDistributionServicer):
                         ) -> AsyncIterator[pb.KeyEvent]:
         code, message = grpc.StatusCode.OK, ""
         ident: Identity | None = None
+        denied_org = ""
         sub = self.hub.subscribe()
         metrics.WATCHERS.inc()
         try:
@@ -439,6 +458,7 @@ class KeyDistributionService(_Base, pb_grpc.KeyDistributionServicer):
             if pool.visibility == "private":
                 denied = sorted(orgs - set(pool.org_ids))
                 if denied:
+                    denied_org = denied[0]
                     metrics.KEYS_REFUSED.labels("-").inc()
                     raise authz.key_refusal(pool.name, denied[0])
             last = self.hub.last_seq
@@ -469,6 +489,6 @@ class KeyDistributionService(_Base, pb_grpc.KeyDistributionServicer):
             metrics.WATCHERS.dec()
         metrics.RPCS.labels("WatchKeys", code.name).inc()
         if code is grpc.StatusCode.PERMISSION_DENIED or code is grpc.StatusCode.UNAUTHENTICATED:
-            await _audit_failure_impl(self.store, "WatchKeys", ident, request, code, message)
+            await _audit_failure_impl(self.store, "WatchKeys", ident, request, code, message, denied_org)
         if code is not grpc.StatusCode.OK:
             await context.abort(code, message)

@@ -1,0 +1,204 @@
+"""Every bad input gets a clear status and message, changes nothing in the
+database (but the audit row of the refusal), and the server keeps serving."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psycopg
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from devstack.pg import PgServer
+from protos.keyward.v1 import keyward_pb2 as pb
+from tests.helpers import CAProcess, Clients, OrgRoot, clients, code_of, start_ca, table_snapshot, wait_for
+from tests.integration.flow import create_org, org_admin
+
+IA = grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.fixture
+def pending_org(ca: CAProcess, platform: Clients, pki_dir: Path, tmp_path: Path, new_org_id: str
+                ) -> tuple[str, Clients, OrgRoot, pb.RequestIntermediateCsrResponse]:
+    create_org(platform, new_org_id)
+    admin = org_admin(ca.addr, pki_dir, new_org_id)
+    csr = admin.admin.RequestIntermediateCsr(pb.RequestIntermediateCsrRequest(org_id=new_org_id), timeout=60)
+    return new_org_id, admin, OrgRoot.create(tmp_path, new_org_id), csr
+
+
+def _sign_py(root: OrgRoot, csr_pem: str, *, not_before: dt.datetime, not_after: dt.datetime,
+             path_length: int | None = 0) -> str:
+    """Sign with the org root's key through the cryptography API (for dates openssl 3.0 cannot set)."""
+    csr = x509.load_pem_x509_csr(csr_pem.encode())
+    key = serialization.load_pem_private_key(root.key.read_bytes(), None)
+    issuer = x509.load_pem_x509_certificate(root.crt.read_bytes())
+    cert = (x509.CertificateBuilder().subject_name(csr.subject).issuer_name(issuer.subject)
+            .public_key(csr.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(not_before).not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+            .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
+            .sign(key, hashes.SHA256()))  # type: ignore[arg-type]
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _expect(pg: PgServer, platform: Clients, fn: Callable[..., Any], req: Any, code: grpc.StatusCode,
+            fragment: str) -> str:
+    before = table_snapshot(pg)
+    audit_before = int(pg.psql("SELECT count(*) FROM audit_events"))
+    got, msg = code_of(fn, req)
+    assert got == code, (got, msg)
+    assert fragment in msg, msg
+    assert "Traceback" not in msg and 'File "' not in msg
+    assert table_snapshot(pg) == before, "a refused call changed the database"
+    assert int(pg.psql("SELECT count(*) FROM audit_events")) <= audit_before + 1
+    assert platform.admin.ListZenPools(pb.ListZenPoolsRequest(), timeout=30).pools  # still serving
+    return msg
+
+
+def test_org_and_policy_validation(pg: PgServer, platform: Clients, new_org_id: str, ca: CAProcess, pki_dir: Path) -> None:
+    a = platform.admin
+    C = pb.CreateOrganizationRequest
+    _expect(pg, platform, a.CreateOrganization, C(org_id="Bad_ID"), IA, "not valid")
+    _expect(pg, platform, a.CreateOrganization, C(org_id=""), IA, "not valid")
+    _expect(pg, platform, a.CreateOrganization, C(org_id="x" * 80), IA, "not valid")
+    _expect(pg, platform, a.CreateOrganization, C(org_id=new_org_id, policy=pb.Policy(
+        blocked_hosts=["bank.example"], do_not_inspect_hosts=["bank.example"])), IA, "contradicts itself")
+    _expect(pg, platform, a.CreateOrganization, C(org_id=new_org_id, policy=pb.Policy(
+        blocked_url_prefixes=["bank.example/login"], do_not_inspect_hosts=["*.bank.example"])), IA, "contradicts itself")
+    _expect(pg, platform, a.CreateOrganization, C(org_id=new_org_id, policy=pb.Policy(
+        location_cidrs=["10.0.0.0/8", "10.1.0.0/16"])), IA, "overlap")
+    _expect(pg, platform, a.CreateOrganization, C(org_id=new_org_id, policy=pb.Policy(
+        location_cidrs=["10.0.0.1/8"])), IA, "CIDR")
+    _expect(pg, platform, a.CreateOrganization, C(org_id=new_org_id, policy=pb.Policy(
+        key_idle_timeout_seconds=1)), IA, "out of range")
+    _expect(pg, platform, a.CreateOrganization, C(org_id=new_org_id, policy=pb.Policy(fail_mode=7)), IA, "fail_mode")
+    _expect(pg, platform, a.CreateOrganization, C(org_id=new_org_id, policy=pb.Policy(
+        blocked_hosts=["not a host"])), IA, "not a host name")
+    create_org(platform, new_org_id)
+    _expect(pg, platform, a.CreateOrganization, C(org_id=new_org_id), grpc.StatusCode.ALREADY_EXISTS, "exists")
+    U = pb.UpdatePolicyRequest
+    _expect(pg, platform, a.UpdatePolicy, U(org_id=new_org_id), IA, "policy is required")
+    _expect(pg, platform, a.UpdatePolicy, U(org_id=new_org_id, policy=pb.Policy(), expected_policy_version=9),
+            grpc.StatusCode.ABORTED, "re-read")
+    _expect(pg, platform, a.UpdatePolicy, U(org_id="o-missing-one", policy=pb.Policy()), grpc.StatusCode.NOT_FOUND,
+            "not found")
+    R = pb.RegisterZenPoolRequest
+    _expect(pg, platform, a.RegisterZenPool, R(pool=pb.ZenPool(name="p-x")), IA, "visibility is required")
+    _expect(pg, platform, a.RegisterZenPool, R(pool=pb.ZenPool(name="public", visibility=pb.POOL_VISIBILITY_PRIVATE)),
+            grpc.StatusCode.FAILED_PRECONDITION, "cannot change")
+    _expect(pg, platform, a.RegisterZenPool, R(pool=pb.ZenPool(name="p-x", visibility=pb.POOL_VISIBILITY_PRIVATE,
+                                                               org_ids=["o-missing-one"])),
+            grpc.StatusCode.NOT_FOUND, "o-missing-one")
+    _expect(pg, platform, a.ListAuditEvents, pb.ListAuditEventsRequest(limit=5000), IA, "limit")
+
+
+def test_csr_and_revoke_validation(pg: PgServer, platform: Clients, ca: CAProcess, pki_dir: Path,
+                                   new_org_id: str) -> None:
+    create_org(platform, new_org_id)
+    admin = org_admin(ca.addr, pki_dir, new_org_id).admin
+    _expect(pg, platform, admin.RequestIntermediateCsr,
+            pb.RequestIntermediateCsrRequest(org_id=new_org_id, algorithm=99), IA, "algorithm")
+    _expect(pg, platform, admin.RequestIntermediateCsr,
+            pb.RequestIntermediateCsrRequest(org_id=new_org_id, common_name="x" * 100), IA, "common_name")
+    _expect(pg, platform, admin.RevokeIntermediate, pb.RevokeIntermediateRequest(org_id=new_org_id, key_id="nope"),
+            IA, "not a UUID")
+    _expect(pg, platform, admin.RevokeIntermediate,
+            pb.RevokeIntermediateRequest(org_id=new_org_id, key_id="00000000-0000-4000-8000-000000000000"),
+            grpc.StatusCode.NOT_FOUND, "not found")
+    _expect(pg, platform, admin.UploadIntermediateCertificate,
+            pb.UploadIntermediateCertificateRequest(org_id=new_org_id, certificate_pem="x"),
+            grpc.StatusCode.INVALID_ARGUMENT, "not valid PEM")
+    zen = clients(ca.addr, pki_dir, "zen-public")
+    _expect(pg, platform, zen.keys.GetKeyPair, pb.GetKeyPairRequest(org_id="../etc"), IA, "not valid")
+
+
+def test_upload_validation(pg: PgServer, platform: Clients, pending_org: Any, tmp_path: Path) -> None:
+    org_id, admin, root, csr = pending_org
+    U = lambda cert, chain="": pb.UploadIntermediateCertificateRequest(  # noqa: E731
+        org_id=org_id, certificate_pem=cert, chain_pem=chain)
+    up = admin.admin.UploadIntermediateCertificate
+    now = dt.datetime.now(dt.timezone.utc)
+    good = root.sign(csr.csr_pem)
+    _expect(pg, platform, up, U("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n"), IA, "PEM")
+    _expect(pg, platform, up, U(good * 2), IA, "at most 1")
+    _expect(pg, platform, up, U("A" * 70_000), IA, "at most 65536")
+    _expect(pg, platform, up, U(good + root.key.read_text()), IA, "private key")
+    # A certificate for another key (a CSR made elsewhere with openssl).
+    other = subprocess.run(["openssl", "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", "/dev/null",
+                            "-subj", "/CN=other"], capture_output=True, text=True, check=True, timeout=60).stdout
+    _expect(pg, platform, up, U(root.sign(other)), IA, "does not match the pending key")
+    _expect(pg, platform, up, U(root.sign(csr.csr_pem, ext="basicConstraints=critical,CA:FALSE\n")), IA,
+            "not a CA certificate")
+    _expect(pg, platform, up, U(root.sign(csr.csr_pem, ext="basicConstraints=critical,CA:TRUE\n"
+                                                         "keyUsage=critical,keyCertSign\n")), IA, "absent")
+    _expect(pg, platform, up, U(root.sign(csr.csr_pem, ext="basicConstraints=critical,CA:TRUE,pathlen:1\n"
+                                                         "keyUsage=critical,keyCertSign\n")), IA, "sub-CAs")
+    _expect(pg, platform, up, U(root.sign(csr.csr_pem, ext="basicConstraints=critical,CA:TRUE,pathlen:0\n"
+                                                         "keyUsage=critical,digitalSignature\n")), IA, "keyCertSign")
+    _expect(pg, platform, up, U(_sign_py(root, csr.csr_pem, not_before=now - dt.timedelta(days=30),
+                                         not_after=now - dt.timedelta(days=1))), IA, "expired")
+    _expect(pg, platform, up, U(_sign_py(root, csr.csr_pem, not_before=now + dt.timedelta(days=3),
+                                         not_after=now + dt.timedelta(days=30))), IA, "not valid until")
+    stranger = OrgRoot.create(tmp_path, "stranger")
+    _expect(pg, platform, up, U(good, stranger.crt.read_text()), IA, "chain does not verify")
+    # And the good one still goes through afterwards.
+    assert up(U(good, root.crt.read_text()), timeout=30).state == pb.INTERMEDIATE_STATE_ACTIVE
+    # With no pending key left, a second upload is a precondition failure.
+    _expect(pg, platform, up, U(good), grpc.StatusCode.FAILED_PRECONDITION, "no pending key")
+
+
+def test_oversized_message_is_resource_exhausted(pg: PgServer, platform: Clients, new_org_id: str) -> None:
+    req = pb.CreateOrganizationRequest(org_id=new_org_id, display_name="x" * (2 << 20))
+    _expect(pg, platform, platform.admin.CreateOrganization, req, grpc.StatusCode.RESOURCE_EXHAUSTED, "")
+
+
+def test_server_caps_deadlines_and_writes_nothing(pg: PgServer, pki_dir: Path, master_secret: Any,
+                                                   workdir: Path, new_org_id: str) -> None:
+    """A CA capped at 1 s: a write stuck behind a held lock ends DEADLINE_EXCEEDED
+    although the client allowed 30 s, and the org is not created."""
+    capped = start_ca(pg, pki_dir, master_secret[1], workdir / "ca-capped", KEYWARD_MAX_CALL_SECONDS="1")
+    try:
+        c = clients(capped.addr, pki_dir, "platform-admin")
+        with psycopg.connect(pg.admin_dsn(), autocommit=True) as blocker:
+            blocker.execute("SELECT pg_advisory_lock(%s)", (0x6B657977,))
+            t0 = time.monotonic()
+            code, msg = code_of(c.admin.CreateOrganization, pb.CreateOrganizationRequest(org_id=new_org_id),
+                                timeout=30)
+            elapsed = time.monotonic() - t0
+            blocker.execute("SELECT pg_advisory_unlock(%s)", (0x6B657977,))
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "cap 1s" in msg
+        assert elapsed < 20, elapsed  # bounded by the cap, not the client's 30 s
+        assert pg.psql(f"SELECT count(*) FROM organizations WHERE org_id = '{new_org_id}'") == "0"
+    finally:
+        capped.stop()
+
+
+def test_keepalive_abuse_is_refused(ca: CAProcess, pki_dir: Path, platform: Clients) -> None:
+    """A client pinging every 100 ms gets GOAWAY too_many_pings from gRPC's own enforcement."""
+    abusive = clients(ca.addr, pki_dir, "zen-public", options=[
+        ("grpc.keepalive_time_ms", 100), ("grpc.keepalive_timeout_ms", 1000),
+        ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_time_between_pings_ms", 100)])
+    stream = abusive.keys.WatchKeys(pb.WatchKeysRequest(), timeout=30)
+    result: dict[str, Any] = {}
+
+    def reader() -> None:
+        try:
+            for _ in stream:
+                pass
+        except grpc.RpcError as e:
+            result["code"], result["details"] = e.code(), e.details()
+
+    threading.Thread(target=reader, daemon=True).start()
+    wait_for(lambda: "code" in result, 25, "the server to end the abusive connection")
+    assert result["code"] == grpc.StatusCode.UNAVAILABLE, result
+    assert "too many pings" in (result["details"] or "").lower(), result
+    assert platform.admin.ListZenPools(pb.ListZenPoolsRequest(), timeout=30).pools
