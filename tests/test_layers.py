@@ -1,0 +1,61 @@
+"""Layer rules, checked three ways: the import-linter contracts, the CA's
+runtime import graph, and a scan of its source for any decrypt call.
+
+The Central Authority never decrypts: keylib.unwrap is unreachable from it."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_import_linter_contracts_hold() -> None:
+    exe = Path(sys.executable).parent / "lint-imports"
+    r = subprocess.run([str(exe)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ca-never-decrypts" in (ROOT / ".importlinter").read_text()
+    assert "0 broken" in r.stdout
+
+
+def test_ca_process_cannot_reach_unwrap() -> None:
+    """Load the whole CA as `keyward serve` does, install its guard, then try."""
+    code = """
+import sys, importlib
+import control_plane.server, control_plane.cli, control_plane.service, control_plane.store
+from keylib.guard import forbid_unwrap
+assert 'keylib.unwrap' not in sys.modules, 'the CA imported keylib.unwrap'
+forbid_unwrap()
+try:
+    importlib.import_module('keylib.unwrap')
+except ImportError as e:
+    print('refused:', e)
+else:
+    raise SystemExit('keylib.unwrap was importable in the CA process')
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "refused: keylib.unwrap is not available in this process" in r.stdout
+
+
+def test_guard_refuses_a_process_that_already_decrypts() -> None:
+    code = "import keylib.unwrap\nfrom keylib.guard import forbid_unwrap\nforbid_unwrap()"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "must never decrypt" in r.stderr
+
+
+def test_control_plane_source_has_no_decrypt_call() -> None:
+    offenders = []
+    for path in (ROOT / "control_plane").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = None
+            if isinstance(node, ast.Attribute):
+                name = node.attr
+            elif isinstance(node, ast.Name):
+                name = node.id
+            if name and ("decrypt" in name.lower() or name in ("open_sealed", "unwrap")):
+                offenders.append(f"{path.name}:{node.lineno} {name}")
+    assert not offenders, offenders
