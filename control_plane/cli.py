@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 
@@ -24,6 +25,9 @@ def _serve() -> int:
     try:
         cfg = config.from_env()
         logs.setup(cfg.log_level)
+        if cfg.extra:
+            logging.getLogger("keyward.ca").warning(
+                "ignoring unknown settings (typo?): %s", ", ".join(sorted(cfg.extra)))
         no_core_dumps()
         master = MasterSecret.load(path=cfg.master_secret_file or None, require_lock=cfg.require_mlock)
         asyncio.run(server.serve(cfg, master))
