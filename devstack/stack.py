@@ -23,14 +23,14 @@ from devstack import pki
 from devstack.pg import PgServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN = ROOT / ".run"
+RUN = Path(os.environ.get("KEYWARD_RUN_DIR") or ROOT / ".run").resolve()
 PG_PORT = int(os.environ.get("KEYWARD_PG_PORT", "55432"))
 CA_ADDR = os.environ.get("KEYWARD_CA_ADDR", "127.0.0.1:50051")
 METRICS_ADDR = os.environ.get("KEYWARD_METRICS_ADDR", "127.0.0.1:9464")
 
 
 def secret_dir() -> Path:
-    return Path("/dev/shm") / f"keyward-{os.getuid()}-{hashlib.sha256(str(ROOT).encode()).hexdigest()[:10]}"
+    return Path("/dev/shm") / f"keyward-{os.getuid()}-{hashlib.sha256(str(RUN).encode()).hexdigest()[:10]}"
 
 
 def grpcurl_bin() -> str:
