@@ -36,6 +36,7 @@ lint: venv protos
 
 test: deps venv protos
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 up: deps venv protos

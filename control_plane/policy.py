@@ -101,10 +101,11 @@ def validate(
                 f"policy.location_cidrs: {c!r} is not a network in CIDR form with host bits zero "
                 "(e.g. 10.1.0.0/16)"
             ) from None
-    for i, a in enumerate(nets):
-        for b in nets[i + 1:]:
-            if a.version == b.version and a.overlaps(b):
-                raise InvalidArgument(f"policy.location_cidrs: {a} and {b} overlap; list each network once")
+    for i, net_a in enumerate(nets):
+        for net_b in nets[i + 1:]:
+            if net_a.version == net_b.version and net_a.overlaps(net_b):
+                raise InvalidArgument(
+                    f"policy.location_cidrs: {net_a} and {net_b} overlap; list each network once")
     blocked = sorted({_host(h, "policy.blocked_hosts") for h in blocked_hosts})
     dni = sorted({_host(h, "policy.do_not_inspect_hosts") for h in do_not_inspect_hosts})
     prefixes: list[str] = []

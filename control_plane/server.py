@@ -15,7 +15,8 @@ import signal
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from control_plane import metrics
@@ -67,7 +68,7 @@ class RunningCA:
     port: int
     store: Store
     hub: EventHub
-    health: health.aio.HealthServicer
+    health: HealthServicer
     master: MasterSecret
     _tasks: list[asyncio.Task[None]]
 
@@ -82,7 +83,7 @@ class RunningCA:
         self.master.wipe()
 
 
-async def _health_loop(store: Store, hs: health.aio.HealthServicer) -> None:
+async def _health_loop(store: Store, hs: HealthServicer) -> None:
     services = ["", "keyward.v1.Admin", "keyward.v1.KeyDistribution"]
     last: int | None = None
     while True:
@@ -114,11 +115,11 @@ async def start(cfg: CAConfig, master: MasterSecret) -> RunningCA:
     hub = EventHub(store)
     await hub.start()
     server = grpc.aio.server(options=server_options(cfg))
-    pb_grpc.add_AdminServicer_to_server(
+    pb_grpc.add_AdminServicer_to_server(  # type: ignore[no-untyped-call]
         AdminService(store, master, cfg.trust_domain, cfg.max_call_seconds), server)
-    pb_grpc.add_KeyDistributionServicer_to_server(
+    pb_grpc.add_KeyDistributionServicer_to_server(  # type: ignore[no-untyped-call]
         KeyDistributionService(store, hub, cfg.trust_domain, cfg.max_call_seconds), server)
-    hs = health.aio.HealthServicer()
+    hs = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     names = (
         pb.DESCRIPTOR.services_by_name["Admin"].full_name,

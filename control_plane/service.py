@@ -62,7 +62,7 @@ STATUS: dict[type[KeywardError], grpc.StatusCode] = {
 def status_of(err: KeywardError) -> grpc.StatusCode:
     for cls in type(err).__mro__:
         if cls in STATUS:
-            return STATUS[cls]  # type: ignore[index]
+            return STATUS[cls]
     return grpc.StatusCode.INTERNAL
 
 
@@ -174,7 +174,7 @@ class _Base:
 
     def identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> Identity:
         auth = context.auth_context()
-        pems = auth.get("x509_pem_cert") or []
+        pems = list(auth.get("x509_pem_cert") or [])
         if not pems:
             raise Unauthenticated("no client certificate: every call needs mTLS with a keyward identity")
         return from_certificate(pems[0], trust_domain=self.trust_domain)

@@ -273,13 +273,13 @@ def _event(r: dict[str, Any]) -> KeyEventRow:
 class Store:
     """The CA's database. Create with :meth:`open`, release with :meth:`close`."""
 
-    def __init__(self, dsn: str, pool: AsyncConnectionPool) -> None:  # type: ignore[type-arg]
+    def __init__(self, dsn: str, pool: AsyncConnectionPool[Any]) -> None:
         self._dsn = dsn
         self._pool = pool
 
     @classmethod
     async def open(cls, dsn: str, *, max_size: int = 8, timeout: float = 5.0) -> Store:
-        pool: AsyncConnectionPool = AsyncConnectionPool(  # type: ignore[type-arg]
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             dsn,
             min_size=1,
             max_size=max_size,

@@ -18,6 +18,7 @@ import argparse
 import datetime as dt
 import ipaddress
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -57,9 +58,9 @@ def build_cert(
     subject_cn: str,
     issuer: x509.Certificate | None,
     issuer_key: PrivKey | None,
-    uris: list[str] = (),  # type: ignore[assignment]
-    dns: list[str] = (),  # type: ignore[assignment]
-    ips: list[str] = (),  # type: ignore[assignment]
+    uris: Sequence[str] = (),
+    dns: Sequence[str] = (),
+    ips: Sequence[str] = (),
     is_ca: bool = False,
     server: bool = False,
     not_before: dt.datetime | None = None,
