@@ -80,8 +80,9 @@ class MasterSecret:
             n = len(raw) - 1
         else:
             n = len(raw)
+        view = memoryview(raw)[:n]
         try:
-            return cls.from_bytes(memoryview(raw)[:n].tobytes() if n != len(raw) else raw,
-                                  require_lock=require_lock)
+            return cls(from_bytes(view, require_lock=require_lock))
         finally:
+            view.release()
             wipe_bytes(raw)
