@@ -65,6 +65,11 @@ class CAConfig:
     secret cannot be locked in RAM. Turn off only on a laptop without
     CAP_IPC_LOCK, never in production."""
 
+    audit_spool_file: str = ""
+    """KEYWARD_AUDIT_SPOOL_FILE: append-only file where KeySent audit events
+    wait while no primary is reachable, so ZENs keep getting keys from a
+    standby. Empty (default): no key is sent that cannot be audited at once."""
+
     log_level: str = "INFO"
     """KEYWARD_LOG_LEVEL (default INFO)."""
 
@@ -77,7 +82,7 @@ _KNOWN = {
     "KEYWARD_CLIENT_CA_FILE", "KEYWARD_MASTER_SECRET_FILE", "KEYWARD_MASTER_SECRET",
     "KEYWARD_TRUST_DOMAIN", "KEYWARD_METRICS_LISTEN", "KEYWARD_MAX_MESSAGE_BYTES",
     "KEYWARD_MAX_CALL_SECONDS", "KEYWARD_MAX_CONCURRENT_STREAMS", "KEYWARD_DB_POOL_SIZE",
-    "KEYWARD_REQUIRE_MLOCK", "KEYWARD_LOG_LEVEL",
+    "KEYWARD_REQUIRE_MLOCK", "KEYWARD_LOG_LEVEL", "KEYWARD_AUDIT_SPOOL_FILE",
 }
 
 
@@ -131,6 +136,7 @@ def from_env(env: Mapping[str, str] | None = None) -> CAConfig:
         max_concurrent_streams=_int(env, "KEYWARD_MAX_CONCURRENT_STREAMS", 100, 1, 10000),
         db_pool_size=_int(env, "KEYWARD_DB_POOL_SIZE", 8, 1, 200),
         require_mlock=_bool(env, "KEYWARD_REQUIRE_MLOCK", True),
+        audit_spool_file=env.get("KEYWARD_AUDIT_SPOOL_FILE", ""),
         log_level=(env.get("KEYWARD_LOG_LEVEL") or "INFO").upper(),
         extra={k: "set" for k in env if k.startswith("KEYWARD_") and k not in _KNOWN},
     )

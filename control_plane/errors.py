@@ -51,3 +51,10 @@ class DeadlineExceeded(KeywardError):
 
 class ConfigError(KeywardError):
     """The CA's own configuration is wrong; it refuses to start."""
+
+
+class CommitUnknown(Unavailable):
+    """A write may or may not have been applied: Postgres committed it
+    locally, but the synchronous standbys' confirmation was cancelled or the
+    connection died during COMMIT. Not acknowledged; retry with the same
+    request id."""

@@ -86,13 +86,15 @@ class EventHub:
     async def _run(self) -> None:
         while True:
             try:
+                # LISTEN needs the primary; while it is down, poll any server.
                 async for _ in self._store.wait_for_events(POLL_SECONDS):
                     await self._drain()
             except asyncio.CancelledError:
                 raise
             except KeywardError as e:
-                log.warning("event hub: %s; retrying", e)
+                log.warning("event hub: %s; polling", e)
             except Exception:
-                log.exception("event hub failed; retrying")
-            # Bounded back-off: the database is down or restarting.
+                log.exception("event hub failed; polling")
+            with contextlib.suppress(KeywardError):
+                await self._drain()
             await asyncio.sleep(POLL_SECONDS)

@@ -24,6 +24,7 @@ from control_plane.config import CAConfig
 from control_plane.errors import ConfigError, KeywardError
 from control_plane.events import EventHub
 from control_plane.service import AdminService, KeyDistributionService
+from control_plane.spool import KeySentAuditor
 from control_plane.store import Store
 from keylib.guard import forbid_unwrap
 from keylib.master import MasterSecret
@@ -84,21 +85,30 @@ class RunningCA:
 
 
 async def _health_loop(store: Store, hs: HealthServicer) -> None:
-    services = ["", "keyward.v1.Admin", "keyward.v1.KeyDistribution"]
-    last: int | None = None
+    """Admin (and "") need the primary; KeyDistribution needs any server."""
+    SERVING, NOT = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    last: tuple[int, int] | None = None
     while True:
         try:
-            await store.ping()
-            status = health_pb2.HealthCheckResponse.SERVING
-            metrics.DB_UP.set(1)
-        except KeywardError:
-            status = health_pb2.HealthCheckResponse.NOT_SERVING
-            metrics.DB_UP.set(0)
-        if status != last:
-            for s in services:
-                await hs.set(s, status)
-            log.info("health: %s", health_pb2.HealthCheckResponse.ServingStatus.Name(status))
-            last = status
+            async with asyncio.timeout(HEALTH_PERIOD * 2):
+                await store.ping()
+            admin = SERVING
+        except (KeywardError, TimeoutError):
+            admin = NOT
+        try:
+            async with asyncio.timeout(HEALTH_PERIOD * 2):
+                await store.ping_any()
+            keys = SERVING
+        except (KeywardError, TimeoutError):
+            keys = NOT
+        metrics.DB_UP.set(1 if admin == SERVING else 0)
+        if (admin, keys) != last:
+            await hs.set("", admin)
+            await hs.set("keyward.v1.Admin", admin)
+            await hs.set("keyward.v1.KeyDistribution", keys)
+            name = health_pb2.HealthCheckResponse.ServingStatus.Name
+            log.info("health: %s", name(admin), extra={"method": f"keys={name(keys)}"})
+            last = (admin, keys)
         await asyncio.sleep(HEALTH_PERIOD)
 
 
@@ -110,15 +120,21 @@ async def start(cfg: CAConfig, master: MasterSecret) -> RunningCA:
         root_certificates=_read(cfg.client_ca_file, "client CA bundle"),
         require_client_auth=True,
     )
-    store = await Store.open(cfg.db_dsn, max_size=cfg.db_pool_size)
-    await store.migrate()
+    store = await Store.open(cfg.db_dsn, max_size=cfg.db_pool_size, wait=False)
+    try:
+        async with asyncio.timeout(15):
+            await store.migrate()
+    except (KeywardError, TimeoutError):
+        # No primary now: serve keys from the standbys; writes fail UNAVAILABLE.
+        log.warning("could not ensure the schema (no primary reachable); serving reads only until one is")
     hub = EventHub(store)
     await hub.start()
     server = grpc.aio.server(options=server_options(cfg))
+    auditor = KeySentAuditor(store, cfg.audit_spool_file)
     pb_grpc.add_AdminServicer_to_server(  # type: ignore[no-untyped-call]
         AdminService(store, master, cfg.trust_domain, cfg.max_call_seconds), server)
     pb_grpc.add_KeyDistributionServicer_to_server(  # type: ignore[no-untyped-call]
-        KeyDistributionService(store, hub, cfg.trust_domain, cfg.max_call_seconds), server)
+        KeyDistributionService(store, hub, auditor, cfg.trust_domain, cfg.max_call_seconds), server)
     hs = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     names = (
@@ -132,7 +148,8 @@ async def start(cfg: CAConfig, master: MasterSecret) -> RunningCA:
     if port == 0:
         raise ConfigError(f"cannot listen on {cfg.listen}")
     await server.start()
-    tasks = [asyncio.create_task(_health_loop(store, hs), name="keyward-health")]
+    tasks = [asyncio.create_task(_health_loop(store, hs), name="keyward-health"),
+             asyncio.create_task(auditor.run(), name="keyward-audit-spool")]
     log.info("CA listening", extra={"port": port})
     return RunningCA(server, port, store, hub, hs, master, tasks)
 

@@ -36,7 +36,9 @@ from control_plane.errors import (
     Unauthenticated,
     Unavailable,
 )
+from control_plane.deadline import CALL_DEADLINE
 from control_plane.events import EventHub, Overflow
+from control_plane.spool import KeySentAuditor
 from control_plane.identity import Identity, Role, check_id, from_certificate
 from control_plane.policy import FailMode, Policy, validate
 from control_plane.store import Actor, IntermediateRow, KeyEventRow, OrgRow, PoolRow, Store
@@ -152,6 +154,12 @@ def event_to_pb(e: KeyEventRow) -> pb.KeyEvent:
                        policy_version=e.policy_version, at=_ts(e.at))
 
 
+def _request_id(v: str) -> str:
+    if len(v) > 128 or any(not (c.isalnum() or c in "-_.:") for c in v):
+        raise InvalidArgument("request_id must be at most 128 characters of letters, digits and -_.: (a UUID is ideal)")
+    return v
+
+
 def _display_name(v: str) -> str:
     v = v.strip()
     if len(v) > 200 or any(ord(c) < 0x20 for c in v):
@@ -202,7 +210,9 @@ def unary(action: str, *, audited: bool) -> Callable[[Handler[Req, Resp]], Calla
             message = ""
             try:
                 ident = self.identify(context)
-                async with asyncio.timeout(self.budget(context)):
+                budget = self.budget(context)
+                CALL_DEADLINE.set(time.monotonic() + budget)
+                async with asyncio.timeout(budget):
                     return await fn(self, request, context, ident)
             except KeywardError as e:
                 code, message = status_of(e), str(e)
@@ -282,7 +292,8 @@ class AdminService(_Base, pb_grpc.AdminServicer):
         check_id(request.org_id, "org_id")
         policy = policy_from_pb(request.policy)
         org = await self.store.create_org(Actor(ident.spiffe_id), request.org_id,
-                                          _display_name(request.display_name) or request.org_id, policy)
+                                          _display_name(request.display_name) or request.org_id, policy,
+                                          _request_id(request.request_id))
         return org_to_pb(org)
 
     @unary("GetOrganization", audited=False)
@@ -297,7 +308,7 @@ class AdminService(_Base, pb_grpc.AdminServicer):
             raise InvalidArgument("policy is required (send the whole policy; absent fields take their defaults)")
         policy = policy_from_pb(request.policy)
         org = await self.store.update_policy(Actor(ident.spiffe_id), request.org_id, policy,
-                                             request.expected_policy_version)
+                                             request.expected_policy_version, _request_id(request.request_id))
         return org_to_pb(org)
 
     @unary("RegisterZenPool", audited=True)
@@ -317,7 +328,8 @@ class AdminService(_Base, pb_grpc.AdminServicer):
             check_id(o, "pool.org_ids entry")
         if len(p.org_ids) > 1000:
             raise InvalidArgument("a pool may be bound to at most 1000 orgs")
-        row = await self.store.register_pool(Actor(ident.spiffe_id), p.name, vis, list(p.org_ids))
+        row = await self.store.register_pool(Actor(ident.spiffe_id), p.name, vis, list(p.org_ids),
+                                             _request_id(request.request_id))
         return pool_to_pb(row)
 
     @unary("ListZenPools", audited=False)
@@ -334,13 +346,16 @@ class AdminService(_Base, pb_grpc.AdminServicer):
         alg = _PB_TO_ALG[request.algorithm]
         cn = certs.check_subject_field(request.common_name, "common_name") or f"{org.org_id} keyward intermediate"
         o = certs.check_subject_field(request.organization, "organization") or org.display_name[:64]
-        async with self._keygen:  # key generation is CPU-bound: bounded, off the event loop
-            pending = await asyncio.to_thread(new_pending_key, self._master, org_id=org.org_id,
-                                              algorithm=alg, common_name=cn, organization=o)
-        await self.store.add_pending_key(Actor(ident.spiffe_id), pending)
-        return pb.RequestIntermediateCsrResponse(key_id=pending.key_id, algorithm=_ALG_TO_PB[alg],
-                                                 csr_pem=pending.csr_pem,
-                                                 public_key_sha256=pending.spki_sha256.hex())
+        rid, actor = _request_id(request.request_id), Actor(ident.spiffe_id)
+        result = await self.store.replayed(rid, actor, "RequestIntermediateCsr")
+        if result is None:
+            async with self._keygen:  # key generation is CPU-bound: bounded, off the event loop
+                pending = await asyncio.to_thread(new_pending_key, self._master, org_id=org.org_id,
+                                                  algorithm=alg, common_name=cn, organization=o)
+            result = await self.store.add_pending_key(actor, pending, rid)
+        return pb.RequestIntermediateCsrResponse(
+            key_id=result["key_id"], algorithm=_ALG_TO_PB[certs.KeyAlgorithm(result["algorithm"])],
+            csr_pem=result["csr_pem"], public_key_sha256=result["spki_sha256"])
 
     @unary("UploadIntermediateCertificate", audited=True)
     async def UploadIntermediateCertificate(self, request: pb.UploadIntermediateCertificateRequest, context: Any,
@@ -352,7 +367,8 @@ class AdminService(_Base, pb_grpc.AdminServicer):
         row = await self.store.activate(
             Actor(ident.spiffe_id), request.org_id,
             lambda fp: certs.validate_intermediate(request.certificate_pem, request.chain_pem,
-                                                   pending_spki_sha256=fp))
+                                                   pending_spki_sha256=fp),
+            _request_id(request.request_id))
         return inter_to_pb(row)
 
     @unary("ListIntermediates", audited=False)
@@ -372,7 +388,8 @@ class AdminService(_Base, pb_grpc.AdminServicer):
             raise InvalidArgument(f"key_id {request.key_id[:64]!r} is not a UUID (see ListIntermediates)") from None
         if len(request.reason) > 200:
             raise InvalidArgument("reason must be at most 200 characters")
-        row = await self.store.revoke(Actor(ident.spiffe_id), request.org_id, key_id, request.reason)
+        row = await self.store.revoke(Actor(ident.spiffe_id), request.org_id, key_id, request.reason,
+                                      _request_id(request.request_id))
         return inter_to_pb(row)
 
     @unary("ListAuditEvents", audited=False)
@@ -398,9 +415,13 @@ class AdminService(_Base, pb_grpc.AdminServicer):
 # ------------------------------------------------------- KeyDistribution
 
 class KeyDistributionService(_Base, pb_grpc.KeyDistributionServicer):
-    def __init__(self, store: Store, hub: EventHub, trust_domain: str, max_call_seconds: float) -> None:
+    def __init__(self, store: Store, hub: EventHub, auditor: KeySentAuditor, trust_domain: str,
+                 max_call_seconds: float) -> None:
         super().__init__(store, trust_domain, max_call_seconds)
         self.hub = hub
+        self.auditor = auditor
+        #: Newest key version sent per org by this process (stale-read guard).
+        self._sent: dict[str, int] = {}
 
     async def _pool(self, ident: Identity) -> PoolRow:
         name = authz.require_zen(ident)
@@ -416,15 +437,23 @@ class KeyDistributionService(_Base, pb_grpc.KeyDistributionServicer):
         if pool.visibility == "private" and org_id not in pool.org_ids:
             metrics.KEYS_REFUSED.labels("-").inc()
             raise authz.key_refusal(pool.name, org_id)
+        floor = max(request.min_version, self._sent.get(org_id, 0))
         org, key = await self.store.active_key(org_id)
+        if org is not None and (key.version if key else 0) < floor:
+            # A lagging standby answered: ask the primary, or fail rather
+            # than hand out a key older than one already sent.
+            org, key = await self.store.active_key(org_id, replica_ok=False)
         if org is None or not pool.serves(org_id, org.policy.private_zen_only):
             metrics.KEYS_REFUSED.labels("-").inc()
             raise authz.key_refusal(pool.name, org_id)
         if key is None:
             raise FailedPrecondition(f"organization {org_id!r} has no active intermediate certificate yet")
-        # Audit before sending: a key that cannot be audited is not sent.
-        await self.store.audit(Actor(ident.spiffe_id), "KeySent", org_id=org_id, key_id=key.key_id,
-                               detail=f"pool={pool.name} version={key.version}")
+        if key.version < request.min_version:
+            raise FailedPrecondition(f"key version {request.min_version} of {org_id!r} is not active here; "
+                                     f"the newest is {key.version}")
+        await self.auditor.key_sent(Actor(ident.spiffe_id), org_id, key.key_id,
+                                    f"pool={pool.name} version={key.version}")
+        self._sent[org_id] = max(self._sent.get(org_id, 0), key.version)
         metrics.KEYS_SENT.labels(org_id).inc()
         return pb.KeyPair(
             org_id=org_id, key_id=key.key_id, version=key.version, algorithm=_ALG_TO_PB[key.algorithm],
@@ -441,7 +470,7 @@ class KeyDistributionService(_Base, pb_grpc.KeyDistributionServicer):
             return False
         if ev.kind == "access_revoked":
             return ev.audience == f"pool:{pool.name}" or (ev.audience == "public" and pool.visibility == "public")
-        org = await self.store.get_org(ev.org_id)
+        org = await self.store.get_org(ev.org_id, replica_ok=True)
         return org is not None and pool.serves(ev.org_id, org.policy.private_zen_only)
 
     async def WatchKeys(self, request: pb.WatchKeysRequest, context: grpc.aio.ServicerContext[Any, Any]

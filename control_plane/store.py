@@ -16,29 +16,40 @@ Contract
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from control_plane import auditchain
 from control_plane.certs import CertInfo, KeyAlgorithm
 from control_plane.custody import PendingKey
+from control_plane.deadline import remaining
 from control_plane.errors import (
     Aborted,
     AlreadyExists,
+    CommitUnknown,
+    ConfigError,
+    DeadlineExceeded,
     FailedPrecondition,
+    InvalidArgument,
     KeywardError,
     NotFound,
     Unavailable,
 )
+
+T = TypeVar("T")
 from control_plane.policy import Policy
 
 _WRITE_LOCK = 0x6B657977  # "keyw": one advisory lock serializes CA writes
@@ -115,6 +126,18 @@ CREATE TABLE IF NOT EXISTS key_events (
     audience        text NOT NULL DEFAULT '',
     at              timestamptz NOT NULL DEFAULT now()
 );
+CREATE TABLE IF NOT EXISTS request_log (
+    request_id  text PRIMARY KEY,
+    actor       text NOT NULL,
+    action      text NOT NULL,
+    result      jsonb NOT NULL,
+    at          timestamptz NOT NULL DEFAULT now()
+);
+-- Key material and certificates must never be sampled into pg_statistic
+-- (it would outlive a deleted row in every backup).
+ALTER TABLE intermediate_keys ALTER COLUMN sealed_key SET STATISTICS 0;
+ALTER TABLE intermediate_keys ALTER COLUMN certificate_pem SET STATISTICS 0;
+ALTER TABLE intermediate_keys ALTER COLUMN chain_pem SET STATISTICS 0;
 CREATE TABLE IF NOT EXISTS audit_events (
     seq        bigint PRIMARY KEY,
     at         timestamptz NOT NULL,
@@ -215,12 +238,16 @@ def _db_errors() -> Iterator[None]:
         raise
     except PoolTimeout as e:
         raise Unavailable("database unavailable: no connection could be had in time; retry later") from e
+    except psycopg.errors.QueryCanceled as e:
+        raise DeadlineExceeded("the database did not answer within the call's deadline; nothing was written") from e
     except psycopg.errors.UniqueViolation as e:
         raise AlreadyExists("the object exists already") from e
     except psycopg.errors.ForeignKeyViolation as e:
         raise FailedPrecondition("a referenced object does not exist") from e
+    except psycopg.errors.ReadOnlySqlTransaction as e:
+        raise Unavailable("the database server is read-only (a standby): no primary is reachable; retry later") from e
     except psycopg.OperationalError as e:
-        raise Unavailable("database unavailable; retry later") from e
+        raise Unavailable("database unavailable: no server could be reached; retry later") from e
     except psycopg.Error as e:
         raise Unavailable(f"database error ({type(e).__name__}); the request was not applied") from e
 
@@ -271,47 +298,156 @@ def _event(r: dict[str, Any]) -> KeyEventRow:
 
 
 class Store:
-    """The CA's database. Create with :meth:`open`, release with :meth:`close`."""
+    """The CA's database. Create with :meth:`open`, release with :meth:`close`.
 
-    def __init__(self, dsn: str, pool: AsyncConnectionPool[Any]) -> None:
+    Two pools over the same multi-host DSN: ``rw`` (target_session_attrs=
+    read-write) for every write and for the reads that decide one; ``ro``
+    (prefer-standby) for key-distribution reads, which fall back to ``rw``
+    when no standby answers in time, so ZENs keep getting keys while the
+    primary is down and admin writes never land on a standby.
+    """
+
+    READ_TIMEOUT = 2.0
+
+    def __init__(self, dsn: str, rw: AsyncConnectionPool[Any], ro: AsyncConnectionPool[Any]) -> None:
         self._dsn = dsn
-        self._pool = pool
+        self._rw = rw
+        self._ro = ro
+        self._notices: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
+
+    @staticmethod
+    def derive_dsns(dsn: str) -> tuple[str, str]:
+        """(read-write DSN, replica-ok DSN) from the configured DSN."""
+        try:
+            params = conninfo_to_dict(dsn)
+        except psycopg.ProgrammingError as e:
+            raise ConfigError(f"KEYWARD_DB_DSN is not a valid libpq connection string: {e}") from None
+        params.setdefault("connect_timeout", "3")
+        rw = make_conninfo("", **{**params, "target_session_attrs": "read-write"})
+        ro = make_conninfo("", **{**params, "target_session_attrs": "prefer-standby"})
+        return rw, ro
 
     @classmethod
-    async def open(cls, dsn: str, *, max_size: int = 8, timeout: float = 5.0) -> Store:
-        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            dsn,
-            min_size=1,
-            max_size=max_size,
-            timeout=timeout,
-            open=False,
-            kwargs={"row_factory": dict_row, "autocommit": False},
-            check=AsyncConnectionPool.check_connection,
-            name="keyward-ca",
-        )
+    async def open(cls, dsn: str, *, max_size: int = 8, timeout: float = 5.0, wait: bool = True) -> Store:
+        rw_dsn, ro_dsn = cls.derive_dsns(dsn)
+        notices: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
+
+        async def configure(conn: AsyncConnection[Any]) -> None:
+            box: list[str] = []
+            notices[conn] = box
+            conn.add_notice_handler(lambda d: box.append(d.message_primary or ""))
+
+        def pool(conninfo: str, name: str) -> AsyncConnectionPool[Any]:
+            return AsyncConnectionPool(
+                conninfo, min_size=1, max_size=max_size, timeout=timeout, open=False,
+                kwargs={"row_factory": dict_row, "autocommit": False}, configure=configure,
+                check=AsyncConnectionPool.check_connection, name=name)
+
+        rw, ro = pool(rw_dsn, "keyward-ca-rw"), pool(ro_dsn, "keyward-ca-ro")
         with _db_errors():
-            await pool.open(wait=True, timeout=timeout)
-        return cls(dsn, pool)
+            await rw.open(wait=wait, timeout=timeout)
+            await ro.open(wait=False)
+        store = cls(rw_dsn, rw, ro)
+        store._notices = notices
+        return store
 
     async def close(self) -> None:
-        await self._pool.close()
+        await self._ro.close()
+        await self._rw.close()
 
     async def migrate(self) -> None:
         async with self._tx(write=True) as conn:
             await conn.execute(SCHEMA)
 
     @asynccontextmanager
-    async def _tx(self, *, write: bool) -> AsyncIterator[AsyncConnection[dict[str, Any]]]:
+    async def _tx(self, *, write: bool, replica_ok: bool = False
+                  ) -> AsyncIterator[AsyncConnection[dict[str, Any]]]:
+        """One transaction. Writes take the write lock, are bounded by the
+        call's deadline (statement_timeout covers the wait for the standbys),
+        and raise :class:`CommitUnknown` when Postgres committed locally but
+        the standbys' confirmation was cancelled, or the server went away
+        during COMMIT: such a write is NOT acknowledged."""
+        pool = self._ro if replica_ok else self._rw
         with _db_errors():
-            async with self._pool.connection() as conn:
-                async with conn.transaction():
-                    if write:
-                        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
+            async with pool.connection() as conn:
+                box = self._notices.get(conn)
+                if box is not None:
+                    box.clear()
+                if write:
+                    budget = remaining(30.0) - 0.3
+                    if budget < 0.1:
+                        raise DeadlineExceeded("no time left in the call's deadline to write")
+                    await conn.execute("SELECT set_config('statement_timeout', %s, true)",
+                                       (f"{int(budget * 1000)}ms",))
+                    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
+                try:
                     yield conn
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await conn.rollback()
+                    raise
+                try:
+                    await conn.commit()
+                except psycopg.OperationalError as e:
+                    if write:
+                        raise CommitUnknown(
+                            "write outcome unknown: the database connection was lost during COMMIT; "
+                            "retry with the same request_id") from e
+                    raise
+                if write and box and any("synchronous replication" in m for m in box):
+                    raise CommitUnknown(
+                        "write outcome unknown: committed on the primary but not confirmed by the "
+                        "synchronous standbys before the deadline; it is not acknowledged and may be "
+                        "lost on failover; retry with the same request_id")
+
+    async def _replica_read(self, fn: Callable[[AsyncConnection[dict[str, Any]]], Awaitable[T]]) -> T:
+        """Run a read on any server (standby first), then on the primary if
+        no standby answers within READ_TIMEOUT (a standby may be frozen)."""
+        try:
+            async with asyncio.timeout(min(self.READ_TIMEOUT, max(0.1, remaining(30.0)))):
+                async with self._tx(write=False, replica_ok=True) as conn:
+                    return await fn(conn)
+        except (TimeoutError, Unavailable):
+            async with self._tx(write=False) as conn:
+                return await fn(conn)
 
     async def ping(self) -> None:
         async with self._tx(write=False) as conn:
             await conn.execute("SELECT 1")
+
+    async def ping_any(self) -> None:
+        await self._replica_read(lambda conn: conn.execute("SELECT 1"))
+
+    # ---------------------------------------------------------- idempotency
+
+    @staticmethod
+    async def _replay(conn: AsyncConnection[dict[str, Any]], request_id: str, actor: Actor,
+                      action: str) -> dict[str, Any] | None:
+        if not request_id:
+            return None
+        cur = await conn.execute("SELECT actor, action, result FROM request_log WHERE request_id = %s",
+                                 (request_id,))
+        r = await cur.fetchone()
+        if r is None:
+            return None
+        if r["actor"] != actor.spiffe_id or r["action"] != action:
+            raise InvalidArgument(f"request_id {request_id} was already used for another call; use a fresh one")
+        return dict(r["result"])
+
+    @staticmethod
+    async def _remember(conn: AsyncConnection[dict[str, Any]], request_id: str, actor: Actor, action: str,
+                        result: dict[str, Any]) -> None:
+        if request_id:
+            await conn.execute(
+                "INSERT INTO request_log (request_id, actor, action, result) VALUES (%s, %s, %s, %s)",
+                (request_id, actor.spiffe_id, action, json.dumps(result)))
+
+    async def replayed(self, request_id: str, actor: Actor, action: str) -> dict[str, Any] | None:
+        """The stored result of an already-applied request, if any."""
+        if not request_id:
+            return None
+        async with self._tx(write=False) as conn:
+            return await self._replay(conn, request_id, actor, action)
 
     # ---------------------------------------------------------------- audit
 
@@ -382,16 +518,18 @@ class Store:
         await conn.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
 
     async def events_after(self, seq: int, limit: int = 500) -> list[KeyEventRow]:
-        async with self._tx(write=False) as conn:
+        async def q(conn: AsyncConnection[dict[str, Any]]) -> list[KeyEventRow]:
             cur = await conn.execute("SELECT * FROM key_events WHERE seq > %s ORDER BY seq LIMIT %s",
                                      (seq, limit))
             return [_event(r) for r in await cur.fetchall()]
+        return await self._replica_read(q)
 
     async def last_event_seq(self) -> int:
-        async with self._tx(write=False) as conn:
+        async def q(conn: AsyncConnection[dict[str, Any]]) -> int:
             cur = await conn.execute("SELECT coalesce(max(seq), 0) AS s FROM key_events")
             row = await cur.fetchone()
             return int(row["s"]) if row else 0
+        return await self._replica_read(q)
 
     async def wait_for_events(self, timeout: float) -> AsyncIterator[None]:
         """Yield each time key events may have been added (LISTEN), or every
@@ -411,17 +549,29 @@ class Store:
 
     # ---------------------------------------------------------- organizations
 
-    async def get_org(self, org_id: str) -> OrgRow | None:
-        async with self._tx(write=False) as conn:
+    async def get_org(self, org_id: str, *, replica_ok: bool = False) -> OrgRow | None:
+        async def q(conn: AsyncConnection[dict[str, Any]]) -> OrgRow | None:
             cur = await conn.execute(_ORG_SELECT, (org_id,))
             r = await cur.fetchone()
-        return _org(r) if r else None
+            return _org(r) if r else None
+        if replica_ok:
+            return await self._replica_read(q)
+        async with self._tx(write=False) as conn:
+            return await q(conn)
 
-    async def create_org(self, actor: Actor, org_id: str, display_name: str, policy: Policy) -> OrgRow:
+    async def create_org(self, actor: Actor, org_id: str, display_name: str, policy: Policy,
+                         request_id: str = "") -> OrgRow:
         async with self._tx(write=True) as conn:
+            if await self._replay(conn, request_id, actor, "CreateOrganization") is not None:
+                cur = await conn.execute(_ORG_SELECT, (org_id,))
+                r = await cur.fetchone()
+                if r is None:
+                    raise NotFound(f"organization {org_id!r} not found")
+                return _org(r)
             cur = await conn.execute("SELECT 1 FROM organizations WHERE org_id = %s", (org_id,))
             if await cur.fetchone():
                 raise AlreadyExists(f"organization {org_id!r} exists already")
+            await self._remember(conn, request_id, actor, "CreateOrganization", {"org_id": org_id})
             await conn.execute(
                 "INSERT INTO organizations (org_id, display_name, policy) VALUES (%s, %s, %s)",
                 (org_id, display_name, json.dumps(policy.to_json())))
@@ -432,12 +582,20 @@ class Store:
         assert r is not None
         return _org(r)
 
-    async def update_policy(self, actor: Actor, org_id: str, policy: Policy, expected_version: int) -> OrgRow:
+    async def update_policy(self, actor: Actor, org_id: str, policy: Policy, expected_version: int,
+                            request_id: str = "") -> OrgRow:
         async with self._tx(write=True) as conn:
+            replay = await self._replay(conn, request_id, actor, "UpdatePolicy")
             cur = await conn.execute("SELECT * FROM organizations WHERE org_id = %s FOR UPDATE", (org_id,))
             old = await cur.fetchone()
             if old is None:
                 raise NotFound(f"organization {org_id!r} not found")
+            if replay is not None:
+                cur = await conn.execute(_ORG_SELECT, (org_id,))
+                r0 = await cur.fetchone()
+                assert r0 is not None
+                return _org(r0)
+            await self._remember(conn, request_id, actor, "UpdatePolicy", {"org_id": org_id})
             if expected_version and expected_version != old["policy_version"]:
                 raise Aborted(
                     f"policy of {org_id!r} is at version {old['policy_version']}, not {expected_version}: "
@@ -461,8 +619,8 @@ class Store:
     # -------------------------------------------------------------- ZEN pools
 
     async def get_pool(self, name: str) -> PoolRow | None:
-        async with self._tx(write=False) as conn:
-            return await self._pool_row(conn, name)
+        """Replica-ok: used to authorize key distribution."""
+        return await self._replica_read(lambda conn: self._pool_row(conn, name))
 
     @staticmethod
     async def _pool_row(conn: AsyncConnection[dict[str, Any]], name: str) -> PoolRow | None:
@@ -485,9 +643,13 @@ class Store:
                     out.append(p)
             return out
 
-    async def register_pool(self, actor: Actor, name: str, visibility: str, org_ids: list[str]) -> PoolRow:
+    async def register_pool(self, actor: Actor, name: str, visibility: str, org_ids: list[str],
+                            request_id: str = "") -> PoolRow:
         async with self._tx(write=True) as conn:
             old = await self._pool_row(conn, name)
+            if old is not None and await self._replay(conn, request_id, actor, "RegisterZenPool") is not None:
+                return old
+            await self._remember(conn, request_id, actor, "RegisterZenPool", {"pool": name})
             if old and old.visibility != visibility:
                 raise FailedPrecondition(
                     f"pool {name!r} is {old.visibility}; a pool's visibility cannot change "
@@ -516,9 +678,16 @@ class Store:
 
     # ---------------------------------------------------------- intermediates
 
-    async def add_pending_key(self, actor: Actor, pending: PendingKey) -> None:
-        """Store a new sealed pending key; a previous pending key is discarded."""
+    async def add_pending_key(self, actor: Actor, pending: PendingKey, request_id: str = "") -> dict[str, Any]:
+        """Store a new sealed pending key; a previous pending key is discarded.
+        Returns the request's result (the stored one, for a replayed request)."""
+        result = {"key_id": pending.key_id, "csr_pem": pending.csr_pem, "algorithm": pending.algorithm.value,
+                  "spki_sha256": pending.spki_sha256.hex()}
         async with self._tx(write=True) as conn:
+            replay = await self._replay(conn, request_id, actor, "RequestIntermediateCsr")
+            if replay is not None:
+                return replay
+            await self._remember(conn, request_id, actor, "RequestIntermediateCsr", result)
             cur = await conn.execute("SELECT 1 FROM organizations WHERE org_id = %s", (pending.org_id,))
             if not await cur.fetchone():
                 raise NotFound(f"organization {pending.org_id!r} not found")
@@ -534,6 +703,7 @@ class Store:
                  pending.spki_sha256, pending.sealed))
             await self._append_audit(conn, actor, "RequestIntermediateCsr", org_id=pending.org_id,
                                      key_id=pending.key_id, detail=f"algorithm={pending.algorithm.value}")
+        return result
 
     @staticmethod
     async def _tombstone(conn: AsyncConnection[dict[str, Any]], r: dict[str, Any], state: str, reason: str) -> None:
@@ -549,6 +719,7 @@ class Store:
         actor: Actor,
         org_id: str,
         validate: Callable[[bytes], tuple[CertInfo, str, str]],
+        request_id: str = "",
     ) -> IntermediateRow:
         """Activate the org's pending key with a certificate ``validate`` accepts.
 
@@ -561,6 +732,9 @@ class Store:
             org = await cur.fetchone()
             if org is None:
                 raise NotFound(f"organization {org_id!r} not found")
+            replay = await self._replay(conn, request_id, actor, "UploadIntermediateCertificate")
+            if replay is not None:
+                return await self._intermediate(conn, org_id, replay["key_id"])
             cur = await conn.execute(
                 "SELECT * FROM intermediate_keys WHERE org_id = %s AND state = 'pending' FOR UPDATE", (org_id,))
             pending = await cur.fetchone()
@@ -586,6 +760,7 @@ class Store:
             row = await cur.fetchone()
             assert row is not None
             key_id = str(pending["key_id"])
+            await self._remember(conn, request_id, actor, "UploadIntermediateCertificate", {"key_id": key_id})
             await self._emit(conn, org_id, "rotated", key_id=key_id, version=version)
             detail = f"version={version} serial={ci.serial_hex}"
             if retired:
@@ -594,8 +769,12 @@ class Store:
                                      key_id=key_id, detail=detail)
         return _inter(row)
 
-    async def revoke(self, actor: Actor, org_id: str, key_id: str, reason: str) -> IntermediateRow:
+    async def revoke(self, actor: Actor, org_id: str, key_id: str, reason: str,
+                     request_id: str = "") -> IntermediateRow:
         async with self._tx(write=True) as conn:
+            if await self._replay(conn, request_id, actor, "RevokeIntermediate") is not None:
+                return await self._intermediate(conn, org_id, key_id)
+            await self._remember(conn, request_id, actor, "RevokeIntermediate", {"key_id": key_id})
             cur = await conn.execute(
                 "DELETE FROM intermediate_keys WHERE org_id = %s AND key_id = %s RETURNING *",
                 (org_id, key_id))
@@ -618,6 +797,16 @@ class Store:
         assert t is not None
         return _inter(t)
 
+    @staticmethod
+    async def _intermediate(conn: AsyncConnection[dict[str, Any]], org_id: str, key_id: str) -> IntermediateRow:
+        for q in ("SELECT *, NULL::timestamptz AS ended_at FROM intermediate_keys WHERE org_id = %s AND key_id = %s",
+                  "SELECT * FROM intermediate_history WHERE org_id = %s AND key_id = %s"):
+            cur = await conn.execute(q, (org_id, key_id))
+            r = await cur.fetchone()
+            if r is not None:
+                return _inter(r)
+        raise NotFound(f"key {key_id} not found in organization {org_id!r}")
+
     async def list_intermediates(self, org_id: str) -> list[IntermediateRow]:
         async with self._tx(write=False) as conn:
             cur = await conn.execute(
@@ -629,16 +818,26 @@ class Store:
                 " WHERE org_id = %s ORDER BY created_at DESC", (org_id, org_id))
             return [_inter(r) for r in await cur.fetchall()]
 
-    async def active_key(self, org_id: str) -> tuple[OrgRow | None, ActiveKey | None]:
-        async with self._tx(write=False) as conn:
+    async def active_key(self, org_id: str, *, replica_ok: bool = True
+                         ) -> tuple[OrgRow | None, ActiveKey | None]:
+        """The org and its active key. Replica-ok by default (distribution);
+        the caller guards against a lagging standby by key version."""
+        async def q(conn: AsyncConnection[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
             cur = await conn.execute(_ORG_SELECT, (org_id,))
             o = await cur.fetchone()
             if o is None:
                 return None, None
-            org = _org(o)
             cur = await conn.execute(
                 "SELECT * FROM intermediate_keys WHERE org_id = %s AND state = 'active'", (org_id,))
-            k = await cur.fetchone()
+            return o, await cur.fetchone()
+        if replica_ok:
+            o, k = await self._replica_read(q)
+        else:
+            async with self._tx(write=False) as conn:
+                o, k = await q(conn)
+        if o is None:
+            return None, None
+        org = _org(o)
         if k is None:
             return org, None
         return org, ActiveKey(

@@ -21,7 +21,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from devstack import pki, stack
-from devstack.pg import PgServer
 
 RUN = stack.RUN
 DEMO = RUN / "demo"
@@ -122,7 +121,7 @@ def main() -> None:
     step("1. Start the local stack (Postgres + Central Authority, mTLS on every call)")
     stack.up()
     DEMO.mkdir(parents=True, exist_ok=True)
-    pg = PgServer(RUN / "pg", stack.PG_PORT)
+    pg = stack.cluster()
 
     step("2. Platform admin creates organization 'acme'")
     ensure_org("acme", {"fail_mode": "FAIL_MODE_OPEN", "blocked_hosts": ["gambling.example"],

@@ -1,41 +1,31 @@
-"""A real Postgres server started from the installed binaries.
+"""Real Postgres servers started from the installed binaries.
+
+:class:`PgServer` is one postmaster; :class:`PgCluster` is keyward's shape:
+a primary and two hot standbys cloned with ``pg_basebackup``, each with a
+physical replication slot, the primary naming both in
+``synchronous_standby_names = 'ANY 2 (...)'`` with
+``synchronous_commit = remote_apply``.
 
 Postgres refuses to run as root: when we are root, every server command runs
-as the ``postgres`` user (``runuser``), and the data directory is owned by it.
-Local (Unix socket, inside the data directory) connections use ``trust`` for
-the superuser tooling; TCP connections need SCRAM passwords. The application
-role's password lives in a libpq passfile, so no DSN ever holds it.
+as ``postgres``. Unix-socket connections (socket inside each data directory)
+use ``trust`` for tooling; TCP needs SCRAM passwords, which live in one libpq
+passfile (owned by the server user, mode 0600), never in a DSN.
 """
 
 from __future__ import annotations
 
-import glob
 import os
-import pwd
 import secrets
 import shutil
 import socket
-import subprocess
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from dbops.binaries import PgError, chown_server, run, write_as_server
+from dbops.spec import ClusterSpec, Node
 
-class PgError(RuntimeError):
-    """A Postgres server could not be set up, started or stopped."""
-
-
-def bindir() -> Path:
-    """The newest installed Postgres server binaries."""
-    found = sorted(
-        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-        key=lambda p: int(Path(p).parent.parent.name),
-    )
-    if found:
-        return Path(found[-1]).parent
-    initdb = shutil.which("initdb")
-    if initdb:
-        return Path(initdb).parent
-    raise PgError("no Postgres server binaries: run `make deps` (apt-get install postgresql)")
+__all__ = ["PgError", "PgServer", "PgCluster", "free_port"]
 
 
 def free_port() -> int:
@@ -44,24 +34,38 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _as_server_user() -> list[str]:
-    return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-
-
-def _chown_server(path: Path) -> None:
-    if os.geteuid() == 0:
-        pw = pwd.getpwnam("postgres")
-        os.chown(path, pw.pw_uid, pw.pw_gid)
+BASE_CONF = """
+listen_addresses = '127.0.0.1'
+wal_level = replica
+max_wal_senders = 10
+max_replication_slots = 10
+hot_standby = on
+hot_standby_feedback = on
+wal_log_hints = on
+# A retired key's bytes must not linger in recycled WAL segments.
+wal_recycle = off
+wal_init_zero = on
+synchronous_commit = remote_apply
+password_encryption = 'scram-sha-256'
+# Never log bind parameters, even on error.
+log_parameter_max_length_on_error = 0
+log_parameter_max_length = 0
+wal_sender_timeout = 10s
+wal_receiver_timeout = 10s
+wal_retrieve_retry_interval = 1s
+"""
 
 
 @dataclass
 class PgServer:
-    """One postmaster: ``root`` holds ``data/``, ``server.log`` and ``pgpass``."""
+    """One postmaster: ``root`` holds ``data/`` and ``server.log``."""
 
     root: Path
     port: int
     dbname: str = "keyward"
     user: str = "keyward"
+    name: str = "n0"
+    passfile_path: Path | None = None
 
     @property
     def datadir(self) -> Path:
@@ -73,17 +77,11 @@ class PgServer:
 
     @property
     def passfile(self) -> Path:
-        return self.root / "pgpass"
+        return self.passfile_path or (self.root / "pgpass")
 
     def dsn(self, **extra: str) -> str:
-        parts = {
-            "host": "127.0.0.1",
-            "port": str(self.port),
-            "dbname": self.dbname,
-            "user": self.user,
-            "passfile": str(self.passfile),
-            "connect_timeout": "5",
-        }
+        parts = {"host": "127.0.0.1", "port": str(self.port), "dbname": self.dbname, "user": self.user,
+                 "passfile": str(self.passfile), "connect_timeout": "5"}
         parts.update(extra)
         return " ".join(f"{k}={v}" for k, v in parts.items())
 
@@ -91,75 +89,177 @@ class PgServer:
         """Superuser over the Unix socket in the data directory (trust)."""
         return f"host={self.datadir} port={self.port} dbname={dbname or self.dbname} user=postgres"
 
-    def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        cmd = _as_server_user() + list(args)
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        if p.returncode != 0:
-            raise PgError(f"{' '.join(args[:2])} failed ({p.returncode}): {p.stderr.strip() or p.stdout.strip()}")
-        return p
-
     def initialized(self) -> bool:
         return (self.datadir / "PG_VERSION").exists()
 
-    def init(self) -> None:
-        """initdb, configure, start, create the application role and database."""
+    def _prepare_root(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o755)
-        _chown_server(self.root)
-        b = bindir()
-        self._run(str(b / "initdb"), "-D", str(self.datadir), "-U", "postgres",
-                  "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8",
-                  "--locale=C.UTF-8")
-        conf = self.datadir / "postgresql.auto.conf"
-        with open(conf, "a") as f:
-            f.write(
-                f"port = {self.port}\n"
-                "listen_addresses = '127.0.0.1'\n"
-                f"unix_socket_directories = '{self.datadir}'\n"
-                "wal_level = replica\n"
-                "max_wal_senders = 10\n"
-                "max_replication_slots = 10\n"
-                "password_encryption = 'scram-sha-256'\n"
-                # Never log bind parameters, even on error.
-                "log_parameter_max_length_on_error = 0\n"
-                "log_parameter_max_length = 0\n"
-            )
+        chown_server(self.root)
+
+    def _node_conf(self) -> str:
+        return (f"port = {self.port}\nunix_socket_directories = '{self.datadir}'\n"
+                f"cluster_name = '{self.name}'\n")
+
+    def init(self, passwords: dict[str, str] | None = None) -> None:
+        """initdb, configure, start; create the roles and the database."""
+        self._prepare_root()
+        run("initdb", "-D", str(self.datadir), "-U", "postgres", "--auth-local=trust",
+            "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8")
+        write_as_server(self.datadir / "postgresql.auto.conf", BASE_CONF + self._node_conf(), append=True)
         self.start()
-        password = secrets.token_urlsafe(24)
-        self.psql(
-            f"CREATE ROLE {self.user} LOGIN PASSWORD '{password}'",
-            dbname="postgres",
-        )
+        pw = passwords or {"postgres": secrets.token_urlsafe(24), self.user: secrets.token_urlsafe(24),
+                           "replicator": secrets.token_urlsafe(24)}
+        self.psql(f"ALTER ROLE postgres PASSWORD '{pw['postgres']}'", dbname="postgres")
+        self.psql(f"CREATE ROLE replicator LOGIN REPLICATION PASSWORD '{pw['replicator']}'", dbname="postgres")
+        self.psql(f"CREATE ROLE {self.user} LOGIN PASSWORD '{pw[self.user]}'", dbname="postgres")
         self.psql(f"CREATE DATABASE {self.dbname} OWNER {self.user}", dbname="postgres")
-        fd = os.open(self.passfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"127.0.0.1:{self.port}:{self.dbname}:{self.user}:{password}\n")
+        if self.passfile_path is None or not self.passfile.exists():
+            fd = os.open(self.passfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                for user, secret in pw.items():
+                    f.write(f"*:*:*:{user}:{secret}\n")
+            chown_server(self.passfile)
+
+    def clone_from(self, upstream: PgServer, spec_passfile: Path) -> None:
+        """Become a hot standby of ``upstream`` (pg_basebackup, own slot)."""
+        self._prepare_root()
+        run("pg_basebackup", "-h", "127.0.0.1", "-p", str(upstream.port), "-U", "replicator",
+            "-D", str(self.datadir), "-X", "stream", "-c", "fast", "-C", "-S", self.name,
+            env={"PGPASSFILE": str(spec_passfile)})
+        self.make_standby_of(upstream)
+        self.start()
+
+    def make_standby_of(self, upstream: PgServer) -> None:
+        write_as_server(self.datadir / "standby.signal", "")
+        write_as_server(
+            self.datadir / "postgresql.auto.conf",
+            self._node_conf()
+            + f"primary_conninfo = 'host=127.0.0.1 port={upstream.port} user=replicator "
+            f"passfile={self.passfile} application_name={self.name} connect_timeout=3'\n"
+            f"primary_slot_name = '{self.name}'\n",
+            append=True,
+        )
+
+    def pid(self) -> int | None:
+        try:
+            pid = int((self.datadir / "postmaster.pid").read_text().splitlines()[0])
+            os.kill(pid, 0)
+            return pid
+        except (FileNotFoundError, ValueError, IndexError, ProcessLookupError):
+            return None
 
     def running(self) -> bool:
-        pid = self.datadir / "postmaster.pid"
-        if not pid.exists():
-            return False
-        p = subprocess.run(_as_server_user() + [str(bindir() / "pg_ctl"), "status", "-D", str(self.datadir)],
-                           capture_output=True, text=True, timeout=30)
-        return p.returncode == 0
+        return self.pid() is not None
 
     def start(self) -> None:
         if self.running():
             return
-        self._run(str(bindir() / "pg_ctl"), "start", "-D", str(self.datadir), "-l", str(self.logfile),
-                  "-w", "-t", "60")
+        run("pg_ctl", "start", "-D", str(self.datadir), "-l", str(self.logfile), "-w", "-t", "60")
 
     def stop(self, mode: str = "fast") -> None:
         if not self.datadir.exists() or not self.running():
             return
-        self._run(str(bindir() / "pg_ctl"), "stop", "-D", str(self.datadir), "-m", mode, "-w", "-t", "60")
+        run("pg_ctl", "stop", "-D", str(self.datadir), "-m", mode, "-w", "-t", "60", check=False)
 
     def psql(self, sql: str, *, dbname: str | None = None) -> str:
-        p = self._run(str(bindir() / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
-                      "-h", str(self.datadir), "-p", str(self.port), "-U", "postgres",
-                      "-d", dbname or self.dbname, "-c", sql)
+        p = run("psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", str(self.datadir),
+                "-p", str(self.port), "-U", "postgres", "-d", dbname or self.dbname, "-c", sql, timeout=120)
         return p.stdout.strip()
 
     def destroy(self) -> None:
         self.stop("immediate")
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@dataclass
+class PgCluster:
+    """Three servers: ``nodes[0]`` starts as primary, 1 and 2 as standbys."""
+
+    root: Path
+    ports: tuple[int, int, int]
+    required_sync: int = 2
+    nodes: list[PgServer] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.nodes:
+            self.nodes = [PgServer(self.root / f"n{i}", p, name=f"n{i}", passfile_path=self.root / "pgpass")
+                          for i, p in enumerate(self.ports)]
+
+    @property
+    def spec_path(self) -> Path:
+        return self.root / "cluster.json"
+
+    @property
+    def passfile(self) -> Path:
+        return self.root / "pgpass"
+
+    def spec(self) -> ClusterSpec:
+        return ClusterSpec(
+            nodes=tuple(Node(n.name, "127.0.0.1", n.port, str(n.datadir)) for n in self.nodes),
+            passfile=str(self.passfile), required_sync=self.required_sync,
+            backup_dir=str(self.root / "backups"))
+
+    def initialized(self) -> bool:
+        return all(n.initialized() for n in self.nodes)
+
+    def init(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o755)
+        chown_server(self.root)
+        primary, *standbys = self.nodes
+        primary.init()
+        for s in standbys:
+            s.clone_from(primary, self.passfile)
+        primary.psql(f"ALTER SYSTEM SET synchronous_standby_names = '{self.spec().sync_names(primary.name)}'")
+        primary.psql("SELECT pg_reload_conf()")
+        self.spec().dump(self.spec_path)
+        backups = self.root / "backups"
+        backups.mkdir(exist_ok=True)
+        chown_server(backups)
+        self.wait_synchronous()
+
+    def start(self) -> None:
+        for n in self.nodes:
+            n.start()
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+
+    def destroy(self) -> None:
+        for n in self.nodes:
+            n.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def primary(self) -> PgServer:
+        for n in self.nodes:
+            if n.running() and n.psql("SELECT pg_is_in_recovery()", dbname="postgres") == "f":
+                return n
+        raise PgError("no running primary")
+
+    def wait_synchronous(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        want = len(self.nodes) - 1
+        rows = ""
+        while time.monotonic() < deadline:
+            try:
+                rows = self.primary().psql(
+                    "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming' "
+                    "AND sync_state IN ('sync', 'quorum')", dbname="postgres")
+                if rows == str(want):
+                    return
+            except PgError:
+                pass
+            time.sleep(0.1)  # poll interval of a bounded wait
+        raise PgError(f"standbys not synchronous after {timeout}s ({rows} of {want})")
+
+    # Delegation to the current primary, for code written against one server.
+    def dsn(self, **extra: str) -> str:
+        return self.spec().app_dsn(read_write=True)
+
+    def psql(self, sql: str, *, dbname: str | None = None) -> str:
+        return self.primary().psql(sql, dbname=dbname)
+
+    def admin_dsn(self, dbname: str | None = None) -> str:
+        return self.primary().admin_dsn(dbname)

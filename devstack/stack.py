@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from devstack import pki
-from devstack.pg import PgServer, free_port
+from devstack.pg import PgCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = Path(os.environ.get("KEYWARD_RUN_DIR") or ROOT / ".run").resolve()
@@ -50,8 +50,9 @@ def grpcurl(pki_dir: Path, who: str, method: str, data: str | None = None, addr:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 5)
 
 
-def ca_env(pg: PgServer, pki_dir: Path, master_file: Path, listen: str, metrics: str) -> dict[str, str]:
+def ca_env(pg: PgCluster, pki_dir: Path, master_file: Path, listen: str, metrics: str) -> dict[str, str]:
     return {
+        "KEYWARD_AUDIT_SPOOL_FILE": str(pg.root / f"audit-spool-{listen.rsplit(':', 1)[-1]}-{os.getpid()}.jsonl"),
         "KEYWARD_CA_LISTEN": listen,
         "KEYWARD_DB_DSN": pg.dsn(),
         "KEYWARD_TLS_CERT_FILE": str(pki_dir / "server.crt"),
@@ -90,12 +91,14 @@ def wait_healthy(pki_dir: Path, addr: str, proc: subprocess.Popen[bytes] | None,
 def up() -> None:
     RUN.mkdir(exist_ok=True)
     (RUN / "logs").mkdir(exist_ok=True)
-    pg = PgServer(RUN / "pg", PG_PORT)
+    pg = cluster()
     if not pg.initialized():
-        print(f"initdb + start Postgres on 127.0.0.1:{PG_PORT} ({pg.root})")
+        print(f"initdb + pg_basebackup: Postgres primary and two synchronous standbys on 127.0.0.1:"
+              f"{','.join(map(str, pg.ports))} ({pg.root})")
         pg.init()
     else:
         pg.start()
+        pg.wait_synchronous()
     pki_dir = RUN / "pki"
     pki.init(pki_dir)
     master = make_master_secret(secret_dir())
@@ -129,13 +132,18 @@ def up() -> None:
     print(f"CA up at {CA_ADDR} (pid {proc.pid}); metrics at http://{METRICS_ADDR}/metrics; env in {RUN / 'env'}")
 
 
-def write_env(pg: PgServer, pki_dir: Path, master: Path) -> None:
+def cluster() -> PgCluster:
+    return PgCluster(RUN / "pg", (PG_PORT, PG_PORT + 1, PG_PORT + 2))
+
+
+def write_env(pg: PgCluster, pki_dir: Path, master: Path) -> None:
     lines = {
         "KEYWARD_CA_ADDR": CA_ADDR,
         "KEYWARD_DB_DSN": pg.dsn(),
         "KEYWARD_PKI_DIR": str(pki_dir),
         "KEYWARD_METRICS_ADDR": METRICS_ADDR,
         "KEYWARD_MASTER_SECRET_FILE": str(master),
+        "KEYWARD_DB_CLUSTER": str(pg.spec_path),
     }
     (RUN / "env").write_text("".join(f"{k}='{v}'\n" for k, v in lines.items()))
 
@@ -154,7 +162,7 @@ def down() -> None:
         except (ProcessLookupError, ValueError):
             pass
         pidfile.unlink(missing_ok=True)
-    pg = PgServer(RUN / "pg", PG_PORT)
+    pg = cluster()
     if pg.initialized():
         pg.stop()
     shutil.rmtree(secret_dir(), ignore_errors=True)

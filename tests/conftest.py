@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from devstack import pki
-from devstack.pg import PgServer, free_port
+from devstack.pg import PgCluster, free_port
 from protos.keyward.v1 import keyward_pb2 as pb
 from tests.helpers import CAProcess, Clients, bad_identities, clients, start_ca
 
@@ -27,11 +27,12 @@ def workdir() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def pg(workdir: Path) -> Iterator[PgServer]:
-    server = PgServer(workdir / "pg", free_port())
-    server.init()
-    yield server
-    server.destroy()
+def pg(workdir: Path) -> Iterator[PgCluster]:
+    """A primary and two synchronous hot standbys (ANY 2, remote_apply)."""
+    cluster = PgCluster(workdir / "pg", (free_port(), free_port(), free_port()))
+    cluster.init()
+    yield cluster
+    cluster.destroy()
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 
 from devstack import pki
-from devstack.pg import PgServer
+from devstack.pg import PgCluster
 from devstack.stack import ca_env
 from protos.keyward.v1 import keyward_pb2 as pb
 from protos.keyward.v1 import keyward_pb2_grpc as pb_grpc
@@ -65,7 +65,7 @@ class CAProcess:
                 self.proc.wait(5)
 
 
-def start_ca(pg: PgServer, pki_dir: Path, master_file: Path, workdir: Path, **overrides: str) -> CAProcess:
+def start_ca(pg: PgCluster, pki_dir: Path, master_file: Path, workdir: Path, **overrides: str) -> CAProcess:
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"ca-{time.monotonic_ns()}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("KEYWARD_")}
@@ -187,7 +187,7 @@ def bad_identities(pki_dir: Path) -> None:
         pki.write_identity(pki_dir, stem, cert, key)
 
 
-def table_snapshot(pg: PgServer, exclude: tuple[str, ...] = ("audit_events",)) -> dict[str, str]:
+def table_snapshot(pg: PgCluster, exclude: tuple[str, ...] = ("audit_events",)) -> dict[str, str]:
     tables = pg.psql("SELECT tablename FROM pg_tables WHERE schemaname='public' ORDER BY 1").split()
     return {t: pg.psql(f"SELECT coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '') FROM {t} t")
             for t in tables if t not in exclude}

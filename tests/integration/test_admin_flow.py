@@ -13,7 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from devstack.pg import PgServer
+from devstack.pg import PgCluster
 from keylib.master import MasterSecret
 from keylib.unwrap import open_sealed
 from protos.keyward.v1 import keyward_pb2 as pb
@@ -71,7 +71,7 @@ def test_flow_zen_opens_the_key_of_the_certificate(
 
 
 def test_rotation_deletes_old_key_and_notifies_watchers(
-    ca: CAProcess, platform: Clients, pki_dir: Path, pg: PgServer, tmp_path: Path, new_org_id: str,
+    ca: CAProcess, platform: Clients, pki_dir: Path, pg: PgCluster, tmp_path: Path, new_org_id: str,
 ) -> None:
     create_org(platform, new_org_id)
     admin = org_admin(ca.addr, pki_dir, new_org_id)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from devstack.pg import PgServer
+from devstack.pg import PgCluster
 from protos.keyward.v1 import keyward_pb2 as pb
 from tests.helpers import CAProcess, Clients, OrgRoot, clients, code_of
 from tests.integration.flow import activate, create_org, org_admin
@@ -16,14 +16,14 @@ from tests.integration.flow import activate, create_org, org_admin
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _verify(pg: PgServer) -> subprocess.CompletedProcess[str]:
+def _verify(pg: PgCluster) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, KEYWARD_DB_DSN=pg.dsn())
     return subprocess.run([sys.executable, "-m", "control_plane", "audit", "verify"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
 
 
 def test_audit_records_actions_and_verifies(
-    ca: CAProcess, platform: Clients, pki_dir: Path, pg: PgServer, tmp_path: Path, new_org_id: str,
+    ca: CAProcess, platform: Clients, pki_dir: Path, pg: PgCluster, tmp_path: Path, new_org_id: str,
 ) -> None:
     create_org(platform, new_org_id)
     admin = org_admin(ca.addr, pki_dir, new_org_id)

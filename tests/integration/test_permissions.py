@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from devstack.pg import PgServer
+from devstack.pg import PgCluster
 from protos.keyward.v1 import keyward_pb2 as pb
 from tests.helpers import CAProcess, Clients, OrgRoot, clients, code_of, wait_for
 from tests.integration.flow import activate, create_org, org_admin
@@ -32,12 +32,12 @@ def private_org(ca: CAProcess, platform: Clients, pki_dir: Path, tmp_path: Path,
     return new_org_id
 
 
-def _audit_outcomes(pg: PgServer, org_id: str, action: str) -> list[str]:
+def _audit_outcomes(pg: PgCluster, org_id: str, action: str) -> list[str]:
     return pg.psql(f"SELECT outcome FROM audit_events WHERE org_id = '{org_id}' AND action = '{action}' ORDER BY seq").split()
 
 
 def test_private_only_org_key_never_goes_to_public_zen(
-    ca: CAProcess, pki_dir: Path, pg: PgServer, private_org: str,
+    ca: CAProcess, pki_dir: Path, pg: PgCluster, private_org: str,
 ) -> None:
     public = clients(ca.addr, pki_dir, "zen-public")
     private = clients(ca.addr, pki_dir, "zen-private")

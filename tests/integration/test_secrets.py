@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
-from devstack.pg import PgServer
+from devstack.pg import PgCluster
 from keylib.envelope import decode
 from keylib.kdf import derive_password
 from keylib.master import MasterSecret
@@ -49,7 +49,7 @@ def _scan(data: bytes, needles: dict[str, bytes]) -> list[str]:
 
 
 def test_no_key_material_in_database_files_logs_or_audit(
-    ca: CAProcess, platform: Clients, pki_dir: Path, pg: PgServer, master_secret: tuple[bytes, Path],
+    ca: CAProcess, platform: Clients, pki_dir: Path, pg: PgCluster, master_secret: tuple[bytes, Path],
     tmp_path: Path, new_org_id: str,
 ) -> None:
     create_org(platform, new_org_id)
@@ -69,24 +69,28 @@ def test_no_key_material_in_database_files_logs_or_audit(
         assert not _scan(dump, needles), f"table {t} holds {_scan(dump, needles)}"
         assert b"PRIVATE KEY" not in dump
 
-    # 2. Every file of the data directory, WAL included, once flushed.
+    # 2. Every file of all three data directories, WAL included, once flushed.
     pg.psql("CHECKPOINT")
     pg.psql("SELECT pg_switch_wal()")
-    files = [p for p in pg.datadir.rglob("*") if p.is_file()]
-    wal = [p for p in files if "pg_wal" in p.parts]
-    assert wal, "no WAL files found to scan"
+    for node in pg.nodes:
+        if node is not pg.primary():
+            node.psql("CHECKPOINT")  # a restartpoint on the standby
     scanned = 0
-    for p in files + [pg.logfile]:
-        try:
-            data = p.read_bytes()
-        except (FileNotFoundError, PermissionError):
-            continue  # a temp file that went away mid-scan
-        scanned += len(data)
-        assert not _scan(data, needles), f"{p} holds {_scan(data, needles)}"
-    # The sealed key itself did reach the database (so the scan looked at real data).
-    sealed_hits = sum(kp.encrypted_private_key[:48] in p.read_bytes() for p in files if p.exists())
-    assert sealed_hits >= 1
-    assert scanned > 10 << 20
+    sealed_hits = 0
+    for node in pg.nodes:
+        files = [p for p in node.datadir.rglob("*") if p.is_file()]
+        assert any("pg_wal" in p.parts for p in files), f"no WAL files found to scan on {node.name}"
+        for p in files + [node.logfile]:
+            try:
+                data = p.read_bytes()
+            except (FileNotFoundError, PermissionError):
+                continue  # a temp file that went away mid-scan
+            scanned += len(data)
+            assert not _scan(data, needles), f"{p} holds {_scan(data, needles)}"
+            sealed_hits += kp.encrypted_private_key[:48] in data
+    # The sealed key itself did reach every server (so the scan looked at real data).
+    assert sealed_hits >= 3
+    assert scanned > 30 << 20
 
     # 3. The CA's log: JSON lines, and no secret.
     log = ca.log.read_bytes()
