@@ -2,6 +2,8 @@
 
     keyward serve          run the Central Authority (configuration: env, see config.py)
     keyward audit verify   check the audit log's hash chain (KEYWARD_DB_DSN)
+    keyward db status|failover|rejoin|backup|restore|backup-agent
+                           Postgres cluster operations (KEYWARD_DB_CLUSTER)
 """
 
 from __future__ import annotations
@@ -64,6 +66,61 @@ def _audit_verify() -> int:
         return 2
 
 
+def _db(a: argparse.Namespace) -> int:
+    from dbops import backup, failover, local, status
+    from dbops.binaries import PgError
+    from dbops.spec import ClusterSpec
+
+    path = a.cluster or os.environ.get("KEYWARD_DB_CLUSTER")
+    if not path:
+        print("keyward: give --cluster FILE or set KEYWARD_DB_CLUSTER (written by `make up` as .run/pg/cluster.json)",
+              file=sys.stderr)
+        return 2
+    try:
+        spec = ClusterSpec.load(path)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        print(f"keyward: cannot read cluster spec {path!r}: {e}", file=sys.stderr)
+        return 2
+    try:
+        if a.db_cmd == "status":
+            sts = status.cluster_status(spec)
+            print(status.render(spec, sts))
+            return 1 if status.problems(spec, sts) else 0
+        if a.db_cmd == "failover":
+            rep = failover.failover(spec, force_fence=a.fence, rejoin=not a.no_rejoin)
+            for step in rep.steps:
+                print(f"  {step}")
+            print(f"failover done in {rep.seconds:.2f}s: {rep.old_primary} -> {rep.new_primary}")
+            return 0
+        if a.db_cmd == "rejoin":
+            node = spec.node(a.node)
+            prim = backup.primary_node(spec)
+            print(f"{node.name} rejoined {prim.name} ({local.rejoin(spec, node, prim)})")
+            return 0
+        if a.db_cmd == "backup":
+            b = backup.backup(spec)
+            print(f"backup {b.path} ({len(b.key_ids)} keys)")
+            for line in backup.reconcile(spec):
+                print(f"  {line}")
+            return 0
+        if a.db_cmd == "restore":
+            from pathlib import Path
+
+            node = backup.restore(Path(a.backup), Path(a.dir), a.port)
+            print(f"restored {a.backup} into {a.dir}: a fresh primary on {node.host}:{node.port}")
+            return 0
+        if a.db_cmd == "backup-agent":
+            backup.agent(spec, interval=a.interval)
+            return 0
+    except failover.FailoverRefused as e:
+        print(f"keyward: failover refused: {e}", file=sys.stderr)
+        return 3
+    except (PgError, OSError) as e:
+        print(f"keyward: {e}", file=sys.stderr)
+        return 2
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="keyward", description="keyward Central Authority")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -71,9 +128,27 @@ def main(argv: list[str] | None = None) -> int:
     audit = sub.add_parser("audit", help="audit log tools")
     audit_sub = audit.add_subparsers(dest="audit_cmd", required=True)
     audit_sub.add_parser("verify", help="verify the audit log's hash chain")
+    db = sub.add_parser("db", help="Postgres cluster operations")
+    db.add_argument("--cluster", help="cluster spec JSON (default: $KEYWARD_DB_CLUSTER)")
+    db_sub = db.add_subparsers(dest="db_cmd", required=True)
+    db_sub.add_parser("status", help="role, lag and sync state of each server; exit 1 on problems")
+    fo = db_sub.add_parser("failover", help="promote the most advanced standby when the primary is lost")
+    fo.add_argument("--fence", action="store_true", help="fence a primary that still answers, then fail over")
+    fo.add_argument("--no-rejoin", action="store_true", help="leave the old primary fenced and stopped")
+    rj = db_sub.add_parser("rejoin", help="bring a node back as a standby (pg_rewind or clone)")
+    rj.add_argument("node")
+    db_sub.add_parser("backup", help="take a backup, then shred backups holding retired keys")
+    rs = db_sub.add_parser("restore", help="restore a backup into a fresh server")
+    rs.add_argument("backup")
+    rs.add_argument("dir")
+    rs.add_argument("port", type=int)
+    ag = db_sub.add_parser("backup-agent", help="keep backups clean: re-backup and shred after each retirement")
+    ag.add_argument("--interval", type=float, default=1.0)
     a = ap.parse_args(argv)
     if a.cmd == "serve":
         return _serve()
+    if a.cmd == "db":
+        return _db(a)
     return _audit_verify()
 
 

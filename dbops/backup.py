@@ -1,0 +1,190 @@
+"""Backups that forget retired keys.
+
+Mechanism (see docs/database.md): a retired key's row is hard-deleted by the
+CA. A backup taken afterwards must not hold its bytes, so :func:`backup`
+first rewrites the key table (``VACUUM FULL``: dead tuples and free space
+vanish with the old files), checkpoints and switches to a fresh WAL segment,
+then takes a ``pg_basebackup`` (tar, WAL streamed from that fresh segment).
+Every backup's manifest lists the key ids present while it was taken; a
+backup listing a key that is no longer live is *stale* and is shredded
+(overwritten with zeros, then unlinked) once a newer clean backup exists.
+:func:`reconcile` does exactly that and is run after every rotation or
+revocation by ``keyward db backup-agent``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+from dbops.binaries import PgError, chown_server, run, write_as_server
+from dbops.spec import ClusterSpec, Node
+from dbops.status import cluster_status
+
+MANIFEST = "keyward-backup.json"
+CHURN_TABLES = ("intermediate_keys",)
+
+
+@dataclass(frozen=True)
+class Backup:
+    path: Path
+    created: str
+    key_ids: frozenset[str]
+    event_seq: int
+
+
+def primary_node(spec: ClusterSpec) -> Node:
+    for s in cluster_status(spec):
+        if s.reachable and s.role == "primary":
+            return s.node
+    raise PgError("no primary reachable: a backup needs the primary")
+
+
+def _keys_and_seq(spec: ClusterSpec, node: Node) -> tuple[set[str], int]:
+    with psycopg.connect(spec.conninfo(node), autocommit=True) as c:
+        keys = {str(r[0]) for r in c.execute("SELECT key_id FROM intermediate_keys")}
+        row = c.execute("SELECT coalesce(max(seq), 0) FROM key_events").fetchone()
+        return keys, int(row[0]) if row else 0
+
+
+def list_backups(spec: ClusterSpec) -> list[Backup]:
+    root = Path(spec.backup_dir)
+    out = []
+    for d in sorted(root.glob("backup-*")):
+        m = d / MANIFEST
+        if not m.exists():
+            continue  # unfinished
+        j = json.loads(m.read_text())
+        out.append(Backup(d, j["created"], frozenset(j["key_ids"]), int(j["event_seq"])))
+    return out
+
+
+def backup(spec: ClusterSpec) -> Backup:
+    """Take a backup of the primary in which no deleted key survives."""
+    node = primary_node(spec)
+    keys_before, seq = _keys_and_seq(spec, node)
+    with psycopg.connect(spec.conninfo(node), autocommit=True) as c:
+        for t in CHURN_TABLES:
+            c.execute(f"VACUUM (FULL) {t}")
+        c.execute("CHECKPOINT")
+        c.execute("SELECT pg_switch_wal()")
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    root = Path(spec.backup_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    chown_server(root)
+    tmp = root / f"partial-{stamp}"
+    run("pg_basebackup", "-h", node.host, "-p", str(node.port), "-U", spec.repl_user, "-D", str(tmp),
+        "-F", "tar", "-X", "stream", "-c", "fast", "--no-manifest", timeout=900,
+        env={"PGPASSFILE": spec.passfile})
+    keys_after, _ = _keys_and_seq(spec, node)
+    manifest = {"created": stamp, "source": node.name, "key_ids": sorted(keys_before | keys_after),
+                "event_seq": seq}
+    write_as_server(tmp / MANIFEST, json.dumps(manifest, indent=2))
+    final = root / f"backup-{stamp}"
+    os.rename(tmp, final)
+    return Backup(final, stamp, frozenset(keys_before | keys_after), seq)
+
+
+def shred(path: Path) -> None:
+    """Overwrite every file with zeros, fsync, then remove the tree."""
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            size = f.stat().st_size
+            with open(f, "r+b") as h:
+                remaining = size
+                block = bytes(1 << 20)
+                while remaining > 0:
+                    n = min(remaining, len(block))
+                    h.write(block[:n])
+                    remaining -= n
+                h.flush()
+                os.fsync(h.fileno())
+    shutil.rmtree(path)
+
+
+def reconcile(spec: ClusterSpec, keep: int = 3) -> list[str]:
+    """Ensure the newest backup is clean and no stale backup is kept.
+    Returns what it did, for logs."""
+    did: list[str] = []
+    node = primary_node(spec)
+    for _ in range(3):  # a rotation racing the backup makes it stale: go again
+        live, _seq = _keys_and_seq(spec, node)
+        backups = list_backups(spec)
+        if backups and not (backups[-1].key_ids - live):
+            break
+        b = backup(spec)
+        did.append(f"took {b.path.name}")
+    live, _ = _keys_and_seq(spec, node)
+    backups = list_backups(spec)
+    for b in backups:
+        if b.key_ids - live:
+            shred(b.path)
+            did.append(f"shredded {b.path.name} (held retired key(s) {', '.join(sorted(b.key_ids - live))})")
+    clean = [b for b in list_backups(spec)]
+    for b in clean[:-keep] if keep > 0 else []:
+        shred(b.path)
+        did.append(f"shredded {b.path.name} (retention {keep})")
+    for p in Path(spec.backup_dir).glob("partial-*"):
+        shred(p)
+    return did
+
+
+def restore(backup_path: Path, root: Path, port: int, *, name: str = "restored") -> Node:
+    """Unpack a backup into ``root/data`` and start it as a fresh primary."""
+    if not (backup_path / MANIFEST).exists():
+        raise PgError(f"{backup_path} is not a finished keyward backup (no {MANIFEST})")
+    data = root / "data"
+    if data.exists() and any(data.iterdir()):
+        raise PgError(f"{data} is not empty; restore needs a fresh directory")
+    root.mkdir(parents=True, exist_ok=True)
+    os.chmod(root, 0o755)
+    chown_server(root)
+    data.mkdir(mode=0o700, exist_ok=True)
+    with tarfile.open(backup_path / "base.tar") as t:
+        t.extractall(data, filter="fully_trusted")
+    with tarfile.open(backup_path / "pg_wal.tar") as t:
+        t.extractall(data / "pg_wal", filter="fully_trusted")
+    (data / "standby.signal").unlink(missing_ok=True)
+    write_as_server(data / "postgresql.auto.conf",
+                    f"port = {port}\nunix_socket_directories = '{data}'\ncluster_name = '{name}'\n"
+                    "synchronous_standby_names = ''\nprimary_conninfo = ''\nprimary_slot_name = ''\n",
+                    append=True)
+    run_chown(data)
+    node = Node(name, "127.0.0.1", port, str(data))
+    run("pg_ctl", "start", "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "120")
+    return node
+
+
+def run_chown(path: Path) -> None:
+    for dirpath, dirnames, filenames in os.walk(path):
+        chown_server(Path(dirpath))
+        for f in filenames:
+            chown_server(Path(dirpath) / f)
+
+
+def agent(spec: ClusterSpec, *, interval: float = 1.0, stop_after: float | None = None) -> None:
+    """Run :func:`reconcile` whenever a key is retired (polled), forever."""
+    last_seq = -1
+    t_end = None if stop_after is None else time.monotonic() + stop_after
+    while t_end is None or time.monotonic() < t_end:
+        try:
+            node = primary_node(spec)
+            with psycopg.connect(spec.conninfo(node), autocommit=True) as c:
+                row = c.execute("SELECT coalesce(max(seq), 0) FROM key_events "
+                                "WHERE kind IN ('rotated', 'revoked')").fetchone()
+            seq = int(row[0]) if row else 0
+            if seq != last_seq:
+                for line in reconcile(spec):
+                    print(f"backup-agent: {line}", flush=True)
+                last_seq = seq
+        except (PgError, psycopg.Error) as e:
+            print(f"backup-agent: {str(e).splitlines()[0] if str(e) else type(e).__name__}; retrying", flush=True)
+        time.sleep(interval)

@@ -1,0 +1,141 @@
+"""Operations that need the server's files (the tool runs beside it).
+
+Fencing a dead primary, rejoining it as a standby (pg_rewind, or a fresh
+clone when rewinding is impossible), starting and stopping. Remote-only
+nodes (no ``datadir`` in the spec) are fenced by their orchestrator instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from dbops.binaries import PgError, chown_server, run, write_as_server
+from dbops.spec import ClusterSpec, Node
+
+
+def _datadir(node: Node) -> Path:
+    if not node.datadir:
+        raise PgError(f"node {node.name} has no local data directory in the cluster spec; "
+                      "fence and rejoin it through its orchestrator")
+    return Path(node.datadir)
+
+
+def logfile(node: Node) -> Path:
+    return _datadir(node).parent / "server.log"
+
+
+def postmaster_pid(node: Node) -> int | None:
+    try:
+        pid = int((_datadir(node) / "postmaster.pid").read_text().splitlines()[0])
+        os.kill(pid, 0)
+        return pid
+    except (FileNotFoundError, ValueError, IndexError, ProcessLookupError):
+        return None
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1].startswith("Z")  # a zombie holds no lock, but kill(0) sees it
+    except (FileNotFoundError, IndexError):
+        return True
+
+
+def kill_node(node: Node, timeout: float = 15) -> bool:
+    """SIGKILL the postmaster and all its children at once (a crash), and
+    wait until they are gone. True if it was running."""
+    pid = postmaster_pid(node)
+    if pid is None:
+        return False
+    kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    pids = [pid] + [int(k) for k in kids]
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while not all(_gone(p) for p in pids):
+        if time.monotonic() > deadline:
+            raise PgError(f"{node.name}: processes {pids} survived SIGKILL for {timeout}s")
+        time.sleep(0.02)  # poll interval of a bounded wait
+    # Postgres refuses to start while a zombie of the old postmaster exists.
+    while (not _gone(pid) or _exists(pid)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return True
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def node_conf(node: Node) -> str:
+    d = _datadir(node)
+    return f"port = {node.port}\nunix_socket_directories = '{d}'\ncluster_name = '{node.name}'\n"
+
+
+def point_at(spec: ClusterSpec, node: Node, upstream: Node) -> None:
+    """Write standby.signal and the replication settings into the data directory."""
+    d = _datadir(node)
+    write_as_server(d / "standby.signal", "")
+    write_as_server(
+        d / "postgresql.auto.conf",
+        node_conf(node)
+        + f"primary_conninfo = '{spec.replication_conninfo(upstream, node.name)}'\n"
+        + f"primary_slot_name = '{node.name}'\n"
+        + "synchronous_standby_names = ''\n",
+        append=True,
+    )
+
+
+def fence(spec: ClusterSpec, node: Node, new_primary: Node) -> None:
+    """Make sure ``node`` can never come back as a second primary: stop it
+    (it may be frozen or partitioned, not dead) and mark it a standby of the
+    new primary, so a restart finds standby.signal."""
+    kill_node(node)
+    point_at(spec, node, new_primary)
+
+
+def start(node: Node, timeout: int = 60) -> None:
+    if postmaster_pid(node) is not None:
+        return
+    run("pg_ctl", "start", "-D", str(_datadir(node)), "-l", str(logfile(node)), "-w", "-t", str(timeout))
+
+
+def stop(node: Node, mode: str = "fast") -> None:
+    if postmaster_pid(node) is None:
+        return
+    run("pg_ctl", "stop", "-D", str(_datadir(node)), "-m", mode, "-w", "-t", "60", check=False)
+
+
+def rejoin(spec: ClusterSpec, node: Node, primary: Node) -> str:
+    """Bring ``node`` back as a standby of ``primary``. Returns how: 'rewind' or 'clone'."""
+    d = _datadir(node)
+    kill_node(node)
+    # pg_rewind first completes crash recovery itself (single-user mode) when needed.
+    src = spec.conninfo(primary, dbname="postgres")
+    how = "rewind"
+    # A node that never diverged rewinds trivially; one that did is rewound to the fork point.
+    for f in ("standby.signal",):
+        (d / f).unlink(missing_ok=True)
+    p = run("pg_rewind", "-D", str(d), f"--source-server={src}", timeout=600, check=False,
+            env={"PGPASSFILE": spec.passfile})
+    if p.returncode != 0:
+        lines = (p.stderr or p.stdout).strip().splitlines()
+        how = f"clone; pg_rewind: {lines[-1][:160] if lines else p.returncode}"
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(mode=0o700)
+        chown_server(d)
+        run("pg_basebackup", "-h", primary.host, "-p", str(primary.port), "-U", spec.repl_user, "-D", str(d),
+            "-X", "stream", "-c", "fast", timeout=900, env={"PGPASSFILE": spec.passfile})
+    point_at(spec, node, primary)
+    start(node)
+    return how
