@@ -314,6 +314,7 @@ class Store:
         self._rw = rw
         self._ro = ro
         self._notices: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
+        self._pool_timeout = 5.0
 
     @staticmethod
     def derive_dsns(dsn: str) -> tuple[str, str]:
@@ -349,6 +350,7 @@ class Store:
             await ro.open(wait=False)
         store = cls(rw_dsn, rw, ro)
         store._notices = notices
+        store._pool_timeout = timeout
         return store
 
     async def close(self) -> None:
@@ -368,8 +370,11 @@ class Store:
         the standbys' confirmation was cancelled, or the server went away
         during COMMIT: such a write is NOT acknowledged."""
         pool = self._ro if replica_ok else self._rw
+        # Waiting for a connection is bounded by the call's deadline too, so a
+        # missing primary is answered UNAVAILABLE in time, not by the client's timeout.
+        wait = max(0.1, min(self._pool_timeout, remaining(self._pool_timeout) - 0.3))
         with _db_errors():
-            async with pool.connection() as conn:
+            async with pool.connection(timeout=wait) as conn:
                 box = self._notices.get(conn)
                 if box is not None:
                     box.clear()

@@ -154,7 +154,7 @@ def restore(backup_path: Path, root: Path, port: int, *, name: str = "restored")
         t.extractall(data / "pg_wal", filter="fully_trusted")
     (data / "standby.signal").unlink(missing_ok=True)
     write_as_server(data / "postgresql.auto.conf",
-                    f"port = {port}\nunix_socket_directories = '{data}'\ncluster_name = '{name}'\n"
+                    f"port = {port}\nunix_socket_directories = '{root}'\ncluster_name = '{name}'\n"
                     "synchronous_standby_names = ''\nprimary_conninfo = ''\nprimary_slot_name = ''\n",
                     append=True)
     run_chown(data)

@@ -79,7 +79,7 @@ def _exists(pid: int) -> bool:
 
 def node_conf(node: Node) -> str:
     d = _datadir(node)
-    return f"port = {node.port}\nunix_socket_directories = '{d}'\ncluster_name = '{node.name}'\n"
+    return f"port = {node.port}\nunix_socket_directories = '{d.parent}'\ncluster_name = '{node.name}'\n"
 
 
 def point_at(spec: ClusterSpec, node: Node, upstream: Node) -> None:

@@ -58,7 +58,7 @@ wal_retrieve_retry_interval = 1s
 
 @dataclass
 class PgServer:
-    """One postmaster: ``root`` holds ``data/`` and ``server.log``."""
+    """One postmaster: ``root`` holds ``data/``, ``server.log`` and the socket."""
 
     root: Path
     port: int
@@ -87,7 +87,7 @@ class PgServer:
 
     def admin_dsn(self, dbname: str | None = None) -> str:
         """Superuser over the Unix socket in the data directory (trust)."""
-        return f"host={self.datadir} port={self.port} dbname={dbname or self.dbname} user=postgres"
+        return f"host={self.root} port={self.port} dbname={dbname or self.dbname} user=postgres"
 
     def initialized(self) -> bool:
         return (self.datadir / "PG_VERSION").exists()
@@ -98,7 +98,9 @@ class PgServer:
         chown_server(self.root)
 
     def _node_conf(self) -> str:
-        return (f"port = {self.port}\nunix_socket_directories = '{self.datadir}'\n"
+        # The socket lives beside, not inside, the data directory: pg_rewind
+        # copies the source's data directory and cannot read a socket.
+        return (f"port = {self.port}\nunix_socket_directories = '{self.root}'\n"
                 f"cluster_name = '{self.name}'\n")
 
     def init(self, passwords: dict[str, str] | None = None) -> None:
@@ -163,7 +165,7 @@ class PgServer:
         run("pg_ctl", "stop", "-D", str(self.datadir), "-m", mode, "-w", "-t", "60", check=False)
 
     def psql(self, sql: str, *, dbname: str | None = None) -> str:
-        p = run("psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", str(self.datadir),
+        p = run("psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", str(self.root),
                 "-p", str(self.port), "-U", "postgres", "-d", dbname or self.dbname, "-c", sql, timeout=120)
         return p.stdout.strip()
 
