@@ -53,10 +53,16 @@ class EventHub:
         self._subs: set[Subscription] = set()
         self.last_seq = 0
         self._task: asyncio.Task[None] | None = None
-        self._ready = asyncio.Event()
+        self._primed = False
 
     async def start(self) -> None:
-        self.last_seq = await self._store.last_event_seq()
+        try:
+            self.last_seq = await self._store.last_event_seq()
+            self._primed = True
+        except KeywardError:
+            # No server reachable yet: learn where the log ends on the first
+            # successful read, so old events are never replayed as new ones.
+            self._primed = False
         self._task = asyncio.create_task(self._run(), name="keyward-event-hub")
 
     async def stop(self) -> None:
@@ -74,6 +80,10 @@ class EventHub:
         self._subs.discard(s)
 
     async def _drain(self) -> None:
+        if not self._primed:
+            self.last_seq = await self._store.last_event_seq()
+            self._primed = True
+            return
         while True:
             rows = await self._store.events_after(self.last_seq)
             for ev in rows:

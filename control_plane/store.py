@@ -138,6 +138,11 @@ CREATE TABLE IF NOT EXISTS request_log (
 ALTER TABLE intermediate_keys ALTER COLUMN sealed_key SET STATISTICS 0;
 ALTER TABLE intermediate_keys ALTER COLUMN certificate_pem SET STATISTICS 0;
 ALTER TABLE intermediate_keys ALTER COLUMN chain_pem SET STATISTICS 0;
+-- Stored as-is (no compression), so a byte-for-byte scan of a backup for a
+-- retired key or certificate is meaningful.
+ALTER TABLE intermediate_keys ALTER COLUMN sealed_key SET STORAGE EXTERNAL;
+ALTER TABLE intermediate_keys ALTER COLUMN certificate_pem SET STORAGE EXTERNAL;
+ALTER TABLE intermediate_keys ALTER COLUMN chain_pem SET STORAGE EXTERNAL;
 CREATE TABLE IF NOT EXISTS audit_events (
     seq        bigint PRIMARY KEY,
     at         timestamptz NOT NULL,
@@ -379,7 +384,7 @@ class Store:
                 if box is not None:
                     box.clear()
                 if write:
-                    budget = remaining(30.0) - 0.3
+                    budget = remaining(30.0) - 0.5
                     if budget < 0.1:
                         raise DeadlineExceeded("no time left in the call's deadline to write")
                     await conn.execute("SELECT set_config('statement_timeout', %s, true)",
@@ -391,6 +396,18 @@ class Store:
                     with contextlib.suppress(Exception):
                         await conn.rollback()
                     raise
+                fired = False
+
+                async def cancel_when_late() -> None:
+                    # statement_timeout does not end COMMIT's wait for the
+                    # standbys; a cancel request does (Postgres then reports
+                    # the commit as local-only with a WARNING).
+                    nonlocal fired
+                    await asyncio.sleep(max(0.05, remaining(30.0) - 0.5))
+                    fired = True
+                    await conn.cancel_safe(timeout=2.0)
+
+                timer = asyncio.create_task(cancel_when_late()) if write else None
                 try:
                     await conn.commit()
                 except psycopg.OperationalError as e:
@@ -399,6 +416,14 @@ class Store:
                             "write outcome unknown: the database connection was lost during COMMIT; "
                             "retry with the same request_id") from e
                     raise
+                finally:
+                    if timer is not None:
+                        timer.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, Exception):
+                            await timer
+                    if fired:
+                        # A late cancel must not hit this connection's next user.
+                        await conn.close()
                 if write and box and any("synchronous replication" in m for m in box):
                     raise CommitUnknown(
                         "write outcome unknown: committed on the primary but not confirmed by the "

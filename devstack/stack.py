@@ -52,7 +52,7 @@ def grpcurl(pki_dir: Path, who: str, method: str, data: str | None = None, addr:
 
 def ca_env(pg: PgCluster, pki_dir: Path, master_file: Path, listen: str, metrics: str) -> dict[str, str]:
     return {
-        "KEYWARD_AUDIT_SPOOL_FILE": str(pg.root / f"audit-spool-{listen.rsplit(':', 1)[-1]}-{os.getpid()}.jsonl"),
+        "KEYWARD_AUDIT_SPOOL_FILE": str(pg.root / "ca-audit-spool.jsonl"),
         "KEYWARD_CA_LISTEN": listen,
         "KEYWARD_DB_DSN": pg.dsn(),
         "KEYWARD_TLS_CERT_FILE": str(pki_dir / "server.crt"),

@@ -65,11 +65,13 @@ class CAProcess:
                 self.proc.wait(5)
 
 
-def start_ca(pg: PgCluster, pki_dir: Path, master_file: Path, workdir: Path, **overrides: str) -> CAProcess:
+def start_ca(pg: PgCluster, pki_dir: Path, master_file: Path, workdir: Path, *, wait_serving: bool = True,
+             **overrides: str) -> CAProcess:
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"ca-{time.monotonic_ns()}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("KEYWARD_")}
     env.update(ca_env(pg, pki_dir, master_file, "127.0.0.1:0", "127.0.0.1:0"))
+    env["KEYWARD_AUDIT_SPOOL_FILE"] = str(workdir / f"audit-spool-{time.monotonic_ns()}.jsonl")
     env.update(overrides)
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "control_plane", "serve"], env=env, cwd=ROOT,
@@ -88,7 +90,7 @@ def start_ca(pg: PgCluster, pki_dir: Path, master_file: Path, workdir: Path, **o
                 p = rec["port"]
             if rec.get("msg") == "metrics listening":
                 m = rec["port"]
-            if rec.get("msg") == "health: SERVING" and p:
+            if p and (not wait_serving or rec.get("msg") == "health: SERVING"):
                 return p, m
         return None
 
