@@ -122,7 +122,7 @@ async def start(cfg: CAConfig, master: MasterSecret) -> RunningCA:
     )
     store = await Store.open(cfg.db_dsn, max_size=cfg.db_pool_size, wait=False)
     try:
-        async with asyncio.timeout(15):
+        async with asyncio.timeout(8):
             await store.migrate()
     except (KeywardError, TimeoutError):
         # No primary now: serve keys from the standbys; writes fail UNAVAILABLE.

@@ -235,8 +235,16 @@ class PgCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def primary(self) -> PgServer:
+        hint = getattr(self, "_hint", None)
+        if hint is not None and hint.running():
+            try:
+                if hint.psql("SELECT pg_is_in_recovery()", dbname="postgres") == "f":
+                    return hint
+            except PgError:
+                pass
         for n in self.nodes:
             if n.running() and n.psql("SELECT pg_is_in_recovery()", dbname="postgres") == "f":
+                self._hint = n
                 return n
         raise PgError("no running primary")
 
