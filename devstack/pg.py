@@ -182,6 +182,7 @@ class PgCluster:
     ports: tuple[int, int, int]
     required_sync: int = 2
     nodes: list[PgServer] = field(default_factory=list)
+    _hint: PgServer | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.nodes:
@@ -235,7 +236,7 @@ class PgCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def primary(self) -> PgServer:
-        hint = getattr(self, "_hint", None)
+        hint = self._hint
         if hint is not None and hint.running():
             try:
                 if hint.psql("SELECT pg_is_in_recovery()", dbname="postgres") == "f":
