@@ -118,6 +118,10 @@ def _db(a: argparse.Namespace) -> int:
     except (PgError, OSError) as e:
         print(f"keyward: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # psycopg errors: one line, no traceback
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"keyward: database error: {first}", file=sys.stderr)
+        return 2
     return 2
 
 

@@ -22,6 +22,8 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
 import psycopg
 
@@ -55,14 +57,35 @@ def _keys_and_seq(spec: ClusterSpec, node: Node) -> tuple[set[str], int]:
         return keys, int(row[0]) if row else 0
 
 
+def _rewrite_without_dead_rows(c: psycopg.Connection[Any], table: str, timeout: float = 30) -> None:
+    """VACUUM FULL until neither the table nor its TOAST table holds a dead
+    row version. VACUUM FULL keeps rows a running transaction may still see
+    (the xmin horizon); a backup must wait for that horizon, never copy them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        c.execute(f"VACUUM (FULL) {table}")
+        row = c.execute(
+            "SELECT (SELECT dead_tuple_count FROM pgstattuple(%s::regclass)) + "
+            "coalesce((SELECT (pgstattuple(reltoastrelid)).dead_tuple_count "
+            "          FROM pg_class WHERE oid = %s::regclass AND reltoastrelid <> 0), 0)",
+            (table, table)).fetchone()
+        if row is not None and row[0] == 0:
+            return
+        if time.monotonic() > deadline:
+            raise PgError(f"{table} still holds {row[0] if row else '?'} dead row versions after {timeout}s: "
+                          "a long-running transaction holds the xmin horizon (see pg_stat_activity); "
+                          "no backup was taken")
+        time.sleep(0.5)  # poll interval of a bounded wait for the horizon to advance
+
+
 def list_backups(spec: ClusterSpec) -> list[Backup]:
     root = Path(spec.backup_dir)
     out = []
     for d in sorted(root.glob("backup-*")):
-        m = d / MANIFEST
-        if not m.exists():
-            continue  # unfinished
-        j = json.loads(m.read_text())
+        try:
+            j = json.loads((d / MANIFEST).read_text())
+        except (OSError, ValueError):
+            continue  # unfinished, or being shredded
         out.append(Backup(d, j["created"], frozenset(j["key_ids"]), int(j["event_seq"])))
     return out
 
@@ -72,8 +95,9 @@ def backup(spec: ClusterSpec) -> Backup:
     node = primary_node(spec)
     keys_before, seq = _keys_and_seq(spec, node)
     with psycopg.connect(spec.conninfo(node), autocommit=True) as c:
+        c.execute("CREATE EXTENSION IF NOT EXISTS pgstattuple")
         for t in CHURN_TABLES:
-            c.execute(f"VACUUM (FULL) {t}")
+            _rewrite_without_dead_rows(c, t)
         c.execute("CHECKPOINT")
         c.execute("SELECT pg_switch_wal()")
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
@@ -94,7 +118,12 @@ def backup(spec: ClusterSpec) -> Backup:
 
 
 def shred(path: Path) -> None:
-    """Overwrite every file with zeros, fsync, then remove the tree."""
+    """Take the backup out of the listing (atomic rename), overwrite every
+    file with zeros, fsync, then remove the tree."""
+    if path.name.startswith("backup-"):
+        doomed = path.with_name("shredding-" + path.name[len("backup-"):])
+        os.rename(path, doomed)
+        path = doomed
     for f in sorted(path.rglob("*")):
         if f.is_file():
             size = f.stat().st_size
@@ -110,30 +139,35 @@ def shred(path: Path) -> None:
     shutil.rmtree(path)
 
 
-def reconcile(spec: ClusterSpec, keep: int = 3) -> list[str]:
+def reconcile(spec: ClusterSpec, keep: int = 3, log: Callable[[str], None] = lambda _: None) -> list[str]:
     """Ensure the newest backup is clean and no stale backup is kept.
-    Returns what it did, for logs."""
+    Each action is logged before it starts; returns them all."""
     did: list[str] = []
+
+    def say(line: str) -> None:
+        did.append(line)
+        log(line)
+
     node = primary_node(spec)
     for _ in range(3):  # a rotation racing the backup makes it stale: go again
         live, _seq = _keys_and_seq(spec, node)
         backups = list_backups(spec)
         if backups and not (backups[-1].key_ids - live):
             break
-        b = backup(spec)
-        did.append(f"took {b.path.name}")
+        say("took a new backup" if not backups else "took a new backup (newest held a retired key)")
+        backup(spec)
     live, _ = _keys_and_seq(spec, node)
-    backups = list_backups(spec)
-    for b in backups:
+    for b in list_backups(spec):
         if b.key_ids - live:
+            say(f"shredded {b.path.name} (held retired key(s) {', '.join(sorted(b.key_ids - live))})")
             shred(b.path)
-            did.append(f"shredded {b.path.name} (held retired key(s) {', '.join(sorted(b.key_ids - live))})")
-    clean = [b for b in list_backups(spec)]
-    for b in clean[:-keep] if keep > 0 else []:
+    kept = list_backups(spec)
+    for b in kept[:-keep] if keep > 0 else []:
+        say(f"shredded {b.path.name} (retention {keep})")
         shred(b.path)
-        did.append(f"shredded {b.path.name} (retention {keep})")
-    for p in Path(spec.backup_dir).glob("partial-*"):
-        shred(p)
+    for pattern in ("partial-*", "shredding-*"):
+        for p in Path(spec.backup_dir).glob(pattern):
+            shred(p)
     return did
 
 
@@ -182,8 +216,7 @@ def agent(spec: ClusterSpec, *, interval: float = 1.0, stop_after: float | None 
                                 "WHERE kind IN ('rotated', 'revoked')").fetchone()
             seq = int(row[0]) if row else 0
             if seq != last_seq:
-                for line in reconcile(spec):
-                    print(f"backup-agent: {line}", flush=True)
+                reconcile(spec, log=lambda line: print(f"backup-agent: {line}", flush=True))
                 last_seq = seq
         except (PgError, psycopg.Error) as e:
             print(f"backup-agent: {str(e).splitlines()[0] if str(e) else type(e).__name__}; retrying", flush=True)

@@ -40,7 +40,8 @@ wal_level = replica
 max_wal_senders = 10
 max_replication_slots = 10
 hot_standby = on
-hot_standby_feedback = on
+# Off: standby snapshots must not hold back the removal of a deleted key's row.
+hot_standby_feedback = off
 wal_log_hints = on
 # A retired key's bytes must not linger in recycled WAL segments.
 wal_recycle = off
