@@ -102,22 +102,17 @@ def up() -> None:
     pki_dir = RUN / "pki"
     pki.init(pki_dir)
     master = make_master_secret(secret_dir())
-    pidfile = RUN / "ca.pid"
-    if pidfile.exists():
-        try:
-            os.kill(int(pidfile.read_text()), 0)
-            print("CA already running")
-            write_env(pg, pki_dir, master)
-            return
-        except (ProcessLookupError, ValueError):
-            pidfile.unlink()
     env = dict(os.environ)
     env.update(ca_env(pg, pki_dir, master, CA_ADDR, METRICS_ADDR))
+    env["KEYWARD_DB_CLUSTER"] = str(pg.spec_path)
+    # Keeps backups free of retired keys: re-backup and shred after each rotation.
+    _spawn("backup-agent", [sys.executable, "-m", "control_plane", "db", "backup-agent"], env)
+    proc = _spawn("ca", [sys.executable, "-m", "control_plane", "serve"], env)
     log = RUN / "logs" / "ca.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "control_plane", "serve"], env=env, cwd=ROOT,
-                                stdout=out, stderr=out, start_new_session=True)
-    pidfile.write_text(str(proc.pid))
+    if proc is None:
+        print("CA already running")
+        write_env(pg, pki_dir, master)
+        return
     wait_healthy(pki_dir, CA_ADDR, proc, log)
     for body in ('{"pool": {"name": "public", "visibility": "POOL_VISIBILITY_PUBLIC"}}',
                  '{"pool": {"name": "private", "visibility": "POOL_VISIBILITY_PRIVATE"}}'):
@@ -129,7 +124,7 @@ def up() -> None:
         if r.returncode != 0:
             raise SystemExit(f"registering pool {name}: {r.stderr}")
     write_env(pg, pki_dir, master)
-    print(f"CA up at {CA_ADDR} (pid {proc.pid}); metrics at http://{METRICS_ADDR}/metrics; env in {RUN / 'env'}")
+    print(f"CA up at {CA_ADDR} (pid {proc.pid}); backup agent running; metrics at http://{METRICS_ADDR}/metrics; env in {RUN / 'env'}")
 
 
 def cluster() -> PgCluster:
@@ -148,20 +143,41 @@ def write_env(pg: PgCluster, pki_dir: Path, master: Path) -> None:
     (RUN / "env").write_text("".join(f"{k}='{v}'\n" for k, v in lines.items()))
 
 
-def down() -> None:
-    pidfile = RUN / "ca.pid"
+def _spawn(name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes] | None:
+    """Start a background process with a pid file and a log; None if it runs already."""
+    pidfile = RUN / f"{name}.pid"
     if pidfile.exists():
         try:
-            pid = int(pidfile.read_text())
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline:
-                os.kill(pid, 0)
-                time.sleep(0.1)
-            os.kill(pid, signal.SIGKILL)
+            os.kill(int(pidfile.read_text()), 0)
+            return None
         except (ProcessLookupError, ValueError):
-            pass
-        pidfile.unlink(missing_ok=True)
+            pidfile.unlink()
+    with open(RUN / "logs" / f"{name}.log", "ab") as out:
+        proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=out, stderr=out, start_new_session=True)
+    pidfile.write_text(str(proc.pid))
+    return proc
+
+
+def _stop(name: str) -> None:
+    pidfile = RUN / f"{name}.pid"
+    if not pidfile.exists():
+        return
+    try:
+        pid = int(pidfile.read_text())
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            os.kill(pid, 0)
+            time.sleep(0.1)  # poll interval of a bounded wait
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, ValueError):
+        pass
+    pidfile.unlink(missing_ok=True)
+
+
+def down() -> None:
+    _stop("ca")
+    _stop("backup-agent")
     pg = cluster()
     if pg.initialized():
         pg.stop()
