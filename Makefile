@@ -9,7 +9,7 @@ PROTOS := $(wildcard protos/keyward/v1/*.proto)
 STUBS  := $(PROTOS:.proto=_pb2.py)
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv protos test lint up down demo clean
+.PHONY: all deps venv protos test soak lint up down demo clean
 
 all: venv protos
 
@@ -38,6 +38,10 @@ test: deps venv protos
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The long failover run: 20 SIGKILL/failover cycles at random kill points.
+soak: deps venv protos
+	KEYWARD_FAILOVER_CYCLES=$${CYCLES:-20} $(BIN)/python -m pytest -s tests/integration/test_failover.py
 
 up: deps venv protos
 	$(BIN)/python -m devstack.stack up

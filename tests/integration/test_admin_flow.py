@@ -141,3 +141,16 @@ def test_watch_resumes_after_seq_and_policy_events(
     assert ev.kind == pb.KEY_EVENT_KIND_POLICY_CHANGED and ev.org_id == new_org_id
     assert list(ev.policy.blocked_hosts) == ["gambling.example"] and ev.policy.fail_mode == pb.FAIL_MODE_CLOSED
     assert ev.policy_version == 2
+
+
+def test_get_key_pair_never_goes_back_in_version(
+    ca: CAProcess, platform: Clients, pki_dir: Path, tmp_path: Path, new_org_id: str,
+) -> None:
+    """A ZEN that has seen version N is never handed an older key (from a
+    lagging standby or otherwise): the CA checks the primary, then refuses."""
+    create_org(platform, new_org_id)
+    activate(org_admin(ca.addr, pki_dir, new_org_id), OrgRoot.create(tmp_path, new_org_id), new_org_id)
+    zen = clients(ca.addr, pki_dir, "zen-public")
+    assert zen.keys.GetKeyPair(pb.GetKeyPairRequest(org_id=new_org_id, min_version=1), timeout=30).version == 1
+    code, msg = code_of(zen.keys.GetKeyPair, pb.GetKeyPairRequest(org_id=new_org_id, min_version=2))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "newest is 1" in msg

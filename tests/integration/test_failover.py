@@ -125,8 +125,8 @@ def test_rpo_zero_across_primary_crashes(cluster: PgCluster, fca: CAProcess, pki
         old = cluster.primary()
         spec = cluster.spec()
         old_node = spec.node(old.name)
-        t_kill = time.monotonic()
         local.kill_node(old_node)
+        t_kill = time.monotonic()  # every process of the old primary is gone from here on
         # While there is no primary, ZENs still get keys: the CA reads from a
         # standby and spools the KeySent audit event until a primary is back.
         kp = zen.keys.GetKeyPair(pb.GetKeyPairRequest(org_id=keyed_org), timeout=10)
