@@ -152,9 +152,12 @@ def reconcile(spec: ClusterSpec, keep: int = 3, log: Callable[[str], None] = lam
     for _ in range(3):  # a rotation racing the backup makes it stale: go again
         live, _seq = _keys_and_seq(spec, node)
         backups = list_backups(spec)
-        if backups and not (backups[-1].key_ids - live):
+        # The newest backup must hold every live key and no retired one.
+        if backups and backups[-1].key_ids == live:
             break
-        say("took a new backup" if not backups else "took a new backup (newest held a retired key)")
+        say("took a new backup" if not backups else
+            "took a new backup (newest " + ("held a retired key" if backups[-1].key_ids - live
+                                            else "lacked a live key") + ")")
         backup(spec)
     live, _ = _keys_and_seq(spec, node)
     for b in list_backups(spec):

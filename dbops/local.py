@@ -43,7 +43,7 @@ def _gone(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().split(") ", 1)[1].startswith("Z")  # a zombie holds no lock, but kill(0) sees it
-    except (FileNotFoundError, IndexError):
+    except (OSError, IndexError):  # gone between the listing and the read
         return True
 
 

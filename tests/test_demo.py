@@ -24,7 +24,8 @@ def test_demo_runs_end_to_end_and_stops() -> None:
         r = subprocess.run([sys.executable, "-m", "devstack.demo"], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=300)
         out = r.stdout
-        assert r.returncode == 0, out[-3000:] + r.stderr[-3000:]
+        logs = "".join(f"\n--- {p.name}\n{p.read_text()[-2000:]}" for p in (run / "logs").glob("*.log"))
+        assert r.returncode == 0, out[-3000:] + r.stderr[-3000:] + logs
         assert "matches the intermediate's public key: yes" in out
         assert "refused: ERROR: Code: PermissionDenied" in out
         assert "private pool got bank's key" in out
