@@ -178,8 +178,21 @@ def validate_intermediate(
     below = cert
     for i, issuer in enumerate(chain):
         what = f"chain certificate {i + 1}"
-        if _is_ca(issuer) is None:
+        ibc = _is_ca(issuer)
+        if ibc is None:
             raise InvalidArgument(f"{what} ({issuer.subject.rfc4514_string()}) is not a CA certificate")
+        # The issuer must be allowed to sign CAs this deep: i+1 CA certificates
+        # (the intermediate and the chain certificates below this one) sit under it.
+        if ibc.path_length is not None and ibc.path_length < i + 1:
+            raise InvalidArgument(
+                f"{what} ({issuer.subject.rfc4514_string()}) has pathLenConstraint {ibc.path_length}: "
+                "it may not issue the CA certificate(s) below it")
+        try:
+            iku = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
+            if not iku.key_cert_sign:
+                raise InvalidArgument(f"{what} ({issuer.subject.rfc4514_string()}) lacks keyUsage keyCertSign")
+        except x509.ExtensionNotFound:
+            pass  # RFC 5280 leaves keyUsage optional on a CA certificate
         _valid_now(issuer, what, now)
         try:
             below.verify_directly_issued_by(issuer)

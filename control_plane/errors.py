@@ -8,6 +8,20 @@ stack traces. Library errors are wrapped with ``raise ... from``.
 
 from __future__ import annotations
 
+import re
+
+_SHOW_MAX = 48
+_PEMISH = re.compile(r"-----BEGIN|PRIVATE KEY|[A-Za-z0-9+/=]{40,}")
+
+
+def show(value: str) -> str:
+    """Quote caller input for an error message: short, single-line, and never
+    anything that looks like key material (it would reach the audit log)."""
+    if _PEMISH.search(value):
+        return "<input that looks like key material, not shown>"
+    v = value if len(value) <= _SHOW_MAX else value[:_SHOW_MAX] + "..."
+    return repr(v)
+
 
 class KeywardError(Exception):
     """Base of every CA error. ``str(err)`` is safe to return to the caller."""

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
-from control_plane.errors import InvalidArgument
+from control_plane.errors import InvalidArgument, show
 
 DEFAULT_IDLE_SECONDS = 600
 MIN_IDLE_SECONDS = 10
@@ -60,7 +60,7 @@ class Policy:
 def _host(h: str, what: str) -> str:
     v = h.strip().lower().rstrip(".")
     if not v or len(v) > 253 or not _HOST_RE.match(v):
-        raise InvalidArgument(f"{what}: {h!r} is not a host name (use e.g. example.com or *.example.com)")
+        raise InvalidArgument(f"{what}: {show(h)} is not a host name (use e.g. example.com or *.example.com)")
     return v
 
 
@@ -98,7 +98,7 @@ def validate(
             nets.append(ipaddress.ip_network(c.strip(), strict=True))
         except ValueError:
             raise InvalidArgument(
-                f"policy.location_cidrs: {c!r} is not a network in CIDR form with host bits zero "
+                f"policy.location_cidrs: {show(c)} is not a network in CIDR form with host bits zero "
                 "(e.g. 10.1.0.0/16)"
             ) from None
     for i, net_a in enumerate(nets):
@@ -114,7 +114,7 @@ def validate(
         host, _, path = v.partition("/")
         _host(host, "policy.blocked_url_prefixes")
         if any(ch.isspace() for ch in v) or len(v) > 2048:
-            raise InvalidArgument(f"policy.blocked_url_prefixes: {p!r} is not a host/path prefix")
+            raise InvalidArgument(f"policy.blocked_url_prefixes: {show(p)} is not a host/path prefix")
         prefixes.append(host.lower() + ("/" + path if path or v.endswith("/") else ""))
     for d in dni:
         for b in blocked:
@@ -127,7 +127,7 @@ def validate(
             ph = p.split("/", 1)[0]
             if _matches(d, ph):
                 raise InvalidArgument(
-                    f"policy contradicts itself: URL prefix {p!r} is blocked but its host is "
+                    f"policy contradicts itself: URL prefix {show(p)} is blocked but its host is "
                     f"do-not-inspect ({d!r}); URLs of uninspected hosts cannot be seen"
                 )
     return Policy(

@@ -23,6 +23,7 @@ from control_plane import metrics
 from control_plane.config import CAConfig
 from control_plane.errors import ConfigError, KeywardError
 from control_plane.events import EventHub
+from control_plane.interceptors import IdentityInterceptor
 from control_plane.service import AdminService, KeyDistributionService
 from control_plane.spool import KeySentAuditor
 from control_plane.store import Store
@@ -129,7 +130,7 @@ async def start(cfg: CAConfig, master: MasterSecret) -> RunningCA:
         log.warning("could not ensure the schema (no primary reachable); serving reads only until one is")
     hub = EventHub(store)
     await hub.start()
-    server = grpc.aio.server(options=server_options(cfg))
+    server = grpc.aio.server(options=server_options(cfg), interceptors=[IdentityInterceptor(cfg.trust_domain)])
     auditor = KeySentAuditor(store, cfg.audit_spool_file)
     pb_grpc.add_AdminServicer_to_server(  # type: ignore[no-untyped-call]
         AdminService(store, master, cfg.trust_domain, cfg.max_call_seconds), server)

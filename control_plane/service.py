@@ -33,6 +33,7 @@ from control_plane.errors import (
     KeywardError,
     NotFound,
     PermissionDenied,
+    show,
     Unauthenticated,
     Unavailable,
 )
@@ -215,7 +216,7 @@ def unary(action: str, *, audited: bool) -> Callable[[Handler[Req, Resp]], Calla
                 async with asyncio.timeout(budget):
                     return await fn(self, request, context, ident)
             except KeywardError as e:
-                code, message = status_of(e), str(e)
+                code, message = status_of(e), str(e)[:1000]
                 if isinstance(e, Unavailable):
                     metrics.DB_ERRORS.inc()
             except TimeoutError:
@@ -385,7 +386,7 @@ class AdminService(_Base, pb_grpc.AdminServicer):
         try:
             key_id = str(uuid.UUID(request.key_id))
         except ValueError:
-            raise InvalidArgument(f"key_id {request.key_id[:64]!r} is not a UUID (see ListIntermediates)") from None
+            raise InvalidArgument(f"key_id {show(request.key_id)} is not a UUID (see ListIntermediates)") from None
         if len(request.reason) > 200:
             raise InvalidArgument("reason must be at most 200 characters")
         row = await self.store.revoke(Actor(ident.spiffe_id), request.org_id, key_id, request.reason,

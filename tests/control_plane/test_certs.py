@@ -80,3 +80,22 @@ def test_csr_asks_for_pathlen_zero_ca() -> None:
     csr = x509.load_pem_x509_csr(build_csr(k, common_name="acme intermediate", organization="Acme"))
     bc = csr.extensions.get_extension_for_class(x509.BasicConstraints).value
     assert bc.ca and bc.path_length == 0 and csr.is_signature_valid
+
+
+def test_issuer_constraints_are_enforced(key: object) -> None:
+    """An issuer with pathlen:0 may not sign another CA; one without keyCertSign may not sign at all."""
+    rc, rk = _root()
+    mid_key = ec.generate_private_key(ec.SECP256R1())
+    for path_length, cert_sign, msg in ((0, True, "pathLenConstraint 0"), (None, False, "keyCertSign")):
+        mid = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "mid")]))
+               .issuer_name(rc.subject).public_key(mid_key.public_key()).serial_number(9)
+               .not_valid_before(NOW - dt.timedelta(hours=1)).not_valid_after(NOW + dt.timedelta(days=30))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+               .add_extension(x509.KeyUsage(True, False, False, False, False, cert_sign, True, False, False),
+                              critical=True)
+               .sign(rk, hashes.SHA256()))
+        leaf = _issue(key.public_key(), (mid, mid_key))  # type: ignore[attr-defined]
+        chain = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in (mid, rc))
+        with pytest.raises(InvalidArgument, match=msg):
+            validate_intermediate(leaf, chain, pending_spki_sha256=spki_sha256(key.public_key()))  # type: ignore[attr-defined]

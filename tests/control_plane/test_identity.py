@@ -63,3 +63,21 @@ def test_check_id(bad: str) -> None:
     with pytest.raises(InvalidArgument):
         check_id(bad, "org_id")
     assert check_id("acme-2", "org_id") == "acme-2"
+
+
+def test_trailing_newline_is_not_an_id() -> None:
+    for bad in ("acme\n", "acme\r\n"):
+        with pytest.raises(InvalidArgument):
+            check_id(bad, "org_id")
+    with pytest.raises(Unauthenticated):
+        parse_spiffe_id("spiffe://keyward/org-admin/acme\n", trust_domain="keyward")
+
+
+def test_error_messages_never_echo_key_material_or_long_input() -> None:
+    from control_plane.errors import show
+
+    pem = "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIBkg4LVWM9nuwNSk3yByxZpYRTBnVJk5oSFUvT2vBG8HoAoGCCqGSM49"
+    assert "MHcC" not in show(pem) and "BEGIN" not in show(pem)
+    with pytest.raises(InvalidArgument) as e:
+        check_id("x" * 20000, "org_id")
+    assert len(str(e.value)) < 300

@@ -167,3 +167,15 @@ def test_expired_client_certificate_is_refused(ca: CAProcess, pki_dir: Path) -> 
                         "-cert", str(pki_dir / "bad-expired.crt"), "-key", str(pki_dir / "bad-expired.key")],
                        input="", capture_output=True, text=True, timeout=30)
     assert "unexpected eof" in p.stderr.lower()
+
+
+@pytest.mark.parametrize("who", ["bad-no-san", "bad-ca-flag", "bad-foreign-domain"])
+def test_health_and_reflection_obey_the_identity_rules(ca: CAProcess, pki_dir: Path, who: str) -> None:
+    from tests.integration.test_grpcurl import _g
+
+    r = _g(ca, pki_dir, who, "grpc.health.v1.Health/Check", data="{}")
+    assert r.returncode != 0 and "Unauthenticated" in r.stderr, r.stdout + r.stderr
+    r = _g(ca, pki_dir, who, "list")
+    assert r.returncode != 0, r.stdout
+    r = _g(ca, pki_dir, "zen-public", "grpc.health.v1.Health/Check", data="{}")
+    assert r.returncode == 0 and "SERVING" in r.stdout
