@@ -54,6 +54,11 @@ class CAConfig:
     deadline, including calls that sent none, so no request holds a
     connection or a database session indefinitely."""
 
+    max_stream_seconds: int = 3600
+    """KEYWARD_MAX_STREAM_SECONDS, seconds (default 3600). A WatchKeys stream
+    ends (OK) after this long; the ZEN resumes with after_seq. Every call,
+    streams included, is bounded."""
+
     max_concurrent_streams: int = 100
     """KEYWARD_MAX_CONCURRENT_STREAMS per HTTP/2 connection (default 100)."""
 
@@ -82,7 +87,7 @@ _KNOWN = {
     "KEYWARD_CLIENT_CA_FILE", "KEYWARD_MASTER_SECRET_FILE", "KEYWARD_MASTER_SECRET",
     "KEYWARD_TRUST_DOMAIN", "KEYWARD_METRICS_LISTEN", "KEYWARD_MAX_MESSAGE_BYTES",
     "KEYWARD_MAX_CALL_SECONDS", "KEYWARD_MAX_CONCURRENT_STREAMS", "KEYWARD_DB_POOL_SIZE",
-    "KEYWARD_REQUIRE_MLOCK", "KEYWARD_LOG_LEVEL", "KEYWARD_AUDIT_SPOOL_FILE",
+    "KEYWARD_REQUIRE_MLOCK", "KEYWARD_LOG_LEVEL", "KEYWARD_MAX_STREAM_SECONDS", "KEYWARD_AUDIT_SPOOL_FILE",
 }
 
 
@@ -133,6 +138,7 @@ def from_env(env: Mapping[str, str] | None = None) -> CAConfig:
         metrics_listen=env.get("KEYWARD_METRICS_LISTEN", "127.0.0.1:9464"),
         max_message_bytes=_int(env, "KEYWARD_MAX_MESSAGE_BYTES", 1 << 20, 4096, 64 << 20),
         max_call_seconds=call_s,
+        max_stream_seconds=_int(env, "KEYWARD_MAX_STREAM_SECONDS", 3600, 5, 86400),
         max_concurrent_streams=_int(env, "KEYWARD_MAX_CONCURRENT_STREAMS", 100, 1, 10000),
         db_pool_size=_int(env, "KEYWARD_DB_POOL_SIZE", 8, 1, 200),
         require_mlock=_bool(env, "KEYWARD_REQUIRE_MLOCK", True),

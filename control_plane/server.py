@@ -135,7 +135,8 @@ async def start(cfg: CAConfig, master: MasterSecret) -> RunningCA:
     pb_grpc.add_AdminServicer_to_server(  # type: ignore[no-untyped-call]
         AdminService(store, master, cfg.trust_domain, cfg.max_call_seconds), server)
     pb_grpc.add_KeyDistributionServicer_to_server(  # type: ignore[no-untyped-call]
-        KeyDistributionService(store, hub, auditor, cfg.trust_domain, cfg.max_call_seconds), server)
+        KeyDistributionService(store, hub, auditor, cfg.trust_domain, cfg.max_call_seconds,
+                               cfg.max_stream_seconds), server)
     hs = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     names = (

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import functools
+import hashlib
 import logging
 import time
 import uuid
@@ -23,7 +24,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from control_plane import authz, certs, metrics
-from control_plane.custody import new_pending_key
+from control_plane.custody import PendingKey, new_pending_key
 from control_plane.errors import (
     Aborted,
     AlreadyExists,
@@ -42,7 +43,7 @@ from control_plane.events import EventHub, Overflow
 from control_plane.spool import KeySentAuditor
 from control_plane.identity import Identity, Role, check_id, from_certificate
 from control_plane.policy import FailMode, Policy, validate
-from control_plane.store import Actor, IntermediateRow, KeyEventRow, OrgRow, PoolRow, Store
+from control_plane.store import NO_REQUEST, Actor, RequestKey, IntermediateRow, KeyEventRow, OrgRow, PoolRow, Store
 from keylib.master import MasterSecret
 from protos.keyward.v1 import keyward_pb2 as pb
 from protos.keyward.v1 import keyward_pb2_grpc as pb_grpc
@@ -155,10 +156,16 @@ def event_to_pb(e: KeyEventRow) -> pb.KeyEvent:
                        policy_version=e.policy_version, at=_ts(e.at))
 
 
-def _request_id(v: str) -> str:
-    if len(v) > 128 or any(not (c.isalnum() or c in "-_.:") for c in v):
+def _request_key(request: Any) -> RequestKey:
+    v = request.request_id
+    if len(v) > 128 or any(not (c.isascii() and (c.isalnum() or c in "-_.:")) for c in v):
         raise InvalidArgument("request_id must be at most 128 characters of letters, digits and -_.: (a UUID is ideal)")
-    return v
+    if not v:
+        return NO_REQUEST
+    rest = type(request)()
+    rest.CopyFrom(request)
+    rest.request_id = ""
+    return RequestKey(v, hashlib.sha256(rest.SerializeToString(deterministic=True)).hexdigest()[:32])
 
 
 def _display_name(v: str) -> str:
@@ -279,6 +286,16 @@ class AdminService(_Base, pb_grpc.AdminServicer):
         self._master = master
         self._keygen = asyncio.Semaphore(keygen_slots)
 
+    async def _generate(self, **kw: Any) -> PendingKey:
+        """Key generation is CPU-bound: off the event loop, at most
+        ``keygen_slots`` at once. A slot is freed when its thread ends, not
+        when a caller gives up, so abandoned calls cannot pile up threads."""
+        await self._keygen.acquire()
+        fut = asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(new_pending_key, self._master, **kw))
+        fut.add_done_callback(lambda _: self._keygen.release())
+        return await asyncio.shield(fut)
+
     async def _visible_org(self, ident: Identity, org_id: str) -> OrgRow:
         check_id(org_id, "org_id")
         authz.require_admin_of(ident, org_id)
@@ -294,7 +311,7 @@ class AdminService(_Base, pb_grpc.AdminServicer):
         policy = policy_from_pb(request.policy)
         org = await self.store.create_org(Actor(ident.spiffe_id), request.org_id,
                                           _display_name(request.display_name) or request.org_id, policy,
-                                          _request_id(request.request_id))
+                                          _request_key(request))
         return org_to_pb(org)
 
     @unary("GetOrganization", audited=False)
@@ -309,7 +326,7 @@ class AdminService(_Base, pb_grpc.AdminServicer):
             raise InvalidArgument("policy is required (send the whole policy; absent fields take their defaults)")
         policy = policy_from_pb(request.policy)
         org = await self.store.update_policy(Actor(ident.spiffe_id), request.org_id, policy,
-                                             request.expected_policy_version, _request_id(request.request_id))
+                                             request.expected_policy_version, _request_key(request))
         return org_to_pb(org)
 
     @unary("RegisterZenPool", audited=True)
@@ -330,7 +347,7 @@ class AdminService(_Base, pb_grpc.AdminServicer):
         if len(p.org_ids) > 1000:
             raise InvalidArgument("a pool may be bound to at most 1000 orgs")
         row = await self.store.register_pool(Actor(ident.spiffe_id), p.name, vis, list(p.org_ids),
-                                             _request_id(request.request_id))
+                                             _request_key(request))
         return pool_to_pb(row)
 
     @unary("ListZenPools", audited=False)
@@ -347,12 +364,10 @@ class AdminService(_Base, pb_grpc.AdminServicer):
         alg = _PB_TO_ALG[request.algorithm]
         cn = certs.check_subject_field(request.common_name, "common_name") or f"{org.org_id} keyward intermediate"
         o = certs.check_subject_field(request.organization, "organization") or org.display_name[:64]
-        rid, actor = _request_id(request.request_id), Actor(ident.spiffe_id)
+        rid, actor = _request_key(request), Actor(ident.spiffe_id)
         result = await self.store.replayed(rid, actor, "RequestIntermediateCsr")
         if result is None:
-            async with self._keygen:  # key generation is CPU-bound: bounded, off the event loop
-                pending = await asyncio.to_thread(new_pending_key, self._master, org_id=org.org_id,
-                                                  algorithm=alg, common_name=cn, organization=o)
+            pending = await self._generate(org_id=org.org_id, algorithm=alg, common_name=cn, organization=o)
             result = await self.store.add_pending_key(actor, pending, rid)
         return pb.RequestIntermediateCsrResponse(
             key_id=result["key_id"], algorithm=_ALG_TO_PB[certs.KeyAlgorithm(result["algorithm"])],
@@ -369,7 +384,7 @@ class AdminService(_Base, pb_grpc.AdminServicer):
             Actor(ident.spiffe_id), request.org_id,
             lambda fp: certs.validate_intermediate(request.certificate_pem, request.chain_pem,
                                                    pending_spki_sha256=fp),
-            _request_id(request.request_id))
+            _request_key(request))
         return inter_to_pb(row)
 
     @unary("ListIntermediates", audited=False)
@@ -390,7 +405,7 @@ class AdminService(_Base, pb_grpc.AdminServicer):
         if len(request.reason) > 200:
             raise InvalidArgument("reason must be at most 200 characters")
         row = await self.store.revoke(Actor(ident.spiffe_id), request.org_id, key_id, request.reason,
-                                      _request_id(request.request_id))
+                                      _request_key(request))
         return inter_to_pb(row)
 
     @unary("ListAuditEvents", audited=False)
@@ -417,8 +432,9 @@ class AdminService(_Base, pb_grpc.AdminServicer):
 
 class KeyDistributionService(_Base, pb_grpc.KeyDistributionServicer):
     def __init__(self, store: Store, hub: EventHub, auditor: KeySentAuditor, trust_domain: str,
-                 max_call_seconds: float) -> None:
+                 max_call_seconds: float, max_stream_seconds: float = 3600.0) -> None:
         super().__init__(store, trust_domain, max_call_seconds)
+        self.max_stream_seconds = max_stream_seconds
         self.hub = hub
         self.auditor = auditor
         #: Newest key version sent per org by this process (stale-read guard).
@@ -445,7 +461,8 @@ class KeyDistributionService(_Base, pb_grpc.KeyDistributionServicer):
             # than hand out a key older than one already sent.
             org, key = await self.store.active_key(org_id, replica_ok=False)
         if org is None or not pool.serves(org_id, org.policy.private_zen_only):
-            metrics.KEYS_REFUSED.labels("-").inc()
+            # Metrics are internal: label the org when it exists (bounded cardinality).
+            metrics.KEYS_REFUSED.labels(org_id if org is not None else "-").inc()
             raise authz.key_refusal(pool.name, org_id)
         if key is None:
             raise FailedPrecondition(f"organization {org_id!r} has no active intermediate certificate yet")
@@ -485,12 +502,15 @@ class KeyDistributionService(_Base, pb_grpc.KeyDistributionServicer):
             ident = self.identify(context)
             pool = await self._pool(ident)
             orgs = {check_id(o, "org_ids entry") for o in request.org_ids}
-            if pool.visibility == "private":
-                denied = sorted(orgs - set(pool.org_ids))
-                if denied:
-                    denied_org = denied[0]
-                    metrics.KEYS_REFUSED.labels("-").inc()
-                    raise authz.key_refusal(pool.name, denied[0])
+            if len(orgs) > 1000:
+                raise InvalidArgument("watch at most 1000 org_ids per stream (or none: every org the pool serves)")
+            for o in sorted(orgs):  # the same rule, and the same refusal, as GetKeyPair
+                org = None if pool.visibility == "private" and o not in pool.org_ids else \
+                    await self.store.get_org(o, replica_ok=True)
+                if org is None or not pool.serves(o, org.policy.private_zen_only):
+                    denied_org = o
+                    metrics.KEYS_REFUSED.labels(o if org is not None else "-").inc()
+                    raise authz.key_refusal(pool.name, o)
             last = self.hub.last_seq
             await context.send_initial_metadata((("keyward-event-seq", str(last)),))
             if request.after_seq:
@@ -503,8 +523,14 @@ class KeyDistributionService(_Base, pb_grpc.KeyDistributionServicer):
                             yield event_to_pb(ev)
                     if len(backlog) < 500:
                         break
+            ends = time.monotonic() + self.max_stream_seconds
             while True:
-                ev = await sub.get()
+                try:
+                    async with asyncio.timeout(max(0.0, ends - time.monotonic())):
+                        ev = await sub.get()
+                except TimeoutError:
+                    # Streams are capped too: the ZEN reconnects with after_seq.
+                    break
                 if ev.seq <= last:
                     continue
                 last = ev.seq

@@ -229,6 +229,19 @@ class KeyEventRow:
 
 
 @dataclass(frozen=True)
+class RequestKey:
+    """An admin write's idempotency key: the caller's request_id and a digest
+    of the request's other fields, so a reused id with other parameters is
+    refused instead of answered with another call's result."""
+
+    id: str = ""
+    params: str = ""
+
+
+NO_REQUEST = RequestKey()
+
+
+@dataclass(frozen=True)
 class Actor:
     """Who is acting, for the audit row."""
 
@@ -451,30 +464,31 @@ class Store:
     # ---------------------------------------------------------- idempotency
 
     @staticmethod
-    async def _replay(conn: AsyncConnection[dict[str, Any]], request_id: str, actor: Actor,
+    async def _replay(conn: AsyncConnection[dict[str, Any]], request_id: RequestKey, actor: Actor,
                       action: str) -> dict[str, Any] | None:
-        if not request_id:
+        if not request_id.id:
             return None
         cur = await conn.execute("SELECT actor, action, result FROM request_log WHERE request_id = %s",
-                                 (request_id,))
+                                 (request_id.id,))
         r = await cur.fetchone()
         if r is None:
             return None
-        if r["actor"] != actor.spiffe_id or r["action"] != action:
-            raise InvalidArgument(f"request_id {request_id} was already used for another call; use a fresh one")
+        if r["actor"] != actor.spiffe_id or r["action"] != f"{action}#{request_id.params}":
+            raise InvalidArgument(f"request_id {request_id.id} was already used for another call or other "
+                                  "parameters; use a fresh one")
         return dict(r["result"])
 
     @staticmethod
-    async def _remember(conn: AsyncConnection[dict[str, Any]], request_id: str, actor: Actor, action: str,
+    async def _remember(conn: AsyncConnection[dict[str, Any]], request_id: RequestKey, actor: Actor, action: str,
                         result: dict[str, Any]) -> None:
-        if request_id:
+        if request_id.id:
             await conn.execute(
                 "INSERT INTO request_log (request_id, actor, action, result) VALUES (%s, %s, %s, %s)",
-                (request_id, actor.spiffe_id, action, json.dumps(result)))
+                (request_id.id, actor.spiffe_id, f"{action}#{request_id.params}", json.dumps(result)))
 
-    async def replayed(self, request_id: str, actor: Actor, action: str) -> dict[str, Any] | None:
+    async def replayed(self, request_id: RequestKey, actor: Actor, action: str) -> dict[str, Any] | None:
         """The stored result of an already-applied request, if any."""
-        if not request_id:
+        if not request_id.id:
             return None
         async with self._tx(write=False) as conn:
             return await self._replay(conn, request_id, actor, action)
@@ -590,7 +604,7 @@ class Store:
             return await q(conn)
 
     async def create_org(self, actor: Actor, org_id: str, display_name: str, policy: Policy,
-                         request_id: str = "") -> OrgRow:
+                         request_id: RequestKey = NO_REQUEST) -> OrgRow:
         async with self._tx(write=True) as conn:
             if await self._replay(conn, request_id, actor, "CreateOrganization") is not None:
                 cur = await conn.execute(_ORG_SELECT, (org_id,))
@@ -613,7 +627,7 @@ class Store:
         return _org(r)
 
     async def update_policy(self, actor: Actor, org_id: str, policy: Policy, expected_version: int,
-                            request_id: str = "") -> OrgRow:
+                            request_id: RequestKey = NO_REQUEST) -> OrgRow:
         async with self._tx(write=True) as conn:
             replay = await self._replay(conn, request_id, actor, "UpdatePolicy")
             cur = await conn.execute("SELECT * FROM organizations WHERE org_id = %s FOR UPDATE", (org_id,))
@@ -674,7 +688,7 @@ class Store:
             return out
 
     async def register_pool(self, actor: Actor, name: str, visibility: str, org_ids: list[str],
-                            request_id: str = "") -> PoolRow:
+                            request_id: RequestKey = NO_REQUEST) -> PoolRow:
         async with self._tx(write=True) as conn:
             old = await self._pool_row(conn, name)
             if old is not None and await self._replay(conn, request_id, actor, "RegisterZenPool") is not None:
@@ -708,7 +722,7 @@ class Store:
 
     # ---------------------------------------------------------- intermediates
 
-    async def add_pending_key(self, actor: Actor, pending: PendingKey, request_id: str = "") -> dict[str, Any]:
+    async def add_pending_key(self, actor: Actor, pending: PendingKey, request_id: RequestKey = NO_REQUEST) -> dict[str, Any]:
         """Store a new sealed pending key; a previous pending key is discarded.
         Returns the request's result (the stored one, for a replayed request)."""
         result = {"key_id": pending.key_id, "csr_pem": pending.csr_pem, "algorithm": pending.algorithm.value,
@@ -749,7 +763,7 @@ class Store:
         actor: Actor,
         org_id: str,
         validate: Callable[[bytes], tuple[CertInfo, str, str]],
-        request_id: str = "",
+        request_id: RequestKey = NO_REQUEST,
     ) -> IntermediateRow:
         """Activate the org's pending key with a certificate ``validate`` accepts.
 
@@ -800,7 +814,7 @@ class Store:
         return _inter(row)
 
     async def revoke(self, actor: Actor, org_id: str, key_id: str, reason: str,
-                     request_id: str = "") -> IntermediateRow:
+                     request_id: RequestKey = NO_REQUEST) -> IntermediateRow:
         async with self._tx(write=True) as conn:
             if await self._replay(conn, request_id, actor, "RevokeIntermediate") is not None:
                 return await self._intermediate(conn, org_id, key_id)

@@ -164,7 +164,8 @@ def test_server_caps_deadlines_and_writes_nothing(pg: PgCluster, pki_dir: Path, 
                                                    workdir: Path, new_org_id: str) -> None:
     """A CA capped at 1 s: a write stuck behind a held lock ends DEADLINE_EXCEEDED
     although the client allowed 30 s, and the org is not created."""
-    capped = start_ca(pg, pki_dir, master_secret[1], workdir / "ca-capped", KEYWARD_MAX_CALL_SECONDS="1")
+    capped = start_ca(pg, pki_dir, master_secret[1], workdir / "ca-capped", KEYWARD_MAX_CALL_SECONDS="1",
+                      KEYWARD_MAX_STREAM_SECONDS="5")
     try:
         c = clients(capped.addr, pki_dir, "platform-admin")
         with psycopg.connect(pg.admin_dsn(), autocommit=True) as blocker:
@@ -177,6 +178,13 @@ def test_server_caps_deadlines_and_writes_nothing(pg: PgCluster, pki_dir: Path, 
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "deadline" in msg and "nothing was written" in msg
         assert elapsed < 20, elapsed  # bounded by the cap, not the client's 30 s
         assert pg.psql(f"SELECT count(*) FROM organizations WHERE org_id = '{new_org_id}'") == "0"
+        # Streams are capped as well: WatchKeys ends by itself (OK) after 5 s.
+        zc = clients(capped.addr, pki_dir, "zen-public")
+        c.admin.RegisterZenPool(pb.RegisterZenPoolRequest(pool=pb.ZenPool(
+            name="public", visibility=pb.POOL_VISIBILITY_PUBLIC)), timeout=30)
+        t0 = time.monotonic()
+        assert list(zc.keys.WatchKeys(pb.WatchKeysRequest(), timeout=30)) == []
+        assert 4 < time.monotonic() - t0 < 20
     finally:
         capped.stop()
 
@@ -202,3 +210,14 @@ def test_keepalive_abuse_is_refused(ca: CAProcess, pki_dir: Path, platform: Clie
     assert result["code"] == grpc.StatusCode.UNAVAILABLE, result
     assert "too many pings" in (result["details"] or "").lower(), result
     assert platform.admin.ListZenPools(pb.ListZenPoolsRequest(), timeout=30).pools
+
+
+def test_request_id_reused_with_other_parameters_is_refused(pg: PgCluster, platform: Clients,
+                                                           new_org_id: str) -> None:
+    rid = f"rid-{new_org_id}"
+    a = platform.admin.CreateOrganization(pb.CreateOrganizationRequest(org_id=new_org_id, request_id=rid), timeout=30)
+    again = platform.admin.CreateOrganization(pb.CreateOrganizationRequest(org_id=new_org_id, request_id=rid),
+                                              timeout=30)
+    assert again.org_id == a.org_id and again.created_at == a.created_at  # a replay, not a second create
+    _expect(pg, platform, platform.admin.CreateOrganization,
+            pb.CreateOrganizationRequest(org_id=new_org_id + "x", request_id=rid), IA, "already used")

@@ -179,3 +179,15 @@ def test_health_and_reflection_obey_the_identity_rules(ca: CAProcess, pki_dir: P
     assert r.returncode != 0, r.stdout
     r = _g(ca, pki_dir, "zen-public", "grpc.health.v1.Health/Check", data="{}")
     assert r.returncode == 0 and "SERVING" in r.stdout
+
+
+def test_public_pool_watching_a_private_or_missing_org_is_refused_and_audited(
+    ca: CAProcess, pki_dir: Path, pg: PgCluster, private_org: str,
+) -> None:
+    public = clients(ca.addr, pki_dir, "zen-public")
+    for org in (private_org, "o-never-existed"):
+        code, msg = code_of(lambda *a, **k: next(iter(public.keys.WatchKeys(*a, **k))),
+                            pb.WatchKeysRequest(org_ids=[org]))
+        assert code == PD and "may not receive keys" in msg
+    wait_for(lambda: _audit_outcomes(pg, private_org, "WatchKeys") == ["PERMISSION_DENIED"], 10,
+             "the refusal in the audit log")
