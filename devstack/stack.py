@@ -1,8 +1,9 @@
 """The local stack: ``make up`` / ``make down`` (``python -m devstack.stack``).
 
-``up`` starts, in the background: a Postgres server (data in .run/pg), the
-CA (``keyward serve``, log in .run/logs/ca.log), registers the dev ZEN pools
-``public`` and ``private``, and writes ``.run/env``. The master secret is
+``up`` starts, in the background: three Postgres servers (a primary and two
+synchronous standbys, data in .run/pg), the CA (``keyward serve``, log in
+.run/logs/ca.log), the backup agent (.run/logs/backup-agent.log), registers
+the dev ZEN pools ``public`` and ``private``, and writes ``.run/env``. The master secret is
 generated into a memory-backed file under /dev/shm (the local stand-in for a
 Kubernetes Secret on a tmpfs volume); it never touches the disk.
 """

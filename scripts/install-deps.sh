@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Install the system packages keyward's stack and tests need, if missing:
-# Postgres server binaries, openssl, curl, strace. Debian/Ubuntu (apt).
+# Postgres server binaries (with contrib's pgstattuple), openssl, curl, procps,
+# jq, python3-venv. Debian/Ubuntu (apt). As root it installs them; otherwise it
+# prints the apt-get line to run with sudo.
 set -euo pipefail
 need=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || need+=(postgresql)
 command -v openssl >/dev/null || need+=(openssl)
 command -v curl >/dev/null || need+=(curl)
 command -v runuser >/dev/null || need+=(util-linux)
+command -v pgrep >/dev/null || need+=(procps)
+command -v jq >/dev/null || need+=(jq)   # README's grpcurl examples
+# Debian's python3 needs python3-venv for `python3 -m venv`.
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" -ne 0 ]; then
   echo "missing system packages: ${need[*]}; install them with: sudo apt-get install -y ${need[*]}" >&2

@@ -59,3 +59,31 @@ def test_control_plane_source_has_no_decrypt_call() -> None:
             if name and ("decrypt" in name.lower() or name in ("open_sealed", "unwrap")):
                 offenders.append(f"{path.name}:{node.lineno} {name}")
     assert not offenders, offenders
+
+
+def test_ca_server_installs_the_guard_before_anything_else() -> None:
+    """Drive the real `server.start` far enough to pass its first line, then try."""
+    code = """
+import asyncio, importlib
+from control_plane import server, config
+from control_plane.store import Store
+
+class Stop(Exception):
+    pass
+
+async def refuse(*a, **k):
+    raise Stop()
+Store.open = refuse  # no database needed: stop right after the guard
+cfg = config.CAConfig(db_dsn="host=x", tls_cert_file="/dev/null", tls_key_file="/dev/null",
+                      client_ca_file="/dev/null")
+try:
+    asyncio.run(server.start(cfg, None))
+except Stop:
+    pass
+try:
+    importlib.import_module('keylib.unwrap')
+except ImportError:
+    print('guarded')
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "guarded" in r.stdout, r.stdout + r.stderr

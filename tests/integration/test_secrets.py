@@ -55,10 +55,15 @@ def test_no_key_material_in_database_files_logs_or_audit(
     create_org(platform, new_org_id)
     admin = org_admin(ca.addr, pki_dir, new_org_id)
     root = OrgRoot.create(tmp_path, new_org_id)
+    zen = clients(ca.addr, pki_dir, "zen-public")
     activate(admin, root, new_org_id)
-    activate(admin, root, new_org_id)  # a rotation too: the retired key passed through as well
-    kp = clients(ca.addr, pki_dir, "zen-public").keys.GetKeyPair(pb.GetKeyPairRequest(org_id=new_org_id), timeout=30)
+    retired = zen.keys.GetKeyPair(pb.GetKeyPairRequest(org_id=new_org_id), timeout=30)
+    activate(admin, root, new_org_id)  # a rotation: the first key passed through and was retired
+    kp = zen.keys.GetKeyPair(pb.GetKeyPairRequest(org_id=new_org_id), timeout=30)
+    assert kp.key_id != retired.key_id
     needles = _needles(kp, master_secret[0])
+    needles.update({f"retired {k}": v for k, v in _needles(retired, master_secret[0]).items()
+                    if not k.startswith("master")})
     assert kp.encrypted_private_key  # the haystacks hold the sealed key; the needles must not appear
 
     # 1. Every table, as text (bytea shows as hex, so the hex needles cover it).
