@@ -1,0 +1,201 @@
+"""The org key's only home: a small signer process per org.
+
+Python and the TLS library keep copies of key material that cannot be wiped
+(object heaps, parser buffers). So the ZEN isolates instead: the org's
+private key is opened into locked memory, written straight from that buffer
+into a pipe to a fresh child process, and wiped. Only the child ever parses
+the key; it locks all its memory (``mlockall``), turns core dumps off, and
+signs leaf certificates on request. Dropping the key (idle, revoked,
+rotated) ends the child: the kernel reclaims its pages and nothing of the
+key is left in any ZEN process.
+
+Protocol on the child's stdin/stdout: 4-byte big-endian length + JSON. The
+first message is the raw DER (length-prefixed, not JSON) followed by the
+intermediate certificate PEM.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import ctypes.util
+import datetime as dt
+import json
+import os
+import resource
+import struct
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+
+from keylib.securemem import LockedBuffer
+
+MCL_CURRENT, MCL_FUTURE = 1, 2
+PR_SET_DUMPABLE = 4
+
+
+class SignerError(RuntimeError):
+    """The signer process failed or refused a request."""
+
+
+@dataclass(frozen=True)
+class LeafRequest:
+    """What a leaf certificate says; the signer adds issuer and signature."""
+
+    common_name: str
+    dns_names: tuple[str, ...]
+    ip_addresses: tuple[str, ...]
+    public_key_der: bytes  # SubjectPublicKeyInfo of the ZEN's leaf key
+    not_before: dt.datetime
+    not_after: dt.datetime
+    serial: int
+
+
+def _frame(payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + payload
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = os.read(fd, n - len(out))
+        if not chunk:
+            raise EOFError("pipe closed")
+        out += chunk
+    return bytes(out)
+
+
+class Signer:
+    """Parent side. Thread-safe; one request at a time per signer."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self._proc = proc
+        self._lock = threading.Lock()
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @classmethod
+    def start(cls, der: LockedBuffer, intermediate_pem: str) -> Signer:
+        """Start a signer holding ``der``'s key. ``der`` is not kept; wipe it after."""
+        proc = subprocess.Popen([sys.executable, "-m", "data_plane.signer"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, close_fds=True, env={"PYTHONPATH": os.pathsep.join(sys.path)})
+        assert proc.stdin is not None and proc.stdout is not None
+        fd = proc.stdin.fileno()
+        os.write(fd, struct.pack(">I", der.size))
+        view = der.view
+        sent = 0
+        while sent < der.size:  # straight from locked memory to the pipe: no Python copy
+            sent += os.write(fd, view[sent:])
+        os.write(fd, _frame(intermediate_pem.encode()))
+        s = cls(proc)
+        ready = s._recv()
+        if ready.get("error"):
+            s.stop()
+            raise SignerError(f"signer refused the key: {ready['error']}")
+        return s
+
+    def _recv(self) -> dict[str, object]:
+        assert self._proc.stdout is not None
+        fd = self._proc.stdout.fileno()
+        try:
+            (n,) = struct.unpack(">I", _read_exact(fd, 4))
+            return dict(json.loads(_read_exact(fd, n)))
+        except (EOFError, ValueError) as e:
+            raise SignerError(f"signer process {self._proc.pid} died") from e
+
+    def sign(self, req: LeafRequest) -> bytes:
+        msg = {"cn": req.common_name, "dns": list(req.dns_names), "ips": list(req.ip_addresses),
+               "spki": base64.b64encode(req.public_key_der).decode(), "nb": req.not_before.isoformat(),
+               "na": req.not_after.isoformat(), "serial": req.serial}
+        with self._lock:
+            if self._proc.poll() is not None:
+                raise SignerError("signer process has ended")
+            assert self._proc.stdin is not None
+            os.write(self._proc.stdin.fileno(), _frame(json.dumps(msg).encode()))
+            out = self._recv()
+        if "error" in out:
+            raise SignerError(str(out["error"]))
+        return base64.b64decode(str(out["cert"]))
+
+    def stop(self) -> None:
+        """End the process (SIGKILL: nothing of it is worth a graceful exit)."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait(10)
+        for f in (self._proc.stdin, self._proc.stdout):
+            if f is not None:
+                f.close()
+
+
+# ------------------------------------------------------------------ child
+
+def _harden() -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    libc.mlockall(MCL_CURRENT | MCL_FUTURE)  # best effort: never swapped
+
+
+def _child() -> None:
+    _harden()
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    import ipaddress
+
+    fin, fout = 0, 1
+
+    def send(obj: dict[str, object]) -> None:
+        os.write(fout, _frame(json.dumps(obj).encode()))
+
+    (n,) = struct.unpack(">I", _read_exact(fin, 4))
+    der = bytearray(_read_exact(fin, n))
+    (m,) = struct.unpack(">I", _read_exact(fin, 4))
+    issuer = x509.load_pem_x509_certificate(_read_exact(fin, m))
+    try:
+        key = serialization.load_der_private_key(bytes(der), None)
+    except ValueError as e:
+        send({"error": f"not a private key ({e.__class__.__name__})"})
+        return
+    finally:
+        der[:] = bytes(len(der))
+    if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
+        send({"error": "unsupported key type"})
+        return
+    send({"ready": True})
+    algo = hashes.SHA256()
+    aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key())
+    while True:
+        try:
+            (n,) = struct.unpack(">I", _read_exact(fin, 4))
+        except EOFError:
+            return
+        try:
+            r = json.loads(_read_exact(fin, n))
+            pub = serialization.load_der_public_key(base64.b64decode(r["spki"]))
+            sans: list[x509.GeneralName] = [x509.DNSName(d) for d in r["dns"]]
+            sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in r["ips"]]
+            b = (x509.CertificateBuilder()
+                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, r["cn"][:64])]))
+                 .issuer_name(issuer.subject).public_key(pub)  # type: ignore[arg-type]
+                 .serial_number(int(r["serial"]))
+                 .not_valid_before(dt.datetime.fromisoformat(r["nb"]))
+                 .not_valid_after(dt.datetime.fromisoformat(r["na"]))
+                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                 .add_extension(x509.KeyUsage(True, False, True, False, False, False, False, False, False),
+                                critical=True)
+                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+                 .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+                 .add_extension(aki, critical=False))
+            cert = b.sign(key, algo)
+            send({"cert": base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()})
+        except Exception as e:  # a bad request must not end the signer
+            send({"error": f"cannot sign: {e.__class__.__name__}"})
+
+
+if __name__ == "__main__":
+    _child()
