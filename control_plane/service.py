@@ -513,6 +513,12 @@ class KeyDistributionService(_Base, pb_grpc.KeyDistributionServicer):
                     raise authz.key_refusal(pool.name, o)
             last = self.hub.last_seq
             await context.send_initial_metadata((("keyward-event-seq", str(last)),))
+            if request.snapshot:
+                for org in await self.store.orgs_served(pool):
+                    if not orgs or org.org_id in orgs:
+                        yield pb.KeyEvent(seq=0, kind=pb.KEY_EVENT_KIND_POLICY_CHANGED, org_id=org.org_id,
+                                          key_id=org.active_key_id, policy=policy_to_pb(org.policy),
+                                          policy_version=org.policy_version, at=_ts(org.updated_at))
             if request.after_seq:
                 last = request.after_seq
                 while True:

@@ -676,6 +676,20 @@ class Store:
         orgs = tuple(x["org_id"] for x in await cur.fetchall())
         return PoolRow(name=name, visibility=r["visibility"], org_ids=orgs)
 
+    async def orgs_served(self, pool: PoolRow) -> list[OrgRow]:
+        """Every org the pool serves (replica-ok: distribution)."""
+        async def q(conn: AsyncConnection[dict[str, Any]]) -> list[OrgRow]:
+            if pool.visibility == "public":
+                cur = await conn.execute(
+                    "SELECT o.*, NULL AS active_key_id FROM organizations o "
+                    "WHERE NOT coalesce((o.policy->>'private_zen_only')::boolean, false) ORDER BY o.org_id")
+            else:
+                cur = await conn.execute(
+                    "SELECT o.*, NULL AS active_key_id FROM organizations o "
+                    "WHERE o.org_id = ANY(%s) ORDER BY o.org_id", (list(pool.org_ids),))
+            return [_org(r) for r in await cur.fetchall()]
+        return await self._replica_read(q)
+
     async def list_pools(self) -> list[PoolRow]:
         async with self._tx(write=False) as conn:
             cur = await conn.execute("SELECT name FROM zen_pools ORDER BY name")

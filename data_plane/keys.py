@@ -1,0 +1,164 @@
+"""The ZEN's org keys: fetched on first need, opened in locked memory,
+handed to a signer process, followed through rotations and revocations,
+dropped after the org's idle time, kept while the CA is down.
+
+Contract:
+* ``signer_for(org)`` returns a signer or None; None means "do not decrypt"
+  (no key: refused, none active, or the CA is unreachable and none cached).
+* A ROTATED event replaces the org's signer for new connections as soon as
+  the new key is fetched (well within a second); REVOKED and
+  ACCESS_REVOKED end the signer at once.
+* Keys unused for the org's idle time are dropped (their process ends).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+from data_plane import metrics
+from data_plane.ca_client import CAClient, CAError, CAUnavailable, KeyMaterial
+from data_plane.keyopen import open_org_key
+from data_plane.policy import OrgPolicy
+from data_plane.signer import Signer
+from keylib.master import MasterSecret
+
+log = logging.getLogger("keyward.zen.keys")
+
+
+@dataclass
+class OrgKey:
+    org_id: str
+    key_id: str
+    version: int
+    certificate_pem: str
+    chain_pem: str
+    signer: Signer
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class KeyManager:
+    def __init__(self, client: CAClient, master: MasterSecret) -> None:
+        self._client = client
+        self._master = master
+        self.keys: dict[str, OrgKey] = {}
+        self.policies: dict[str, OrgPolicy] = {}
+        #: Intermediate certificates are kept until a new one arrives, even after the key is dropped.
+        self.intermediates: dict[str, str] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.ca_reachable = False
+        self._last_seq = 0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._follow(), name="zen-watch"),
+                       asyncio.create_task(self._evict_loop(), name="zen-evict")]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        for org in list(self.keys):
+            self.drop(org, "shutdown")
+
+    def drop(self, org_id: str, reason: str) -> None:
+        k = self.keys.pop(org_id, None)
+        if k is not None:
+            k.signer.stop()
+            metrics.KEYS_HELD.set(len(self.keys))
+            log.info("dropped key of %s (%s)", org_id, reason)
+
+    async def _install(self, km: KeyMaterial) -> OrgKey:
+        buf = open_org_key(self._master, org_id=km.org_id, key_id=km.key_id, keylib_format=km.keylib_format,
+                           sealed=km.sealed, certificate_pem=km.certificate_pem)
+        try:
+            signer = await asyncio.to_thread(Signer.start, buf, km.certificate_pem)
+        finally:
+            buf.wipe()
+        new = OrgKey(km.org_id, km.key_id, km.version, km.certificate_pem, km.chain_pem, signer)
+        old = self.keys.get(km.org_id)
+        self.keys[km.org_id] = new
+        self.intermediates[km.org_id] = km.certificate_pem
+        self.policies[km.org_id] = km.policy
+        if old is not None and old.signer is not signer:
+            old.signer.stop()
+        metrics.KEYS_HELD.set(len(self.keys))
+        return new
+
+    async def _fetch(self, org_id: str) -> OrgKey | None:
+        lock = self._locks.setdefault(org_id, asyncio.Lock())
+        async with lock:
+            have = self.keys.get(org_id)
+            try:
+                km = await self._client.get_key_pair(org_id, min_version=have.version if have else 0)
+                self.ca_reachable = True
+                metrics.KEY_FETCHES.labels("ok").inc()
+            except CAUnavailable as e:
+                self.ca_reachable = False
+                metrics.KEY_FETCHES.labels("unavailable").inc()
+                log.warning("CA unreachable fetching %s: %s", org_id, e)
+                return have
+            except CAError as e:
+                self.ca_reachable = True
+                metrics.KEY_FETCHES.labels("refused").inc()
+                log.info("no key for %s: %s", org_id, e)
+                self.drop(org_id, "refused")
+                return None
+            if have is not None and have.key_id == km.key_id:
+                return have
+            return await self._install(km)
+
+    async def signer_for(self, org_id: str) -> OrgKey | None:
+        k = self.keys.get(org_id)
+        if k is None:
+            k = await self._fetch(org_id)
+        if k is not None:
+            k.last_used = time.monotonic()
+        return k
+
+    async def _evict_loop(self) -> None:
+        while True:
+            now = time.monotonic()
+            for org, k in list(self.keys.items()):
+                idle = self.policies.get(org, OrgPolicy(org)).idle_seconds
+                if now - k.last_used > idle:
+                    self.drop(org, f"idle for {idle}s")
+            await asyncio.sleep(1.0)
+
+    async def _follow(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                async for ev in self._client.watch(self._last_seq, snapshot=True):
+                    self.ca_reachable = True
+                    backoff = 0.5
+                    if ev.seq:
+                        self._last_seq = ev.seq
+                    await self._on_event(ev.kind, ev.org_id, ev.policy)
+            except asyncio.CancelledError:
+                raise
+            except CAUnavailable as e:
+                self.ca_reachable = False
+                log.warning("watch stream lost: %s", e)
+            except Exception:
+                log.exception("watch stream failed")
+            metrics.CA_REACHABLE.set(1 if self.ca_reachable else 0)
+            await asyncio.sleep(backoff)  # bounded back-off before reconnecting
+            backoff = min(backoff * 2, 5.0)
+
+    async def _on_event(self, kind: str, org_id: str, policy: OrgPolicy | None) -> None:
+        if kind == "policy" and policy is not None:
+            self.policies[org_id] = policy
+        elif kind == "rotated":
+            if org_id in self.keys:
+                await self._fetch(org_id)  # new connections use the new key as soon as it is here
+        elif kind == "revoked":
+            self.drop(org_id, "revoked")
+        elif kind == "access_revoked":
+            self.drop(org_id, "access revoked")
+            self.policies.pop(org_id, None)
+            self.intermediates.pop(org_id, None)

@@ -1,0 +1,123 @@
+"""Per-site certificates, minted in RAM (cf. mitmproxy's certs.py).
+
+One leaf key per org per ZEN (EC P-256), replaced after ``leaf_hours``.
+Minted certificates and their TLS contexts live in a bounded LRU with an
+expiry. Nothing touches a file system: the TLS library wants a path, so the
+PEM goes through an anonymous in-memory file (memfd) that is closed at once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import ssl
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from data_plane import metrics
+from data_plane.signer import LeafRequest, Signer
+
+MAX_SANS = 20
+
+
+@dataclass
+class _LeafKey:
+    key: ec.EllipticCurvePrivateKey
+    born: float
+
+
+def split_names(host: str, origin_sans: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(dns names, ip addresses) for the leaf: the requested host first, then
+    the origin's names that fit, capped."""
+    dns: list[str] = []
+    ips: list[str] = []
+    for n in [host, *origin_sans]:
+        n = n.strip().lower().rstrip(".")
+        if not n:
+            continue
+        try:
+            ipaddress.ip_address(n)
+            if n not in ips:
+                ips.append(n)
+        except ValueError:
+            if n not in dns and len(n) <= 253 and all(c.isalnum() or c in "-.*" for c in n):
+                dns.append(n)
+    return tuple(dns[:MAX_SANS]), tuple(ips[:MAX_SANS])
+
+
+def _memfd_context(pem: bytes) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+    fd = os.memfd_create("keyward-leaf", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, pem)
+        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+    return ctx
+
+
+class Minter:
+    def __init__(self, *, leaf_hours: int = 24, cache_size: int = 1000) -> None:
+        self._hours = leaf_hours
+        self._size = cache_size
+        self._keys: dict[str, _LeafKey] = {}
+        self._cache: OrderedDict[tuple[str, str, str], tuple[ssl.SSLContext, float]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._serial = int(time.time() * 1000) << 16
+
+    def _leaf_key(self, org_id: str) -> ec.EllipticCurvePrivateKey:
+        k = self._keys.get(org_id)
+        if k is None or time.monotonic() - k.born > self._hours * 3600:
+            k = _LeafKey(ec.generate_private_key(ec.SECP256R1()), time.monotonic())
+            self._keys[org_id] = k
+        return k.key
+
+    def context_for(self, org_id: str, key_id: str, signer: Signer, intermediate_pem: str, host: str,
+                    origin_sans: list[str]) -> ssl.SSLContext:
+        """A server-side TLS context presenting a leaf for ``host`` (blocking: run in a thread)."""
+        ck = (org_id, key_id, host)
+        with self._lock:
+            hit = self._cache.get(ck)
+            if hit and hit[1] > time.monotonic():
+                self._cache.move_to_end(ck)
+                metrics.CERT_CACHE.labels("hit").inc()
+                return hit[0]
+            metrics.CERT_CACHE.labels("miss").inc()
+            leaf = self._leaf_key(org_id)
+            self._serial += 1
+            serial = self._serial
+        inter = x509.load_pem_x509_certificate(intermediate_pem.encode())
+        now = dt.datetime.now(dt.timezone.utc)
+        not_after = min(now + dt.timedelta(hours=self._hours), inter.not_valid_after_utc)
+        dns, ips = split_names(host, origin_sans)
+        der = signer.sign(LeafRequest(common_name=host[:64], dns_names=dns, ip_addresses=ips,
+                                      public_key_der=leaf.public_key().public_bytes(
+                                          serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo),
+                                      not_before=now - dt.timedelta(hours=1), not_after=not_after, serial=serial))
+        pem = (x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+               + intermediate_pem.encode()
+               + leaf.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()))
+        ctx = _memfd_context(pem)
+        ttl = max(60.0, (not_after - now).total_seconds() - 300)
+        with self._lock:
+            self._cache[ck] = (ctx, time.monotonic() + ttl)
+            while len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+        return ctx
+
+    def forget(self, org_id: str) -> None:
+        """Drop an org's minted certificates and leaf key (key dropped, rotated or revoked)."""
+        with self._lock:
+            for k in [k for k in self._cache if k[0] == org_id]:
+                del self._cache[k]
+            self._keys.pop(org_id, None)

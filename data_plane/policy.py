@@ -1,0 +1,75 @@
+"""The ZEN's policy decisions (pure): which org a connection belongs to,
+and what to do with a CONNECT or a request.
+
+No sockets, no protobuf: plain values in, a decision out.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Action(Enum):
+    INTERCEPT = "intercept"  # decrypt with a minted certificate and inspect
+    TUNNEL = "tunnel"        # relay bytes, no decryption
+    BLOCK = "block"          # 403 page
+    REFUSE = "refuse"        # no key, fail-closed org: 503 page
+
+
+@dataclass(frozen=True)
+class OrgPolicy:
+    org_id: str
+    fail_closed: bool = False
+    idle_seconds: int = 600
+    location_cidrs: tuple[str, ...] = ()
+    blocked_hosts: tuple[str, ...] = ()
+    blocked_url_prefixes: tuple[str, ...] = ()
+    do_not_inspect_hosts: tuple[str, ...] = ()
+    version: int = 0
+    nets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nets", tuple(ipaddress.ip_network(c) for c in self.location_cidrs))
+
+
+def host_matches(pattern: str, host: str) -> bool:
+    host = host.lower().rstrip(".")
+    if pattern.startswith("*."):
+        return host == pattern[2:] or host.endswith(pattern[1:])
+    return host == pattern
+
+
+def org_for(policies: dict[str, OrgPolicy], source_ip: str, proxy_user: str | None) -> str | None:
+    """Source network first (most specific wins), then proxy authentication."""
+    try:
+        ip = ipaddress.ip_address(source_ip)
+    except ValueError:
+        ip = None
+    best: tuple[int, str] | None = None
+    if ip is not None:
+        for p in policies.values():
+            for n in p.nets:
+                if ip.version == n.version and ip in n and (best is None or n.prefixlen > best[0]):
+                    best = (n.prefixlen, p.org_id)
+    if best:
+        return best[1]
+    if proxy_user and proxy_user in policies:
+        return proxy_user
+    return None
+
+
+def connect_action(p: OrgPolicy, host: str, have_key: bool) -> Action:
+    if any(host_matches(b, host) for b in p.blocked_hosts):
+        return Action.BLOCK
+    if any(host_matches(d, host) for d in p.do_not_inspect_hosts):
+        return Action.TUNNEL
+    if have_key:
+        return Action.INTERCEPT
+    return Action.REFUSE if p.fail_closed else Action.TUNNEL
+
+
+def url_blocked(p: OrgPolicy, host: str, path: str) -> bool:
+    url = host.lower() + path
+    return any(url.startswith(prefix) for prefix in p.blocked_url_prefixes)
