@@ -1,0 +1,210 @@
+"""A real ZEN (`python -m data_plane`) between real clients (curl, openssl)
+and local HTTPS origins, with keys from a real CA over mTLS.
+
+Origins: a test "web PKI" root (given to the ZEN as an extra root) signs
+good.test, dni.test and blocked.test; bad.test presents a self-signed
+certificate. The ZEN resolves those names to 127.0.0.1 (KEYWARD_ZEN_RESOLVE).
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from devstack import pki
+from protos.keyward.v1 import keyward_pb2 as pb
+from tests.helpers import CAProcess, Clients, OrgRoot, clients, wait_for
+from tests.integration.flow import activate, create_org, org_admin
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802
+        body = f"hello from {self.headers.get('Host', '?')} {self.path}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a: object) -> None:
+        pass
+
+
+def _origin(cert: Path, key: Path) -> tuple[http.server.ThreadingHTTPServer, int]:
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, srv.server_address[1]
+
+
+@dataclass
+class Web:
+    root_crt: Path
+    port: int  # good.test, dni.test, blocked.test (one server, SANs for all)
+    bad_port: int  # bad.test, self-signed
+
+
+@pytest.fixture(scope="module")
+def web(workdir: Path) -> Iterator[Web]:
+    d = workdir / "web"
+    d.mkdir(exist_ok=True)
+    ca, ca_key = pki.build_cert(subject_cn="test web root", issuer=None, issuer_key=None, is_ca=True)
+    pki.write_identity(d, "root", ca, ca_key)
+    srv_cert, srv_key = pki.build_cert(subject_cn="good.test", issuer=ca, issuer_key=ca_key, server=True,
+                                       dns=["good.test", "dni.test", "blocked.test", "www.good.test"])
+    pki.write_identity(d, "site", srv_cert, srv_key)
+    bad, bad_key = pki.build_cert(subject_cn="bad.test", issuer=None, issuer_key=None, server=True, dns=["bad.test"])
+    pki.write_identity(d, "bad", bad, bad_key)
+    s1, p1 = _origin(d / "site.crt", d / "site.key")
+    s2, p2 = _origin(d / "bad.crt", d / "bad.key")
+    yield Web(d / "root.crt", p1, p2)
+    s1.shutdown()
+    s2.shutdown()
+
+
+@dataclass
+class Zen:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+
+def start_zen(ca: CAProcess, pki_dir: Path, master: Path, web: Web, workdir: Path, who: str = "zen-public") -> Zen:
+    log = workdir / f"zen-{uuid.uuid4().hex[:6]}.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYWARD_")}
+    env.update(KEYWARD_ZEN_LISTEN="127.0.0.1:0", KEYWARD_ZEN_METRICS_LISTEN="127.0.0.1:0", KEYWARD_CA_ADDR=ca.addr,
+               KEYWARD_ZEN_TLS_CERT_FILE=str(pki_dir / f"{who}.crt"), KEYWARD_ZEN_TLS_KEY_FILE=str(pki_dir / f"{who}.key"),
+               KEYWARD_ZEN_CA_TRUST_FILE=str(pki_dir / "ca.crt"), KEYWARD_MASTER_SECRET_FILE=str(master),
+               KEYWARD_ZEN_EXTRA_ROOTS_FILE=str(web.root_crt),
+               KEYWARD_ZEN_RESOLVE="good.test=127.0.0.1,dni.test=127.0.0.1,blocked.test=127.0.0.1,bad.test=127.0.0.1")
+    out = open(log, "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "data_plane"], env=env, cwd=ROOT, stdout=out, stderr=out)
+
+    def port() -> int | None:
+        if proc.poll() is not None:
+            raise AssertionError(f"ZEN exited {proc.returncode}: {log.read_text()[-2000:]}")
+        for line in log.read_text().splitlines():
+            if line.startswith("{") and '"ZEN listening"' in line:
+                return int(json.loads(line)["port"])
+        return None
+
+    return Zen(proc, wait_for(port, 30, "the ZEN to listen"), log)
+
+
+@pytest.fixture(scope="module")
+def org(ca: CAProcess, platform: Clients, pki_dir: Path, tmp_path_factory: pytest.TempPathFactory
+        ) -> tuple[str, OrgRoot, Clients]:
+    org_id = f"z-{uuid.uuid4().hex[:8]}"
+    create_org(platform, org_id, do_not_inspect_hosts=["dni.test"], blocked_hosts=["blocked.test"],
+               blocked_url_prefixes=["good.test/private/"])
+    admin = org_admin(ca.addr, pki_dir, org_id)
+    root = OrgRoot.create(tmp_path_factory.mktemp("zroot"), org_id)
+    activate(admin, root, org_id)
+    return org_id, root, admin
+
+
+@pytest.fixture(scope="module")
+def zen(ca: CAProcess, pki_dir: Path, master_secret: tuple[bytes, Path], web: Web, workdir: Path,
+        org: tuple[str, OrgRoot, Clients]) -> Iterator[Zen]:
+    z = start_zen(ca, pki_dir, master_secret[1], web, workdir)
+    yield z
+    z.proc.terminate()
+    z.proc.wait(15)
+
+
+def curl(zen: Zen, org_id: str, url: str, cacert: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["curl", "-sS", "--max-time", "20", "--proxy", f"http://127.0.0.1:{zen.port}",
+                           "--proxy-user", f"{org_id}:x", "--cacert", str(cacert), "-w", "\n%{http_code}", url],
+                          capture_output=True, text=True, timeout=30)
+
+
+def served_chain(zen: Zen, org_id: str, host: str, port: int) -> list[x509.Certificate]:
+    r = subprocess.run(["openssl", "s_client", "-proxy", f"127.0.0.1:{zen.port}", "-proxy_user", org_id,
+                        "-proxy_pass", "pass:x", "-connect", f"{host}:{port}", "-servername", host, "-showcerts"],
+                       input="", capture_output=True, text=True, timeout=30)
+    pems = r.stdout.split("-----BEGIN CERTIFICATE-----")[1:]
+    return [x509.load_pem_x509_certificate(("-----BEGIN CERTIFICATE-----" + p.split("-----END CERTIFICATE-----")[0]
+                                             + "-----END CERTIFICATE-----\n").encode()) for p in pems]
+
+
+def test_curl_through_the_zen_sees_a_leaf_from_the_org_intermediate(
+    zen: Zen, web: Web, org: tuple[str, OrgRoot, Clients],
+) -> None:
+    org_id, root, admin = org
+    r = curl(zen, org_id, f"https://good.test:{web.port}/hello", root.crt)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].startswith("hello from good.test") and r.stdout.endswith("200")
+    chain = served_chain(zen, org_id, "good.test", web.port)
+    inter = [i for i in admin.admin.ListIntermediates(pb.ListIntermediatesRequest(org_id=org_id), timeout=30).intermediates
+             if i.state == pb.INTERMEDIATE_STATE_ACTIVE][0]
+    assert len(chain) == 2 and format(chain[1].serial_number, "x") == inter.serial_hex
+    chain[0].verify_directly_issued_by(chain[1])
+    sans = chain[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "good.test" in sans.get_values_for_type(x509.DNSName)
+    assert "www.good.test" in sans.get_values_for_type(x509.DNSName)  # copied from the origin
+
+
+def test_policy_blocks_tunnels_and_refuses_untrusted_origins(
+    zen: Zen, web: Web, org: tuple[str, OrgRoot, Clients],
+) -> None:
+    org_id, root, _ = org
+    r = curl(zen, org_id, f"https://bad.test:{web.bad_port}/", root.crt)
+    assert r.returncode != 0 and "502" in r.stderr, r.stderr  # never silently trusted
+    r = curl(zen, org_id, f"https://blocked.test:{web.port}/", root.crt)
+    assert r.returncode != 0 and "403" in r.stderr, r.stderr
+    r = curl(zen, org_id, f"https://good.test:{web.port}/private/x", root.crt)
+    assert r.stdout.endswith("403") and "blocked by your organization" in r.stdout
+    # do-not-inspect: the client sees the origin's own certificate.
+    chain = served_chain(zen, org_id, "dni.test", web.port)
+    assert chain and chain[0].issuer.rfc4514_string() == "CN=test web root"
+    log = zen.log.read_text()
+    assert '"path": "/hello"' in log and '"status": 200' in log  # each inspected request is logged
+
+
+def test_private_only_org_is_never_decrypted_by_a_public_zen(
+    zen: Zen, web: Web, ca: CAProcess, platform: Clients, pki_dir: Path, tmp_path: Path,
+) -> None:
+    org_id = f"p-{uuid.uuid4().hex[:8]}"
+    create_org(platform, org_id, private_zen_only=True)
+    root = OrgRoot.create(tmp_path, org_id)
+    activate(org_admin(ca.addr, pki_dir, org_id), root, org_id)
+    r = curl(zen, org_id, f"https://good.test:{web.port}/hello", root.crt)
+    assert r.returncode != 0  # the public ZEN does not know the org: no decryption, no key fetched
+    assert not served_chain(zen, org_id, "good.test", web.port) or \
+        served_chain(zen, org_id, "good.test", web.port)[0].issuer.rfc4514_string() != f"CN={org_id} keyward intermediate"
+
+
+def test_rotation_and_revocation_reach_new_connections(
+    zen: Zen, web: Web, org: tuple[str, OrgRoot, Clients],
+) -> None:
+    org_id, root, admin = org
+    assert curl(zen, org_id, f"https://good.test:{web.port}/warm", root.crt).returncode == 0
+    _, inter, cert_pem = activate(admin, root, org_id)
+    t0 = time.monotonic()
+    new_serial = int(inter.serial_hex, 16)
+    wait_for(lambda: (lambda c: len(c) == 2 and c[1].serial_number == new_serial)(
+        served_chain(zen, org_id, "good.test", web.port)), 10, "connections to use the new intermediate")
+    print(f"\nrotation reached new connections in {time.monotonic() - t0:.2f}s")
+    admin.admin.RevokeIntermediate(pb.RevokeIntermediateRequest(org_id=org_id, key_id=inter.key_id), timeout=30)
+    wait_for(lambda: (lambda c: bool(c) and c[0].issuer.rfc4514_string() == "CN=test web root")(
+        served_chain(zen, org_id, "good.test", web.port)), 10, "revocation to stop interception")
+    # Fail-open org without a key: tunnelled, the origin's own certificate.
