@@ -208,3 +208,93 @@ def test_rotation_and_revocation_reach_new_connections(
     wait_for(lambda: (lambda c: bool(c) and c[0].issuer.rfc4514_string() == "CN=test web root")(
         served_chain(zen, org_id, "good.test", web.port)), 10, "revocation to stop interception")
     # Fail-open org without a key: tunnelled, the origin's own certificate.
+
+
+def _procs(pid: int) -> list[int]:
+    kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [pid] + [int(k) for k in kids]
+
+
+def _holders(pids: list[int], needles: list[bytes]) -> set[int]:
+    from tests.data_plane.test_signer import _scan_process
+
+    return {p for p in pids if os.path.exists(f"/proc/{p}") and _scan_process(p, needles)}
+
+
+def test_key_in_locked_memory_only_while_in_use_and_no_files_written(
+    ca: CAProcess, platform: Clients, pki_dir: Path, master_secret: tuple[bytes, Path], web: Web, workdir: Path,
+    tmp_path: Path,
+) -> None:
+    from data_plane.keyopen import open_org_key
+    from keylib.master import MasterSecret
+
+    org_id = f"m-{uuid.uuid4().hex[:8]}"
+    create_org(platform, org_id, key_idle_timeout_seconds=10)
+    admin = org_admin(ca.addr, pki_dir, org_id)
+    root = OrgRoot.create(tmp_path, org_id)
+    _, inter, _ = activate(admin, root, org_id)
+    kp = clients(ca.addr, pki_dir, "zen-public").keys.GetKeyPair(pb.GetKeyPairRequest(org_id=org_id), timeout=30)
+    m = MasterSecret.from_bytes(master_secret[0])
+    buf = open_org_key(m, org_id=org_id, key_id=kp.key_id, keylib_format=kp.keylib_format,
+                       sealed=kp.encrypted_private_key, certificate_pem=kp.certificate_pem)
+    key = serialization.load_der_private_key(buf.view, None)
+    der = bytes(buf.view)
+    buf.wipe()
+    m.wipe()
+    nums = key.private_numbers()  # type: ignore[union-attr]
+    # Private parts only (the modulus is public: it is in every certificate). OpenSSL keeps
+    # BIGNUMs as little-endian limbs, so the primes are searched in that byte order.
+    needles = [der[320:368], der[-64:-16], nums.p.to_bytes(128, "little")[:48], nums.q.to_bytes(128, "little")[:48]]  # type: ignore[union-attr]
+
+    z = start_zen(ca, pki_dir, master_secret[1], web, workdir)
+    trace = workdir / f"strace-{uuid.uuid4().hex[:6]}.txt"
+    st = subprocess.Popen(["strace", "-f", "-qq", "-p", str(z.proc.pid), "-e",
+                           "trace=open,openat,creat,rename,renameat,renameat2,unlink,unlinkat,mkdir", "-o", str(trace)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)  # strace attaches asynchronously; it has no readiness signal
+        for i in range(3):
+            r = curl(z, org_id, f"https://good.test:{web.port}/m{i}", root.crt)
+            assert r.returncode == 0, r.stderr
+        pids = _procs(z.proc.pid)
+        assert len(pids) >= 2, "a signer process holds the org key"
+        holders = _holders(pids, needles)
+        assert holders and z.proc.pid not in holders, (holders, z.proc.pid)  # only the signer has it
+        with open(f"/proc/{z.proc.pid}/limits") as f:
+            assert any(ln.startswith("Max core file size") and ln.split()[4:6] == ["0", "0"] for ln in f)
+        st.terminate()
+        st.wait(10)
+        written = [ln for ln in trace.read_text().splitlines()
+                   if ("O_WRONLY" in ln or "O_RDWR" in ln or "O_CREAT" in ln or "rename" in ln or "unlink" in ln
+                       or "mkdir" in ln) and "/dev/null" not in ln and "ENOENT" not in ln]
+        assert not written, written[:5]
+        # Revocation: the key leaves every ZEN process at once.
+        admin.admin.RevokeIntermediate(pb.RevokeIntermediateRequest(org_id=org_id, key_id=inter.key_id), timeout=30)
+        wait_for(lambda: not _holders(_procs(z.proc.pid), needles), 10, "the key to leave the ZEN's memory")
+    finally:
+        if st.poll() is None:
+            st.kill()
+        z.proc.terminate()
+        z.proc.wait(15)
+
+
+def test_idle_key_is_dropped_and_refetched(
+    ca: CAProcess, platform: Clients, pki_dir: Path, master_secret: tuple[bytes, Path], web: Web, workdir: Path,
+    tmp_path: Path,
+) -> None:
+    org_id = f"i-{uuid.uuid4().hex[:8]}"
+    create_org(platform, org_id, key_idle_timeout_seconds=10)
+    root = OrgRoot.create(tmp_path, org_id)
+    activate(org_admin(ca.addr, pki_dir, org_id), root, org_id)
+    z = start_zen(ca, pki_dir, master_secret[1], web, workdir)
+    try:
+        assert curl(z, org_id, f"https://good.test:{web.port}/a", root.crt).returncode == 0
+        signer_pids = _procs(z.proc.pid)[1:]
+        assert signer_pids
+        wait_for(lambda: not any(os.path.exists(f"/proc/{p}") for p in signer_pids), 20,
+                 "the idle key's signer to end")
+        assert curl(z, org_id, f"https://good.test:{web.port}/b", root.crt).returncode == 0  # fetched again
+        assert '"dropped key of' in z.log.read_text() or "dropped key of" in z.log.read_text()
+    finally:
+        z.proc.terminate()
+        z.proc.wait(15)
