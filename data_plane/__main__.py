@@ -36,9 +36,10 @@ async def run(cfg: config.ZenConfig) -> None:
     minter = Minter(leaf_hours=cfg.leaf_hours, cache_size=cfg.leaf_cache_size)
     host, _, port = cfg.listen.rpartition(":")
     proxy = Proxy(km, minter, origin_context(cfg.extra_roots_file), resolve=dict(cfg.resolve),
-                  pac_proxies=[cfg.listen])
+                  pac_proxies=list(cfg.pac_proxies))
     server = await asyncio.start_server(proxy.handle, host or "127.0.0.1", int(port), limit=64 * 1024)
     bound = server.sockets[0].getsockname()[1]
+    proxy.pac_proxies = list(cfg.pac_proxies) or [f"{host or '127.0.0.1'}:{bound}"]
     if cfg.metrics_listen:
         logging.getLogger("keyward.zen").info(json.dumps({"msg": "metrics listening",
                                                           "port": metrics.serve(cfg.metrics_listen)}))

@@ -43,6 +43,10 @@ class ZenConfig:
     resolve: Mapping[str, str] = field(default_factory=dict)
     """KEYWARD_ZEN_RESOLVE, "host=ip,host=ip": fixed name resolution (labs, tests), like curl --resolve."""
 
+    pac_proxies: tuple[str, ...] = ()
+    """KEYWARD_ZEN_PAC_PROXIES, "host:port,host:port": the ZENs the PAC file lists
+    (default: this ZEN's own address)."""
+
     leaf_cache_size: int = 1000
     """KEYWARD_ZEN_LEAF_CACHE, certificates (default 1000): minted leaves kept in RAM (LRU)."""
 
@@ -88,6 +92,7 @@ def from_env(env: Mapping[str, str] | None = None) -> ZenConfig:
         master_secret_file=env["KEYWARD_MASTER_SECRET_FILE"],
         extra_roots_file=env.get("KEYWARD_ZEN_EXTRA_ROOTS_FILE", ""),
         resolve=resolve,
+        pac_proxies=tuple(x.strip() for x in (env.get("KEYWARD_ZEN_PAC_PROXIES") or "").split(",") if x.strip()),
         leaf_cache_size=_int(env, "KEYWARD_ZEN_LEAF_CACHE", 1000, 1, 1_000_000),
         leaf_hours=_int(env, "KEYWARD_ZEN_LEAF_HOURS", 24, 1, 24 * 30),
         require_mlock=(env.get("KEYWARD_REQUIRE_MLOCK", "true").lower() not in ("0", "false", "no", "off")),

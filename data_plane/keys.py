@@ -53,6 +53,10 @@ class KeyManager:
         self._last_seq = 0
         self._tasks: list[asyncio.Task[None]] = []
 
+    def _reachable(self, up: bool) -> None:
+        self.ca_reachable = up
+        metrics.CA_REACHABLE.set(1 if up else 0)
+
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._follow(), name="zen-watch"),
                        asyncio.create_task(self._evict_loop(), name="zen-evict")]
@@ -95,15 +99,15 @@ class KeyManager:
             have = self.keys.get(org_id)
             try:
                 km = await self._client.get_key_pair(org_id, min_version=have.version if have else 0)
-                self.ca_reachable = True
+                self._reachable(True)
                 metrics.KEY_FETCHES.labels("ok").inc()
             except CAUnavailable as e:
-                self.ca_reachable = False
+                self._reachable(False)
                 metrics.KEY_FETCHES.labels("unavailable").inc()
                 log.warning("CA unreachable fetching %s: %s", org_id, e)
                 return have
             except CAError as e:
-                self.ca_reachable = True
+                self._reachable(True)
                 metrics.KEY_FETCHES.labels("refused").inc()
                 log.info("no key for %s: %s", org_id, e)
                 self.drop(org_id, "refused")
@@ -134,7 +138,7 @@ class KeyManager:
         while True:
             try:
                 async for ev in self._client.watch(self._last_seq, snapshot=True):
-                    self.ca_reachable = True
+                    self._reachable(True)
                     backoff = 0.5
                     if ev.seq:
                         self._last_seq = ev.seq
@@ -142,11 +146,10 @@ class KeyManager:
             except asyncio.CancelledError:
                 raise
             except CAUnavailable as e:
-                self.ca_reachable = False
+                self._reachable(False)
                 log.warning("watch stream lost: %s", e)
             except Exception:
                 log.exception("watch stream failed")
-            metrics.CA_REACHABLE.set(1 if self.ca_reachable else 0)
             await asyncio.sleep(backoff)  # bounded back-off before reconnecting
             backoff = min(backoff * 2, 5.0)
 

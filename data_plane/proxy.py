@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import ssl
-from typing import Any
 
 from data_plane import metrics
 from data_plane.http1 import Head, HttpError, copy_body, read_head
@@ -218,6 +217,9 @@ class Proxy:
         if connect_action(policy, host, have_key=True) is Action.BLOCK or url_blocked(policy, host, path):
             writer.write(page(403, "Forbidden", f"{_html(host + path)} is blocked by your organization's policy."))
             await writer.drain()
+            metrics.REQUESTS.labels(org, "403").inc()
+            access.info(json.dumps({"org": org, "method": head.start[0], "host": host, "path": path, "status": 403,
+                                    "bytes": 0, "blocked": True}))
             return False
         try:
             o_reader, o_writer = await asyncio.wait_for(
@@ -265,5 +267,3 @@ def origin_context(extra_roots_file: str) -> ssl.SSLContext:
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
 
-
-_ = Any

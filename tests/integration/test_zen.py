@@ -298,3 +298,75 @@ def test_idle_key_is_dropped_and_refetched(
     finally:
         z.proc.terminate()
         z.proc.wait(15)
+
+
+def test_ca_down_cached_orgs_keep_working_uncached_follow_fail_mode_and_recovery(
+    pg: object, pki_dir: Path, master_secret: tuple[bytes, Path], web: Web, workdir: Path,
+    ca: CAProcess, platform: Clients, tmp_path: Path,
+) -> None:
+    """A ZEN attached to its own CA process, which is stopped and started again."""
+    from tests.helpers import start_ca
+
+    cached, uncached_open, uncached_closed = (f"{p}-{uuid.uuid4().hex[:6]}" for p in ("cc", "uo", "uc"))
+    roots = {}
+    for o, closed in ((cached, False), (uncached_open, False), (uncached_closed, True)):
+        create_org(platform, o, fail_mode=pb.FAIL_MODE_CLOSED if closed else pb.FAIL_MODE_OPEN)
+        roots[o] = OrgRoot.create(tmp_path, o)
+        activate(org_admin(ca.addr, pki_dir, o), roots[o], o)
+    own = start_ca(pg, pki_dir, master_secret[1], workdir / "ca-zen-down")  # type: ignore[arg-type]
+    z = start_zen(own, pki_dir, master_secret[1], web, workdir)
+    try:
+        url = f"https://good.test:{web.port}/x"
+        wait_for(lambda: curl(z, cached, url, roots[cached].crt).returncode == 0, 15, "the first interception")
+        own.stop()  # the CA is gone; the ZEN keeps what it has
+        for _ in range(3):
+            r = curl(z, cached, url, roots[cached].crt)
+            assert r.returncode == 0 and r.stdout.endswith("200"), r.stderr
+        chain = served_chain(z, uncached_open, "good.test", web.port)  # never fetched: not decrypted
+        assert chain and chain[0].issuer.rfc4514_string() == "CN=test web root"
+        r = curl(z, uncached_closed, url, roots[uncached_closed].crt)
+        assert r.returncode != 0 and "503" in r.stderr, r.stderr
+        # The CA returns on the same port; the ZEN recovers by itself.
+        back = start_ca(pg, pki_dir, master_secret[1], workdir / "ca-zen-back",  # type: ignore[arg-type]
+                        KEYWARD_CA_LISTEN=f"127.0.0.1:{own.port}")
+        try:
+            wait_for(lambda: curl(z, uncached_open, url, roots[uncached_open].crt).returncode == 0, 30,
+                     "the uncached org to be intercepted once the CA is back")
+        finally:
+            back.stop()
+    finally:
+        own.stop()
+        z.proc.terminate()
+        z.proc.wait(15)
+
+
+def test_plain_http_pac_source_network_and_metrics(
+    ca: CAProcess, platform: Clients, pki_dir: Path, master_secret: tuple[bytes, Path], web: Web, workdir: Path,
+) -> None:
+    org_id = f"n-{uuid.uuid4().hex[:6]}"
+    # This org owns 127.0.0.0/8: connections from loopback map to it without proxy authentication.
+    create_org(platform, org_id, location_cidrs=["127.0.0.0/8"], blocked_url_prefixes=["good.test/nope"])
+    plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    threading.Thread(target=plain.serve_forever, daemon=True).start()
+    z = start_zen(ca, pki_dir, master_secret[1], web, workdir)
+    try:
+        base = ["curl", "-sS", "--max-time", "20", "--proxy", f"http://127.0.0.1:{z.port}", "-w", "\n%{http_code}"]
+        wait_for(lambda: subprocess.run(base + [f"http://good.test:{plain.server_address[1]}/ok"], capture_output=True,
+                                        text=True, timeout=30).stdout.endswith("200"), 15, "plain HTTP via the ZEN")
+        r = subprocess.run(base + [f"http://good.test:{plain.server_address[1]}/nope/x"], capture_output=True,
+                           text=True, timeout=30)
+        assert r.stdout.endswith("403")
+        pac = subprocess.run(["curl", "-sS", f"http://127.0.0.1:{z.port}/proxy.pac"], capture_output=True, text=True,
+                             timeout=30).stdout
+        assert "FindProxyForURL" in pac and f"PROXY 127.0.0.1:{z.port}" in pac
+        mport = next(int(json.loads(ln)["port"]) for ln in z.log.read_text().splitlines()
+                     if ln.startswith("{") and '"metrics listening"' in ln)
+        m = subprocess.run(["curl", "-sS", f"http://127.0.0.1:{mport}/metrics"], capture_output=True, text=True,
+                           timeout=30).stdout
+        assert f'keyward_zen_connections_total{{org="{org_id}"}}' in m
+        assert f'keyward_zen_requests_total{{org="{org_id}",status="403"}} 1.0' in m
+        assert "keyward_zen_ca_reachable 1.0" in m
+    finally:
+        plain.shutdown()
+        z.proc.terminate()
+        z.proc.wait(15)
