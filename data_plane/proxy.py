@@ -169,6 +169,15 @@ class Proxy:
         sans = [v for k, v in (peer or {}).get("subjectAltName", ()) if k in ("DNS", "IP Address")]
         ctx = await asyncio.to_thread(self.minter.context_for, org, key.key_id, key.signer, key.certificate_pem,
                                       host, sans)
+        minter = self.minter
+
+        def on_sni(sslobj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+            # The leaf names the client's SNI when it sends one, else the CONNECT host.
+            if name and name.lower() != host:
+                sslobj.context = minter.context_for(org, key.key_id, key.signer, key.certificate_pem,
+                                                    name.lower(), sans)
+
+        ctx.sni_callback = on_sni
         writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         await writer.drain()
         await writer.start_tls(ctx)

@@ -137,9 +137,10 @@ def curl(zen: Zen, org_id: str, url: str, cacert: Path) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=30)
 
 
-def served_chain(zen: Zen, org_id: str, host: str, port: int) -> list[x509.Certificate]:
+def served_chain(zen: Zen, org_id: str, host: str, port: int, sni: str | None = None) -> list[x509.Certificate]:
     r = subprocess.run(["openssl", "s_client", "-proxy", f"127.0.0.1:{zen.port}", "-proxy_user", org_id,
-                        "-proxy_pass", "pass:x", "-connect", f"{host}:{port}", "-servername", host, "-showcerts"],
+                        "-proxy_pass", "pass:x", "-connect", f"{host}:{port}", "-servername", sni or host,
+                        "-showcerts"],
                        input="", capture_output=True, text=True, timeout=30)
     pems = r.stdout.split("-----BEGIN CERTIFICATE-----")[1:]
     return [x509.load_pem_x509_certificate(("-----BEGIN CERTIFICATE-----" + p.split("-----END CERTIFICATE-----")[0]
@@ -161,6 +162,9 @@ def test_curl_through_the_zen_sees_a_leaf_from_the_org_intermediate(
     sans = chain[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "good.test" in sans.get_values_for_type(x509.DNSName)
     assert "www.good.test" in sans.get_values_for_type(x509.DNSName)  # copied from the origin
+    # The leaf names the client's SNI when it differs from the CONNECT host.
+    by_sni = served_chain(zen, org_id, "good.test", web.port, sni="www.good.test")
+    assert by_sni[0].subject.rfc4514_string() == "CN=www.good.test"
 
 
 def test_policy_blocks_tunnels_and_refuses_untrusted_origins(
