@@ -117,6 +117,84 @@ def open_as_zen(kp: dict[str, Any]) -> None:
         master.wipe()
 
 
+def zen_demo() -> None:
+    """A local HTTPS origin (shop.test), a ZEN in front of it, curl and openssl through it."""
+    import http.server
+    import ssl
+    import threading
+
+    web = DEMO / "web"
+    web.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = pki.build_cert(subject_cn="demo web root", issuer=None, issuer_key=None, is_ca=True)
+    pki.write_identity(web, "root", ca, ca_key)
+    site, site_key = pki.build_cert(subject_cn="shop.test", issuer=ca, issuer_key=ca_key, server=True,
+                                    dns=["shop.test"])
+    pki.write_identity(web, "site", site, site_key)
+
+    class Hello(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802
+            body = b"hello from shop.test\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    origin = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+    octx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    octx.load_cert_chain(web / "site.crt", web / "site.key")
+    origin.socket = octx.wrap_socket(origin.socket, server_side=True)
+    threading.Thread(target=origin.serve_forever, daemon=True).start()
+    oport = origin.server_address[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYWARD_ZEN")}
+    env.update(KEYWARD_ZEN_LISTEN="127.0.0.1:0", KEYWARD_ZEN_METRICS_LISTEN="", KEYWARD_CA_ADDR=stack.CA_ADDR,
+               KEYWARD_ZEN_TLS_CERT_FILE=str(PKI / "zen-public.crt"), KEYWARD_ZEN_TLS_KEY_FILE=str(PKI / "zen-public.key"),
+               KEYWARD_ZEN_CA_TRUST_FILE=str(PKI / "ca.crt"),
+               KEYWARD_MASTER_SECRET_FILE=str(stack.secret_dir() / "master.key"),
+               KEYWARD_ZEN_EXTRA_ROOTS_FILE=str(web / "root.crt"), KEYWARD_ZEN_RESOLVE="shop.test=127.0.0.1")
+    log = RUN / "logs" / "zen-demo.log"
+    with open(log, "wb") as out:
+        zen = subprocess.Popen([sys.executable, "-m", "data_plane"], env=env, stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 30
+        zport = 0
+        while not zport:
+            if zen.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"ZEN did not start; see {log}")
+            for line in log.read_text().splitlines():
+                if line.startswith("{") and '"ZEN listening"' in line:
+                    zport = int(json.loads(line)["port"])
+            time.sleep(0.1)
+        print(f"  ZEN (pool 'public') listening on 127.0.0.1:{zport}; origin shop.test on port {oport}")
+        cmd = ["curl", "-sS", "--max-time", "20", "--proxy", f"http://127.0.0.1:{zport}", "--proxy-user", "acme:x",
+               "--cacert", str(DEMO / "acme-root" / "root.crt"), f"https://shop.test:{oport}/"]
+        print(f"$ curl --proxy http://127.0.0.1:{zport} --proxy-user acme:x --cacert acme-root/root.crt "
+              f"https://shop.test:{oport}/")
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        print("  " + (r.stdout.strip() or r.stderr.strip()))
+        if r.returncode != 0:
+            raise SystemExit("curl through the ZEN failed")
+        o = subprocess.run(["openssl", "s_client", "-proxy", f"127.0.0.1:{zport}", "-proxy_user", "acme",
+                            "-proxy_pass", "pass:x", "-connect", f"shop.test:{oport}", "-servername", "shop.test"],
+                           input="", capture_output=True, text=True, timeout=30)
+        chain = [ln.strip() for ln in o.stdout.splitlines() if ln.strip()[:2] in ("0 ", "1 ") or
+                 ln.strip().startswith(("s:", "i:"))]
+        print(f"$ openssl s_client -proxy 127.0.0.1:{zport} -proxy_user acme -connect shop.test:{oport}")
+        for ln in chain[:4]:
+            print(f"  {ln}")
+        kids = subprocess.run(["pgrep", "-P", str(zen.pid)], capture_output=True, text=True).stdout.split()
+        print(f"  acme's key lives only in signer process(es) {', '.join(kids) or '-'} (mlock'd, not dumpable); "
+              f"the ZEN process {zen.pid} holds no copy of it")
+    finally:
+        zen.terminate()
+        zen.wait(15)
+        origin.shutdown()
+
+
 def main() -> None:
     step("1. Start the local stack (Postgres + Central Authority, mTLS on every call)")
     stack.up()
@@ -216,6 +294,9 @@ def main() -> None:
                                        "do_not_inspect_hosts": ["bank.example"]}})
     print(f"  first write acknowledged by the new primary {rep.new_primary} "
           f"{time.monotonic() - t0:.1f}s after the failover started")
+
+    step("12. A ZEN intercepts acme's HTTPS traffic with a leaf minted from acme's intermediate")
+    zen_demo()
 
     print("\nDemo complete. The stack keeps running: `source .run/env` and use grpcurl as in the README; "
           "`make down` stops it.")

@@ -31,6 +31,8 @@ def test_demo_runs_end_to_end_and_stops() -> None:
         assert "private pool got bank's key" in out
         assert "INTERMEDIATE_STATE_ROTATED" in out
         assert "audit chain OK" in out and "Demo complete" in out
+        assert "retired key's ciphertext found in 0 of" in out and "rejoined" in out
+        assert "hello from shop.test" in out and "i:CN = acme keyward intermediate" in out
         envfile = (run / "env").read_text()
         for var in ("KEYWARD_CA_ADDR", "KEYWARD_DB_DSN", "KEYWARD_PKI_DIR"):
             assert var in envfile
