@@ -16,6 +16,7 @@ import base64
 import contextlib
 import json
 import logging
+import re
 import ssl
 
 from data_plane import metrics
@@ -28,6 +29,7 @@ log = logging.getLogger("keyward.zen")
 access = logging.getLogger("keyward.zen.access")
 
 CONNECT_TIMEOUT = 10.0
+_ID = re.compile(r"[a-z][a-z0-9-]{1,61}[a-z0-9]")
 
 
 def page(status: int, reason: str, text: str, extra: str = "") -> bytes:
@@ -90,7 +92,13 @@ class Proxy:
                              + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
                 await writer.drain()
                 continue
-            org = org_for(self.km.policies, ip, self._proxy_user(head))
+            user = self._proxy_user(head)
+            org = org_for(self.km.policies, ip, user)
+            if org is None and user and _ID.fullmatch(user):
+                # An org this ZEN has not heard of: ask the CA (which refuses, and audits,
+                # unless this pool serves the org); its key brings its policy.
+                await self.km.signer_for(user)
+                org = org_for(self.km.policies, ip, user)
             if org is None:
                 writer.write(page(407, "Proxy Authentication Required",
                                   "This network belongs to no organization; authenticate as your organization.",

@@ -26,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from devstack import pki
+from devstack.pg import PgCluster
 from protos.keyward.v1 import keyward_pb2 as pb
 from tests.helpers import CAProcess, Clients, OrgRoot, clients, wait_for
 from tests.integration.flow import activate, create_org, org_admin
@@ -185,16 +186,20 @@ def test_policy_blocks_tunnels_and_refuses_untrusted_origins(
 
 
 def test_private_only_org_is_never_decrypted_by_a_public_zen(
-    zen: Zen, web: Web, ca: CAProcess, platform: Clients, pki_dir: Path, tmp_path: Path,
+    zen: Zen, web: Web, ca: CAProcess, platform: Clients, pki_dir: Path, tmp_path: Path, pg: PgCluster,
 ) -> None:
     org_id = f"p-{uuid.uuid4().hex[:8]}"
     create_org(platform, org_id, private_zen_only=True)
     root = OrgRoot.create(tmp_path, org_id)
     activate(org_admin(ca.addr, pki_dir, org_id), root, org_id)
     r = curl(zen, org_id, f"https://good.test:{web.port}/hello", root.crt)
-    assert r.returncode != 0  # the public ZEN does not know the org: no decryption, no key fetched
-    assert not served_chain(zen, org_id, "good.test", web.port) or \
-        served_chain(zen, org_id, "good.test", web.port)[0].issuer.rfc4514_string() != f"CN={org_id} keyward intermediate"
+    assert r.returncode != 0 and "407" in r.stderr, r.stderr  # no key, no policy: nothing decrypted
+    chain = served_chain(zen, org_id, "good.test", web.port)
+    assert not chain or "keyward intermediate" not in chain[0].issuer.rfc4514_string()
+    # The ZEN did ask; the CA refused and audited it.
+    outcomes = pg.psql(f"SELECT actor || ' ' || outcome FROM audit_events WHERE org_id = '{org_id}' "
+                       "AND action = 'GetKeyPair'").splitlines()
+    assert outcomes and all(o == "spiffe://keyward/zen-pool/public PERMISSION_DENIED" for o in outcomes), outcomes
 
 
 def test_rotation_and_revocation_reach_new_connections(
