@@ -35,7 +35,8 @@ async def run(cfg: config.ZenConfig) -> None:
     km.start()
     minter = Minter(leaf_hours=cfg.leaf_hours, cache_size=cfg.leaf_cache_size)
     host, _, port = cfg.listen.rpartition(":")
-    proxy = Proxy(km, minter, origin_context(cfg.extra_roots_file), resolve=dict(cfg.resolve),
+    proxy = Proxy(km, minter, origin_context(cfg.extra_roots_file),
+                  origin_h1_ctx=origin_context(cfg.extra_roots_file, ("http/1.1",)), resolve=dict(cfg.resolve),
                   pac_proxies=list(cfg.pac_proxies))
     server = await asyncio.start_server(proxy.handle, host or "127.0.0.1", int(port), limit=64 * 1024)
     bound = server.sockets[0].getsockname()[1]

@@ -52,10 +52,10 @@ def split_names(host: str, origin_sans: list[str]) -> tuple[tuple[str, ...], tup
     return tuple(dns[:MAX_SANS]), tuple(ips[:MAX_SANS])
 
 
-def _memfd_context(pem: bytes) -> ssl.SSLContext:
+def _memfd_context(pem: bytes, alpn: tuple[str, ...]) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(list(alpn))
     fd = os.memfd_create("keyward-leaf", os.MFD_CLOEXEC)
     try:
         os.write(fd, pem)
@@ -70,7 +70,7 @@ class Minter:
         self._hours = leaf_hours
         self._size = cache_size
         self._keys: dict[str, _LeafKey] = {}
-        self._cache: OrderedDict[tuple[str, str, str], tuple[ssl.SSLContext, float]] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str, str, tuple[str, ...]], tuple[ssl.SSLContext, float]] = OrderedDict()
         self._lock = threading.Lock()
         self._serial = int(time.time() * 1000) << 16
 
@@ -82,9 +82,10 @@ class Minter:
         return k.key
 
     def context_for(self, org_id: str, key_id: str, signer: Signer, intermediate_pem: str, host: str,
-                    origin_sans: list[str]) -> ssl.SSLContext:
-        """A server-side TLS context presenting a leaf for ``host`` (blocking: run in a thread)."""
-        ck = (org_id, key_id, host)
+                    origin_sans: list[str], alpn: tuple[str, ...] = ("http/1.1",)) -> ssl.SSLContext:
+        """A server-side TLS context presenting a leaf for ``host`` and offering
+        ``alpn`` (what the origin accepted). Blocking: run it in a thread."""
+        ck = (org_id, key_id, host, alpn)
         with self._lock:
             hit = self._cache.get(ck)
             if hit and hit[1] > time.monotonic():
@@ -107,7 +108,7 @@ class Minter:
                + intermediate_pem.encode()
                + leaf.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption()))
-        ctx = _memfd_context(pem)
+        ctx = _memfd_context(pem, alpn)
         ttl = max(60.0, (not_after - now).total_seconds() - 300)
         with self._lock:
             self._cache[ck] = (ctx, time.monotonic() + ttl)

@@ -45,10 +45,12 @@ def _html(s: str) -> str:
 
 class Proxy:
     def __init__(self, km: KeyManager, minter: Minter, origin_ctx: ssl.SSLContext, *,
+                 origin_h1_ctx: ssl.SSLContext | None = None,
                  resolve: dict[str, str] | None = None, pac_proxies: list[str] | None = None) -> None:
         self.km = km
         self.minter = minter
         self.origin_ctx = origin_ctx
+        self.origin_h1_ctx = origin_h1_ctx or origin_ctx
         self.resolve = resolve or {}
         self.pac_proxies = pac_proxies or []
 
@@ -175,21 +177,36 @@ class Proxy:
         sslobj = o_writer.get_extra_info("ssl_object")
         peer = sslobj.getpeercert() if sslobj else None
         sans = [v for k, v in (peer or {}).get("subjectAltName", ()) if k in ("DNS", "IP Address")]
+        origin_proto = (sslobj.selected_alpn_protocol() if sslobj else None) or "http/1.1"
+        # Offer the client what the origin accepted (h2 also lets an h1-only client fall back).
+        alpn = ("h2", "http/1.1") if origin_proto == "h2" else ("http/1.1",)
         ctx = await asyncio.to_thread(self.minter.context_for, org, key.key_id, key.signer, key.certificate_pem,
-                                      host, sans)
+                                      host, sans, alpn)
         minter = self.minter
 
         def on_sni(sslobj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
             # The leaf names the client's SNI when it sends one, else the CONNECT host.
             if name and name.lower() != host:
                 sslobj.context = minter.context_for(org, key.key_id, key.signer, key.certificate_pem,
-                                                    name.lower(), sans)
+                                                    name.lower(), sans, alpn)
 
         ctx.sni_callback = on_sni
         writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         await writer.drain()
         await writer.start_tls(ctx)
+        c_ssl = writer.get_extra_info("ssl_object")
+        client_proto = (c_ssl.selected_alpn_protocol() if c_ssl else None) or "http/1.1"
         try:
+            if client_proto == "h2" and origin_proto == "h2":
+                # HTTP/2 on both sides: relayed (decrypted and re-encrypted), logged per connection.
+                access.info(json.dumps({"org": org, "host": host, "protocol": "h2", "relayed": True}))
+                await self._splice(reader, writer, o_reader, o_writer)
+                return
+            if origin_proto == "h2":
+                # The client speaks HTTP/1.1 only: talk HTTP/1.1 to the origin as well.
+                o_writer.close()
+                o_reader, o_writer = await asyncio.wait_for(asyncio.open_connection(
+                    self._addr(host), port, ssl=self.origin_h1_ctx, server_hostname=host), CONNECT_TIMEOUT)
             await self._inspect(reader, writer, o_reader, o_writer, org, host)
         finally:
             with contextlib.suppress(Exception):
@@ -277,10 +294,11 @@ class Proxy:
         b_w.close()
 
 
-def origin_context(extra_roots_file: str) -> ssl.SSLContext:
+def origin_context(extra_roots_file: str, alpn: tuple[str, ...] = ("h2", "http/1.1")) -> ssl.SSLContext:
+    """Verifies origins against the system store plus the extra roots."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     if extra_roots_file:
         ctx.load_verify_locations(cafile=extra_roots_file)
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(list(alpn))
     return ctx
 

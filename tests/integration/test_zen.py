@@ -379,3 +379,49 @@ def test_plain_http_pac_source_network_and_metrics(
         plain.shutdown()
         z.proc.terminate()
         z.proc.wait(15)
+
+
+def test_http2_is_offered_when_the_origin_accepts_it_and_relayed(
+    zen: Zen, web: Web, org: tuple[str, OrgRoot, Clients], workdir: Path,
+) -> None:
+    """Origin: `openssl s_server -alpn h2 -rev` (echoes each line reversed). Client:
+    `openssl s_client -alpn h2` through the ZEN: h2 is negotiated on both sides and
+    the bytes are relayed through the interception."""
+    from devstack.pg import free_port
+
+    org_id, root, _ = org
+    port = free_port()
+    d = workdir / "web"
+    srv = subprocess.Popen(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(d / "site.crt"),
+                            "-key", str(d / "site.key"), "-alpn", "h2,http/1.1", "-rev"],
+                           stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cli = None
+    try:
+        wait_for(lambda: subprocess.run(["bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{port}"],
+                                        capture_output=True).returncode == 0, 10, "s_server to listen")
+        cli = subprocess.Popen(["openssl", "s_client", "-proxy", f"127.0.0.1:{zen.port}", "-proxy_user", org_id,
+                                "-proxy_pass", "pass:x", "-connect", f"good.test:{port}", "-servername", "good.test",
+                                "-alpn", "h2", "-CAfile", str(root.crt)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert cli.stdin is not None and cli.stdout is not None
+        lines: list[str] = []
+
+        def read() -> None:
+            assert cli is not None and cli.stdout is not None
+            for ln in cli.stdout:
+                lines.append(ln)
+
+        threading.Thread(target=read, daemon=True).start()
+        wait_for(lambda: any("ALPN protocol" in ln for ln in lines), 15, "the client handshake")
+        cli.stdin.write("hello-zen\n")  # (a line starting with k, Q or R is an s_client command)
+        cli.stdin.flush()
+        wait_for(lambda: any("nez-olleh" in ln for ln in lines), 15, "the reversed line back through the ZEN")
+        text = "".join(lines)
+        assert "ALPN protocol: h2" in text
+        assert "Verify return code: 0 (ok)" in text  # the leaf chains to the org's root: intercepted
+        assert '"protocol": "h2", "relayed": true' in zen.log.read_text()
+    finally:
+        for p in (cli, srv):
+            if p is not None:
+                p.kill()
+                p.wait(5)
