@@ -155,6 +155,12 @@ def test_curl_through_the_zen_sees_a_leaf_from_the_org_intermediate(
     r = curl(zen, org_id, f"https://good.test:{web.port}/hello", root.crt)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[0].startswith("hello from good.test") and r.stdout.endswith("200")
+    # Keep-alive: two requests over one intercepted tunnel.
+    r = subprocess.run(["curl", "-sS", "-v", "--max-time", "20", "--proxy", f"http://127.0.0.1:{zen.port}",
+                        "--proxy-user", f"{org_id}:x", "--cacert", str(root.crt),
+                        f"https://good.test:{web.port}/ka1", f"https://good.test:{web.port}/ka2"],
+                       capture_output=True, text=True, timeout=30)
+    assert "/ka1" in r.stdout and "/ka2" in r.stdout and "Re-using existing connection" in r.stderr, r.stderr[-800:]
     chain = served_chain(zen, org_id, "good.test", web.port)
     inter = [i for i in admin.admin.ListIntermediates(pb.ListIntermediatesRequest(org_id=org_id), timeout=30).intermediates
              if i.state == pb.INTERMEDIATE_STATE_ACTIVE][0]
@@ -230,6 +236,25 @@ def _holders(pids: list[int], needles: list[bytes]) -> set[int]:
     return {p for p in pids if os.path.exists(f"/proc/{p}") and _scan_process(p, needles)}
 
 
+def _key_needles(ca: CAProcess, pki_dir: Path, secret: bytes, org_id: str) -> list[bytes]:
+    """Private parts of the org's active key: PKCS#8 DER slices inside d and
+    qinv (the modulus is public), and the primes in OpenSSL's little-endian limbs."""
+    from data_plane.keyopen import open_org_key
+    from keylib.master import MasterSecret
+
+    kp = clients(ca.addr, pki_dir, "zen-public").keys.GetKeyPair(pb.GetKeyPairRequest(org_id=org_id), timeout=30)
+    m = MasterSecret.from_bytes(secret)
+    buf = open_org_key(m, org_id=org_id, key_id=kp.key_id, keylib_format=kp.keylib_format,
+                       sealed=kp.encrypted_private_key, certificate_pem=kp.certificate_pem)
+    der = bytes(buf.view)
+    key = serialization.load_der_private_key(der, None)
+    buf.wipe()
+    m.wipe()
+    nums = key.private_numbers()  # type: ignore[union-attr]
+    return [der[320:368], der[-64:-16], nums.p.to_bytes(128, "little")[:48],  # type: ignore[union-attr]
+            nums.q.to_bytes(128, "little")[:48]]  # type: ignore[union-attr]
+
+
 def test_key_in_locked_memory_only_while_in_use_and_no_files_written(
     ca: CAProcess, platform: Clients, pki_dir: Path, master_secret: tuple[bytes, Path], web: Web, workdir: Path,
     tmp_path: Path,
@@ -295,13 +320,15 @@ def test_idle_key_is_dropped_and_refetched(
     create_org(platform, org_id, key_idle_timeout_seconds=10)
     root = OrgRoot.create(tmp_path, org_id)
     activate(org_admin(ca.addr, pki_dir, org_id), root, org_id)
+    needles = _key_needles(ca, pki_dir, master_secret[0], org_id)
     z = start_zen(ca, pki_dir, master_secret[1], web, workdir)
     try:
         assert curl(z, org_id, f"https://good.test:{web.port}/a", root.crt).returncode == 0
         signer_pids = _procs(z.proc.pid)[1:]
-        assert signer_pids
+        assert signer_pids and _holders(_procs(z.proc.pid), needles)
         wait_for(lambda: not any(os.path.exists(f"/proc/{p}") for p in signer_pids), 20,
                  "the idle key's signer to end")
+        assert not _holders(_procs(z.proc.pid), needles), "an idle-dropped key left a copy in the ZEN"
         assert curl(z, org_id, f"https://good.test:{web.port}/b", root.crt).returncode == 0  # fetched again
         assert '"dropped key of' in z.log.read_text() or "dropped key of" in z.log.read_text()
     finally:
