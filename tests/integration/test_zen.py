@@ -416,7 +416,8 @@ def test_http2_is_offered_when_the_origin_accepts_it_and_relayed(
     the bytes are relayed through the interception."""
     from devstack.pg import free_port
 
-    org_id, root, _ = org
+    org_id, root, admin = org
+    activate(admin, root, org_id)  # an active key, whatever earlier tests did to the org
     port = free_port()
     d = workdir / "web"
     srv = subprocess.Popen(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(d / "site.crt"),
