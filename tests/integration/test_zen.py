@@ -453,3 +453,21 @@ def test_http2_is_offered_when_the_origin_accepts_it_and_relayed(
             if p is not None:
                 p.kill()
                 p.wait(5)
+
+
+def test_bypass_relay_decrypts_nothing(web: Web, workdir: Path) -> None:
+    log = workdir / f"bypass-{uuid.uuid4().hex[:6]}.log"
+    env = dict(os.environ, KEYWARD_BYPASS_LISTEN="127.0.0.1:0")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "data_plane.bypass"], env=env, cwd=ROOT, stdout=out, stderr=out)
+    try:
+        port = wait_for(lambda: next((int(json.loads(ln)["port"]) for ln in log.read_text().splitlines()
+                                      if '"bypass listening"' in ln), None), 15, "the bypass relay")
+        # --connect-to: the relay is asked to CONNECT to 127.0.0.1; curl still verifies good.test.
+        r = subprocess.run(["curl", "-sS", "--max-time", "20", "--proxy", f"http://127.0.0.1:{port}",
+                            "--cacert", str(web.root_crt), "--connect-to", f"good.test:{web.port}:127.0.0.1:{web.port}",
+                            f"https://good.test:{web.port}/via-bypass"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and "/via-bypass" in r.stdout, r.stderr  # the origin's own certificate verified
+    finally:
+        proc.terminate()
+        proc.wait(10)

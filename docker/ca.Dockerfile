@@ -1,0 +1,23 @@
+# The Central Authority. Non-root, no shell tools beyond the base image's,
+# gRPC stubs generated at build.
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml ./
+COPY protos protos
+COPY keylib keylib
+COPY control_plane control_plane
+COPY data_plane data_plane
+COPY dbops dbops
+COPY devstack devstack
+RUN pip install --no-cache-dir --prefix=/install . \
+ && PYTHONPATH=/install/lib/python3.11/site-packages python -m grpc_tools.protoc -I. \
+      --python_out=. --grpc_python_out=. protos/keyward/v1/keyward.proto \
+ && cp protos/keyward/v1/*_pb2*.py /install/lib/python3.11/site-packages/protos/keyward/v1/
+
+FROM python:3.11-slim
+RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin keyward \
+ && rm -rf /usr/bin/apt* /usr/bin/dpkg* /var/lib/apt /var/cache/apt
+COPY --from=build /install /usr/local
+USER 10001:10001
+EXPOSE 50051 9464
+ENTRYPOINT ["keyward", "serve"]

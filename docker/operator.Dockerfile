@@ -1,0 +1,21 @@
+# The kopf operator (ZenPools, placement, bypass, database failover).
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml ./
+COPY protos protos
+COPY keylib keylib
+COPY control_plane control_plane
+COPY data_plane data_plane
+COPY dbops dbops
+COPY devstack devstack
+COPY k8s k8s
+RUN pip install --no-cache-dir --prefix=/install . kopf \
+ && PYTHONPATH=/install/lib/python3.11/site-packages python -m grpc_tools.protoc -I. \
+      --python_out=. --grpc_python_out=. protos/keyward/v1/keyward.proto \
+ && cp protos/keyward/v1/*_pb2*.py /install/lib/python3.11/site-packages/protos/keyward/v1/
+
+FROM python:3.11-slim
+RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin keyward
+COPY --from=build /install /usr/local
+USER 10001:10001
+ENTRYPOINT ["kopf", "run", "--all-namespaces", "-m", "k8s.operator"]
