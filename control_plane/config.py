@@ -41,6 +41,11 @@ class CAConfig:
     """KEYWARD_TRUST_DOMAIN: the SPIFFE trust domain of accepted identities;
     a client certificate from another domain is refused."""
 
+    health_listen: str = ""
+    """KEYWARD_HEALTH_LISTEN, host:port of a plaintext server carrying only
+    grpc.health.v1 (for kubelet gRPC probes, which cannot do mTLS). Empty
+    (default): none; every other service stays mTLS-only."""
+
     metrics_listen: str = "127.0.0.1:9464"
     """KEYWARD_METRICS_LISTEN, host:port of the Prometheus endpoint; empty
     disables it. Its own port so it can be scraped without client certs."""
@@ -87,7 +92,7 @@ _KNOWN = {
     "KEYWARD_CLIENT_CA_FILE", "KEYWARD_MASTER_SECRET_FILE", "KEYWARD_MASTER_SECRET",
     "KEYWARD_TRUST_DOMAIN", "KEYWARD_METRICS_LISTEN", "KEYWARD_MAX_MESSAGE_BYTES",
     "KEYWARD_MAX_CALL_SECONDS", "KEYWARD_MAX_CONCURRENT_STREAMS", "KEYWARD_DB_POOL_SIZE",
-    "KEYWARD_REQUIRE_MLOCK", "KEYWARD_LOG_LEVEL", "KEYWARD_MAX_STREAM_SECONDS", "KEYWARD_AUDIT_SPOOL_FILE",
+    "KEYWARD_REQUIRE_MLOCK", "KEYWARD_LOG_LEVEL", "KEYWARD_MAX_STREAM_SECONDS", "KEYWARD_HEALTH_LISTEN", "KEYWARD_AUDIT_SPOOL_FILE",
 }
 
 
@@ -136,6 +141,7 @@ def from_env(env: Mapping[str, str] | None = None) -> CAConfig:
         master_secret_file=env.get("KEYWARD_MASTER_SECRET_FILE", ""),
         trust_domain=env.get("KEYWARD_TRUST_DOMAIN") or "keyward",
         metrics_listen=env.get("KEYWARD_METRICS_LISTEN", "127.0.0.1:9464"),
+        health_listen=env.get("KEYWARD_HEALTH_LISTEN", ""),
         max_message_bytes=_int(env, "KEYWARD_MAX_MESSAGE_BYTES", 1 << 20, 4096, 64 << 20),
         max_call_seconds=call_s,
         max_stream_seconds=_int(env, "KEYWARD_MAX_STREAM_SECONDS", 3600, 5, 86400),

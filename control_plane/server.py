@@ -73,9 +73,12 @@ class RunningCA:
     health: HealthServicer
     master: MasterSecret
     _tasks: list[asyncio.Task[None]]
+    _extra: list[grpc.aio.Server]
 
     async def stop(self, grace: float = 2.0) -> None:
         await self.server.stop(grace)
+        for s in self._extra:
+            await s.stop(grace)
         for t in self._tasks:
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -150,10 +153,19 @@ async def start(cfg: CAConfig, master: MasterSecret) -> RunningCA:
     if port == 0:
         raise ConfigError(f"cannot listen on {cfg.listen}")
     await server.start()
+    extra: list[grpc.aio.Server] = []
+    if cfg.health_listen:
+        # Plaintext, health only: kubelet's gRPC probes cannot present a client certificate.
+        hsrv = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(hs, hsrv)
+        hport = hsrv.add_insecure_port(cfg.health_listen)
+        await hsrv.start()
+        extra.append(hsrv)
+        log.info("health listening", extra={"port": hport})
     tasks = [asyncio.create_task(_health_loop(store, hs), name="keyward-health"),
              asyncio.create_task(auditor.run(), name="keyward-audit-spool")]
     log.info("CA listening", extra={"port": port})
-    return RunningCA(server, port, store, hub, hs, master, tasks)
+    return RunningCA(server, port, store, hub, hs, master, tasks, extra)
 
 
 async def serve(cfg: CAConfig, master: MasterSecret) -> None:

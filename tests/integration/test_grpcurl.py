@@ -45,3 +45,32 @@ def test_list_describe_and_call(ca: CAProcess, platform: Clients, pki_dir: Path,
 def test_grpcurl_without_client_certificate_fails(ca: CAProcess, pki_dir: Path) -> None:
     r = _g(ca, pki_dir, None, "list")
     assert r.returncode != 0
+
+
+def test_plaintext_health_port_serves_health_only(pg: object, pki_dir: Path, master_secret: tuple[bytes, Path],
+                                                  workdir: Path) -> None:
+    """KEYWARD_HEALTH_LISTEN is for kubelet gRPC probes (which cannot do mTLS):
+    Health answers in plaintext there; nothing else is reachable."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from devstack.pg import free_port
+    from protos.keyward.v1 import keyward_pb2 as pb
+    from protos.keyward.v1 import keyward_pb2_grpc as pb_grpc
+    from tests.helpers import start_ca
+
+    hp = free_port()
+    ca = start_ca(pg, pki_dir, master_secret[1], workdir / "ca-health",  # type: ignore[arg-type]
+                  KEYWARD_HEALTH_LISTEN=f"127.0.0.1:{hp}")
+    try:
+        ch = grpc.insecure_channel(f"127.0.0.1:{hp}")
+        resp = health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service="keyward.v1.KeyDistribution"), timeout=10)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        try:
+            pb_grpc.KeyDistributionStub(ch).GetKeyPair(pb.GetKeyPairRequest(org_id="acme"), timeout=10)
+            raise AssertionError("key distribution answered on the plaintext port")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        ca.stop()

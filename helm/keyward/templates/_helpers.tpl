@@ -1,0 +1,43 @@
+{{/* Names: one place for every object name. */}}
+{{- define "keyward.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}{{ .Release.Name | trunc 40 | trimSuffix "-" }}{{- else -}}{{ printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" }}{{- end -}}
+{{- end -}}
+{{- define "keyward.ca" -}}{{ include "keyward.fullname" . }}-ca{{- end -}}
+{{- define "keyward.pg" -}}{{ include "keyward.fullname" . }}-postgres{{- end -}}
+{{- define "keyward.bypass" -}}{{ include "keyward.fullname" . }}-bypass{{- end -}}
+{{- define "keyward.operator" -}}{{ include "keyward.fullname" . }}-operator{{- end -}}
+{{- define "keyward.image" -}}{{ .root.Values.image.registry }}keyward/{{ .name }}:{{ .root.Values.image.tag }}{{- end -}}
+
+{{- define "keyward.labels" -}}
+app.kubernetes.io/name: keyward
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
+{{- end -}}
+
+{{- define "keyward.selector" -}}
+app.kubernetes.io/name: keyward
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* Restricted pod security by default. */}}
+{{- define "keyward.podSecurity" -}}
+runAsNonRoot: true
+runAsUser: {{ .uid | default 10001 }}
+runAsGroup: {{ .uid | default 10001 }}
+fsGroup: {{ .uid | default 10001 }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "keyward.containerSecurity" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: ["ALL"]
+  {{- with .add }}
+  add: {{ toJson . }}
+  {{- end }}
+{{- end -}}

