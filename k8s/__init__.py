@@ -1,0 +1,1 @@
+"""Kubernetes side of keyward: plain manifests (keyward.yaml) and the operator package."""

@@ -1,0 +1,148 @@
+"""The operator's decisions, as pure functions over plain dicts.
+
+* What a ZenPool becomes: a Deployment, a Service and a PodDisruptionBudget.
+* Private-ZEN-only placement: a private pool runs only on nodes labelled and
+  tainted ``keyward.io/zen-pool=<pool>``, never beside a public ZEN.
+* Bypass: a pool's Service points at the bypass relay only while the CA has
+  no ready endpoint AND the pool has no ready ZEN, and never for a pool
+  serving a fail-closed org.
+* Database failover: due when the primary has been lost for the set time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+POOL_LABEL = "keyward.io/zen-pool"
+Obj = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Release:
+    name: str  # the chart's fullname, e.g. "keyward"
+    namespace: str
+    image: str  # keyward/zen:TAG
+    trust_domain: str = "keyward"
+
+
+def _labels(rel: Release, pool: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "keyward", "app.kubernetes.io/instance": rel.name.removesuffix("-keyward"),
+            "app.kubernetes.io/component": "zen", POOL_LABEL: pool}
+
+
+def pool_deployment(rel: Release, pool: str, spec: Obj, resources: Obj | None = None) -> Obj:
+    private = spec.get("visibility") == "private"
+    labels = _labels(rel, pool)
+    pod: Obj = {
+        "automountServiceAccountToken": False,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [{
+            "name": "zen",
+            "image": rel.image,
+            "env": [
+                {"name": "KEYWARD_ZEN_LISTEN", "value": "0.0.0.0:8080"},
+                {"name": "KEYWARD_ZEN_METRICS_LISTEN", "value": "0.0.0.0:9465"},
+                {"name": "KEYWARD_CA_ADDR", "value": f"{rel.name}-ca:50051"},
+                {"name": "KEYWARD_ZEN_TLS_CERT_FILE", "value": "/run/keyward/tls/tls.crt"},
+                {"name": "KEYWARD_ZEN_TLS_KEY_FILE", "value": "/run/keyward/tls/tls.key"},
+                {"name": "KEYWARD_ZEN_CA_TRUST_FILE", "value": "/run/keyward/tls/ca.crt"},
+                {"name": "KEYWARD_MASTER_SECRET_FILE", "value": "/run/keyward/secret/master-secret"},
+            ],
+            "ports": [{"name": "proxy", "containerPort": 8080}, {"name": "metrics", "containerPort": 9465}],
+            "readinessProbe": {"tcpSocket": {"port": "proxy"}, "periodSeconds": 5},
+            "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                "capabilities": {"drop": ["ALL"], "add": ["IPC_LOCK"]}},
+            "resources": resources or {"requests": {"cpu": "100m", "memory": "128Mi"},
+                                       "limits": {"cpu": "2", "memory": "512Mi"}},
+            "volumeMounts": [{"name": "tls", "mountPath": "/run/keyward/tls", "readOnly": True},
+                             {"name": "secret", "mountPath": "/run/keyward/secret", "readOnly": True},
+                             {"name": "tmp", "mountPath": "/tmp"}],
+        }],
+        "volumes": [
+            {"name": "tls", "secret": {"secretName": f"{rel.name}-zen-{pool}-tls", "defaultMode": 0o400}},
+            {"name": "secret", "secret": {"secretName": f"{rel.name}-secrets", "defaultMode": 0o400,
+                                          "items": [{"key": "master-secret", "path": "master-secret"}]}},
+            {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+        ],
+    }
+    if private:
+        pod["nodeSelector"] = {**spec.get("nodeSelector", {}), POOL_LABEL: pool}
+        pod["tolerations"] = [{"key": POOL_LABEL, "operator": "Equal", "value": pool, "effect": "NoSchedule"}]
+    else:
+        if spec.get("nodeSelector"):
+            pod["nodeSelector"] = dict(spec["nodeSelector"])
+        # Public ZENs stay off nodes dedicated to a private pool.
+        pod["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [{"key": POOL_LABEL, "operator": "DoesNotExist"}]}]}}}
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": f"{rel.name}-zen-{pool}", "namespace": rel.namespace, "labels": labels},
+        "spec": {"replicas": int(spec.get("replicas", 2)), "selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels}, "spec": pod}},
+    }
+
+
+def pool_service(rel: Release, pool: str, bypassed: bool) -> Obj:
+    """The pool's Service; while bypassed it selects the bypass relay instead of the ZENs."""
+    selector = ({"app.kubernetes.io/name": "keyward", "app.kubernetes.io/component": "bypass"} if bypassed
+                else _labels(rel, pool))
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": f"{rel.name}-zen-{pool}", "namespace": rel.namespace, "labels": _labels(rel, pool)},
+            "spec": {"selector": selector, "ports": [{"name": "proxy", "port": 8080, "targetPort": 8080}]}}
+
+
+def pool_pdb(rel: Release, pool: str, replicas: int) -> Obj:
+    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": {"name": f"{rel.name}-zen-{pool}", "namespace": rel.namespace, "labels": _labels(rel, pool)},
+            "spec": {"maxUnavailable": 1 if replicas > 1 else 0, "selector": {"matchLabels": _labels(rel, pool)}}}
+
+
+def _dedicated_to(node: Obj) -> str | None:
+    pool = (node.get("metadata", {}).get("labels") or {}).get(POOL_LABEL)
+    if pool is None:
+        return None
+    tainted = any(t.get("key") == POOL_LABEL and t.get("value") == pool and t.get("effect") == "NoSchedule"
+                  for t in node.get("spec", {}).get("taints") or [])
+    return pool if tainted else None
+
+
+def placement_problems(pool: str, spec: Obj, nodes: list[Obj]) -> list[str]:
+    """Why a private pool cannot be placed safely (empty: fine)."""
+    if spec.get("visibility") != "private":
+        return []
+    problems = []
+    sel = spec.get("nodeSelector") or {}
+    if sel.get(POOL_LABEL, pool) != pool:
+        problems.append(f"nodeSelector {POOL_LABEL}={sel[POOL_LABEL]} would place pool {pool} on another pool's nodes")
+    dedicated = [n for n in nodes if _dedicated_to(n) == pool]
+    if not dedicated:
+        problems.append(f"no node is dedicated to pool {pool}: label and taint nodes with "
+                        f"{POOL_LABEL}={pool} (taint effect NoSchedule)")
+    half = [n["metadata"]["name"] for n in nodes
+            if (n.get("metadata", {}).get("labels") or {}).get(POOL_LABEL) == pool and _dedicated_to(n) != pool]
+    if half:
+        problems.append(f"node(s) {', '.join(half)} carry the {POOL_LABEL}={pool} label but not the NoSchedule "
+                        "taint, so public ZENs could share them")
+    return problems
+
+
+def misplaced_pods(pool: str, spec: Obj, pods: list[Obj], nodes: list[Obj]) -> list[str]:
+    """Names of this private pool's pods running on a node not dedicated to it (to evict)."""
+    if spec.get("visibility") != "private":
+        return []
+    owner = {n["metadata"]["name"]: _dedicated_to(n) for n in nodes}
+    return [p["metadata"]["name"] for p in pods
+            if (p.get("metadata", {}).get("labels") or {}).get(POOL_LABEL) == pool
+            and p.get("spec", {}).get("nodeName")
+            and owner.get(p["spec"]["nodeName"]) != pool]
+
+
+def bypass_wanted(*, ca_ready: bool, pool_ready: bool, serves_fail_closed_org: bool) -> bool:
+    """Both planes down, and no fail-closed org behind the pool."""
+    return not ca_ready and not pool_ready and not serves_fail_closed_org
+
+
+def failover_due(primary_lost_since: float | None, now: float, after_seconds: float) -> bool:
+    return primary_lost_since is not None and now - primary_lost_since >= after_seconds

@@ -1,0 +1,69 @@
+"""k8s.operator.reconcile: the operator's decisions as plain functions."""
+
+from __future__ import annotations
+
+import kubernetes_validate
+
+from k8s.operator.reconcile import (
+    POOL_LABEL,
+    Release,
+    bypass_wanted,
+    failover_due,
+    misplaced_pods,
+    placement_problems,
+    pool_deployment,
+    pool_pdb,
+    pool_service,
+)
+
+REL = Release("keyward", "keyward", "keyward/zen:0.1.0")
+
+
+def _node(name: str, pool: str | None = None, taint: bool = True) -> dict:
+    labels = {POOL_LABEL: pool} if pool else {}
+    taints = [{"key": POOL_LABEL, "value": pool, "effect": "NoSchedule"}] if pool and taint else []
+    return {"metadata": {"name": name, "labels": labels}, "spec": {"taints": taints}}
+
+
+def test_objects_validate_and_private_pools_are_pinned() -> None:
+    priv = pool_deployment(REL, "eu-bank", {"visibility": "private", "organizations": ["bank"], "replicas": 3})
+    pub = pool_deployment(REL, "public", {"visibility": "public"})
+    for obj in (priv, pub, pool_service(REL, "public", False), pool_service(REL, "public", True),
+                pool_pdb(REL, "public", 2)):
+        kubernetes_validate.validate(obj, "1.35.0", strict=True)
+    pspec = priv["spec"]["template"]["spec"]
+    assert priv["spec"]["replicas"] == 3
+    assert pspec["nodeSelector"] == {POOL_LABEL: "eu-bank"}
+    assert pspec["tolerations"][0]["value"] == "eu-bank"
+    assert pspec["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+    terms = pub["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert terms == [{"matchExpressions": [{"key": POOL_LABEL, "operator": "DoesNotExist"}]}]
+    assert pool_service(REL, "public", True)["spec"]["selector"]["app.kubernetes.io/component"] == "bypass"
+
+
+def test_placement_rules() -> None:
+    spec = {"visibility": "private", "organizations": ["bank"]}
+    assert placement_problems("eu-bank", spec, [_node("n1", "eu-bank")]) == []
+    assert "no node is dedicated" in placement_problems("eu-bank", spec, [_node("n1")])[0]
+    probs = placement_problems("eu-bank", spec, [_node("n1", "eu-bank"), _node("n2", "eu-bank", taint=False)])
+    assert any("not the NoSchedule taint" in p for p in probs)
+    probs = placement_problems("eu-bank", {**spec, "nodeSelector": {POOL_LABEL: "other"}}, [_node("n1", "eu-bank")])
+    assert any("another pool's nodes" in p for p in probs)
+    assert placement_problems("public", {"visibility": "public"}, []) == []
+
+
+def test_misplaced_private_pods_are_found() -> None:
+    nodes = [_node("dedicated", "eu-bank"), _node("shared")]
+    pods = [{"metadata": {"name": "ok", "labels": {POOL_LABEL: "eu-bank"}}, "spec": {"nodeName": "dedicated"}},
+            {"metadata": {"name": "bad", "labels": {POOL_LABEL: "eu-bank"}}, "spec": {"nodeName": "shared"}},
+            {"metadata": {"name": "pending", "labels": {POOL_LABEL: "eu-bank"}}, "spec": {}}]
+    assert misplaced_pods("eu-bank", {"visibility": "private"}, pods, nodes) == ["bad"]
+
+
+def test_bypass_and_failover_decisions() -> None:
+    assert bypass_wanted(ca_ready=False, pool_ready=False, serves_fail_closed_org=False)
+    assert not bypass_wanted(ca_ready=True, pool_ready=False, serves_fail_closed_org=False)
+    assert not bypass_wanted(ca_ready=False, pool_ready=True, serves_fail_closed_org=False)
+    assert not bypass_wanted(ca_ready=False, pool_ready=False, serves_fail_closed_org=True)
+    assert failover_due(100.0, 131.0, 30) and not failover_due(100.0, 120.0, 30) and not failover_due(None, 1e9, 30)
