@@ -449,17 +449,17 @@ class KeyDistributionService(_Base, pb_grpc.KeyDistributionServicer):
 
     @unary("GetKeyPair", audited=False)
     async def GetKeyPair(self, request: pb.GetKeyPairRequest, context: Any, ident: Identity) -> pb.KeyPair:
-        pool = await self._pool(ident)
+        name = authz.require_zen(ident)
         org_id = check_id(request.org_id, "org_id")
-        if pool.visibility == "private" and org_id not in pool.org_ids:
-            metrics.KEYS_REFUSED.labels("-").inc()
-            raise authz.key_refusal(pool.name, org_id)
         floor = max(request.min_version, self._sent.get(org_id, 0))
-        org, key = await self.store.active_key(org_id)
+        # Pool, org and key from one snapshot: no key goes out on a binding just removed.
+        pool, org, key = await self.store.distribution_view(name, org_id)
         if org is not None and (key.version if key else 0) < floor:
             # A lagging standby answered: ask the primary, or fail rather
             # than hand out a key older than one already sent.
-            org, key = await self.store.active_key(org_id, replica_ok=False)
+            pool, org, key = await self.store.distribution_view(name, org_id, replica_ok=False)
+        if pool is None:
+            raise PermissionDenied(f"ZEN pool {name!r} is not registered with the CA (RegisterZenPool)")
         if org is None or not pool.serves(org_id, org.policy.private_zen_only):
             # Metrics are internal: label the org when it exists (bounded cardinality).
             metrics.KEYS_REFUSED.labels(org_id if org is not None else "-").inc()

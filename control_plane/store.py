@@ -876,11 +876,28 @@ class Store:
                 " WHERE org_id = %s ORDER BY created_at DESC", (org_id, org_id))
             return [_inter(r) for r in await cur.fetchall()]
 
-    async def active_key(self, org_id: str, *, replica_ok: bool = True
+    async def distribution_view(self, pool_name: str, org_id: str, *, replica_ok: bool = True
+                                ) -> tuple[PoolRow | None, OrgRow | None, ActiveKey | None]:
+        """The pool, the org and its active key from ONE snapshot, so a key is
+        never sent on the strength of a pool binding that a concurrent change
+        has just removed."""
+        box: dict[str, PoolRow | None] = {}
+
+        async def pool_q(conn: AsyncConnection[dict[str, Any]]) -> None:
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            box["pool"] = await self._pool_row(conn, pool_name)
+
+        org, key = await self.active_key(org_id, replica_ok=replica_ok, before=pool_q)
+        return box.get("pool"), org, key
+
+    async def active_key(self, org_id: str, *, replica_ok: bool = True,
+                         before: Callable[[AsyncConnection[dict[str, Any]]], Awaitable[None]] | None = None,
                          ) -> tuple[OrgRow | None, ActiveKey | None]:
         """The org and its active key. Replica-ok by default (distribution);
         the caller guards against a lagging standby by key version."""
         async def q(conn: AsyncConnection[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+            if before is not None:
+                await before(conn)
             cur = await conn.execute(_ORG_SELECT, (org_id,))
             o = await cur.fetchone()
             if o is None:
