@@ -22,6 +22,8 @@ KEYS_REFUSED = Counter("keyward_ca_keys_refused_total", "Key requests refused, b
                        registry=REGISTRY)
 DB_ERRORS = Counter("keyward_ca_db_errors_total", "Database operations that failed (unavailable)",
                     registry=REGISTRY)
+AUDIT_SUPPRESSED = Counter("keyward_ca_audit_refusals_suppressed_total",
+                           "Refused calls counted but not audited one by one (rate limit)", registry=REGISTRY)
 WATCHERS = Gauge("keyward_ca_watch_streams", "Open WatchKeys streams", registry=REGISTRY)
 DB_UP = Gauge("keyward_ca_db_up", "1 if the last database health check succeeded", registry=REGISTRY)
 

@@ -252,6 +252,36 @@ _background: set[asyncio.Task[None]] = set()
 AUDIT_WAIT_SECONDS = 2.0
 
 
+class _RefusalBudget:
+    """Failed calls are audited one by one up to RATE per second (burst
+    BURST); beyond that they are counted, and the next audited refusal
+    carries the count. A flood of refusals then cannot monopolize the write
+    lock that admin writes need, and still leaves its size in the chain."""
+
+    RATE, BURST = 20.0, 100.0
+
+    def __init__(self) -> None:
+        self.tokens = self.BURST
+        self.last = time.monotonic()
+        self.suppressed = 0
+
+    def take(self) -> int | None:
+        """None: do not audit this one. Else: how many were skipped before it."""
+        now = time.monotonic()
+        self.tokens = min(self.BURST, self.tokens + (now - self.last) * self.RATE)
+        self.last = now
+        if self.tokens < 1:
+            self.suppressed += 1
+            metrics.AUDIT_SUPPRESSED.inc()
+            return None
+        self.tokens -= 1
+        skipped, self.suppressed = self.suppressed, 0
+        return skipped
+
+
+_refusals = _RefusalBudget()
+
+
 async def _audit_failure_impl(store: Store, action: str, ident: Identity | None, request: Any,
                               code: grpc.StatusCode, message: str, org_id: str = "") -> None:
     """Audit a failed call. Waits up to AUDIT_WAIT_SECONDS, then lets the
@@ -259,6 +289,11 @@ async def _audit_failure_impl(store: Store, action: str, ident: Identity | None,
     call may have failed) cannot hold the caller's answer back."""
     org_id = (org_id or str(getattr(request, "org_id", "")))[:64]
     key_id = str(getattr(request, "key_id", ""))[:64]
+    skipped = _refusals.take()
+    if skipped is None:
+        return
+    if skipped:
+        message = f"{message} (+{skipped} earlier refusals not individually audited: rate limit)"
 
     async def write() -> None:
         try:

@@ -29,3 +29,4 @@ def test_missing_and_bad_values() -> None:
 
 def test_unknown_keys_are_reported() -> None:
     assert "KEYWARD_LISTN" in from_env({**BASE, "KEYWARD_LISTN": "x"}).extra
+
