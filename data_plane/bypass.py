@@ -16,18 +16,9 @@ import os
 import sys
 from urllib.parse import urlsplit
 
-from data_plane.http1 import HttpError, copy_body, read_head
+from data_plane.http1 import HttpError, copy_body, read_head, splice
 
 log = logging.getLogger("keyward.bypass")
-
-
-async def _pump(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(Exception):
-        while chunk := await r.read(65536):
-            w.write(chunk)
-            await w.drain()
-    with contextlib.suppress(Exception):
-        w.write_eof()
 
 
 async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -42,7 +33,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
             await writer.drain()
             log.info(json.dumps({"bypass": "tunnel", "to": target}))
-            await asyncio.gather(_pump(reader, o_w), _pump(o_r, writer))
+            await splice(reader, writer, o_r, o_w)
             o_w.close()
             return
         u = urlsplit(target)

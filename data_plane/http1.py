@@ -8,6 +8,7 @@ line; it never buffers a whole body.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 
 MAX_HEAD = 64 * 1024
@@ -111,3 +112,17 @@ async def copy_body(head: Head, reader: asyncio.StreamReader, writer: asyncio.St
         n += len(chunk)
         await writer.drain()
     return n, True
+
+
+async def splice(a_r: asyncio.StreamReader, a_w: asyncio.StreamWriter, b_r: asyncio.StreamReader,
+                 b_w: asyncio.StreamWriter) -> None:
+    """Relay bytes both ways until both directions end (tunnels, h2 relay)."""
+    async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            while chunk := await r.read(65536):
+                w.write(chunk)
+                await w.drain()
+        with contextlib.suppress(Exception):
+            w.write_eof()
+
+    await asyncio.gather(pump(a_r, b_w), pump(b_r, a_w))

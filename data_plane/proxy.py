@@ -20,7 +20,7 @@ import re
 import ssl
 
 from data_plane import metrics
-from data_plane.http1 import Head, HttpError, copy_body, read_head
+from data_plane.http1 import Head, HttpError, copy_body, read_head, splice
 from data_plane.keys import KeyManager
 from data_plane.mint import Minter
 from data_plane.policy import Action, connect_action, org_for, url_blocked
@@ -282,15 +282,7 @@ class Proxy:
 
     async def _splice(self, a_r: asyncio.StreamReader, a_w: asyncio.StreamWriter, b_r: asyncio.StreamReader,
                       b_w: asyncio.StreamWriter) -> None:
-        async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(Exception):
-                while chunk := await r.read(65536):
-                    w.write(chunk)
-                    await w.drain()
-            with contextlib.suppress(Exception):
-                w.write_eof()
-
-        await asyncio.gather(pump(a_r, b_w), pump(b_r, a_w))
+        await splice(a_r, a_w, b_r, b_w)
         b_w.close()
 
 
