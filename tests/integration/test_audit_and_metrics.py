@@ -73,6 +73,6 @@ def test_metrics_endpoint(ca: CAProcess, platform: Clients, pki_dir: Path, tmp_p
     assert 'keyward_ca_rpcs_total{code="OK",method="GetKeyPair"}' in m
     assert 'keyward_ca_rpcs_total{code="PERMISSION_DENIED",method="GetKeyPair"}' in m
     assert f'keyward_ca_keys_sent_total{{org="{new_org_id}"}} 1.0' in m
-    assert 'keyward_ca_keys_refused_total{org="-"}' in m
+    assert f'keyward_ca_keys_refused_total{{org="{new_org_id}"}} 1.0' in m  # an existing org: labelled
     assert 'keyward_ca_rpc_duration_seconds_bucket{le="0.1",method="GetKeyPair"}' in m
     assert "keyward_ca_db_errors_total" in m and "keyward_ca_db_up 1.0" in m
