@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -90,21 +91,19 @@ class RunningCA:
 
 async def _health_loop(store: Store, hs: HealthServicer) -> None:
     """Admin (and "") need the primary; KeyDistribution needs any server."""
-    SERVING, NOT = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    SERVING: int = health_pb2.HealthCheckResponse.SERVING
+    NOT: int = health_pb2.HealthCheckResponse.NOT_SERVING
     last: tuple[int, int] | None = None
+    async def probe(ping: Callable[[], Awaitable[None]]) -> int:
+        try:
+            async with asyncio.timeout(HEALTH_PERIOD * 2):
+                await ping()
+            return SERVING
+        except (KeywardError, TimeoutError):
+            return NOT
+
     while True:
-        try:
-            async with asyncio.timeout(HEALTH_PERIOD * 2):
-                await store.ping()
-            admin = SERVING
-        except (KeywardError, TimeoutError):
-            admin = NOT
-        try:
-            async with asyncio.timeout(HEALTH_PERIOD * 2):
-                await store.ping_any()
-            keys = SERVING
-        except (KeywardError, TimeoutError):
-            keys = NOT
+        admin, keys = await probe(store.ping), await probe(store.ping_any)
         metrics.DB_UP.set(1 if admin == SERVING else 0)
         if (admin, keys) != last:
             await hs.set("", admin)

@@ -259,26 +259,12 @@ def test_key_in_locked_memory_only_while_in_use_and_no_files_written(
     ca: CAProcess, platform: Clients, pki_dir: Path, master_secret: tuple[bytes, Path], web: Web, workdir: Path,
     tmp_path: Path,
 ) -> None:
-    from data_plane.keyopen import open_org_key
-    from keylib.master import MasterSecret
-
     org_id = f"m-{uuid.uuid4().hex[:8]}"
     create_org(platform, org_id, key_idle_timeout_seconds=10)
     admin = org_admin(ca.addr, pki_dir, org_id)
     root = OrgRoot.create(tmp_path, org_id)
     _, inter, _ = activate(admin, root, org_id)
-    kp = clients(ca.addr, pki_dir, "zen-public").keys.GetKeyPair(pb.GetKeyPairRequest(org_id=org_id), timeout=30)
-    m = MasterSecret.from_bytes(master_secret[0])
-    buf = open_org_key(m, org_id=org_id, key_id=kp.key_id, keylib_format=kp.keylib_format,
-                       sealed=kp.encrypted_private_key, certificate_pem=kp.certificate_pem)
-    key = serialization.load_der_private_key(buf.view, None)
-    der = bytes(buf.view)
-    buf.wipe()
-    m.wipe()
-    nums = key.private_numbers()  # type: ignore[union-attr]
-    # Private parts only (the modulus is public: it is in every certificate). OpenSSL keeps
-    # BIGNUMs as little-endian limbs, so the primes are searched in that byte order.
-    needles = [der[320:368], der[-64:-16], nums.p.to_bytes(128, "little")[:48], nums.q.to_bytes(128, "little")[:48]]  # type: ignore[union-attr]
+    needles = _key_needles(ca, pki_dir, master_secret[0], org_id)
 
     z = start_zen(ca, pki_dir, master_secret[1], web, workdir)
     trace = workdir / f"strace-{uuid.uuid4().hex[:6]}.txt"
