@@ -138,7 +138,7 @@ def org_to_pb(o: OrgRow) -> pb.Organization:
 
 
 def pool_to_pb(p: PoolRow) -> pb.ZenPool:
-    return pb.ZenPool(name=p.name, org_ids=list(p.org_ids),
+    return pb.ZenPool(name=p.name, org_ids=list(p.org_ids), serves_fail_closed_org=p.serves_fail_closed,
                       visibility=pb.POOL_VISIBILITY_PUBLIC if p.visibility == "public" else pb.POOL_VISIBILITY_PRIVATE)
 
 
@@ -384,6 +384,14 @@ class AdminService(_Base, pb_grpc.AdminServicer):
         row = await self.store.register_pool(Actor(ident.spiffe_id), p.name, vis, list(p.org_ids),
                                              _request_key(request))
         return pool_to_pb(row)
+
+    @unary("DeregisterZenPool", audited=True)
+    async def DeregisterZenPool(self, request: pb.DeregisterZenPoolRequest, context: Any,
+                                ident: Identity) -> pb.ZenPool:
+        authz.require_platform_admin(ident, "deregister ZEN pools")
+        check_id(request.name, "name")
+        return pool_to_pb(await self.store.deregister_pool(Actor(ident.spiffe_id), request.name,
+                                                           _request_key(request)))
 
     @unary("ListZenPools", audited=False)
     async def ListZenPools(self, request: pb.ListZenPoolsRequest, context: Any, ident: Identity) -> pb.ListZenPoolsResponse:

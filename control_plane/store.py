@@ -174,6 +174,8 @@ class PoolRow:
     name: str
     visibility: str  # "public" | "private"
     org_ids: tuple[str, ...]
+    serves_fail_closed: bool = False
+    """At least one org it serves is fail-closed (the operator never bypasses it)."""
 
     def serves(self, org_id: str, private_zen_only: bool) -> bool:
         if self.visibility == "public":
@@ -674,7 +676,21 @@ class Store:
             return None
         cur = await conn.execute("SELECT org_id FROM zen_pool_orgs WHERE pool = %s ORDER BY org_id", (name,))
         orgs = tuple(x["org_id"] for x in await cur.fetchall())
-        return PoolRow(name=name, visibility=r["visibility"], org_ids=orgs)
+        cur = await conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM organizations o WHERE o.policy->>'fail_mode' = 'closed' AND "
+            "(CASE WHEN %s = 'public' THEN NOT coalesce((o.policy->>'private_zen_only')::boolean, false) "
+            "ELSE o.org_id = ANY(%s) END)) AS closed", (r["visibility"], list(orgs)))
+        closed = await cur.fetchone()
+        return PoolRow(name=name, visibility=r["visibility"], org_ids=orgs,
+                       serves_fail_closed=bool(closed and closed["closed"]))
+
+    @staticmethod
+    async def _served_ids(conn: AsyncConnection[dict[str, Any]], pool: PoolRow) -> set[str]:
+        if pool.visibility == "private":
+            return set(pool.org_ids)
+        cur = await conn.execute("SELECT org_id FROM organizations "
+                                 "WHERE NOT coalesce((policy->>'private_zen_only')::boolean, false)")
+        return {r["org_id"] for r in await cur.fetchall()}
 
     async def orgs_served(self, pool: PoolRow) -> list[OrgRow]:
         """Every org the pool serves (replica-ok: distribution)."""
@@ -703,36 +719,56 @@ class Store:
 
     async def register_pool(self, actor: Actor, name: str, visibility: str, org_ids: list[str],
                             request_id: RequestKey = NO_REQUEST) -> PoolRow:
+        """Create or update a pool. A change of visibility or of bound orgs
+        revokes, in the same transaction, every org the pool no longer serves
+        (its ZENs drop those keys on the ACCESS_REVOKED event). The operator
+        moves a pool's pods to dedicated nodes *before* registering it private."""
         async with self._tx(write=True) as conn:
             old = await self._pool_row(conn, name)
             if old is not None and await self._replay(conn, request_id, actor, "RegisterZenPool") is not None:
                 return old
             await self._remember(conn, request_id, actor, "RegisterZenPool", {"pool": name})
-            if old and old.visibility != visibility:
-                raise FailedPrecondition(
-                    f"pool {name!r} is {old.visibility}; a pool's visibility cannot change "
-                    "(register a new pool instead)")
             if org_ids:
                 cur = await conn.execute("SELECT org_id FROM organizations WHERE org_id = ANY(%s)", (org_ids,))
                 known = {r["org_id"] for r in await cur.fetchall()}
                 unknown = sorted(set(org_ids) - known)
                 if unknown:
                     raise NotFound(f"organization(s) not found: {', '.join(unknown)}")
+            before = await self._served_ids(conn, old) if old else set()
             if old is None:
                 await conn.execute("INSERT INTO zen_pools (name, visibility) VALUES (%s, %s)", (name, visibility))
             else:
-                await conn.execute("UPDATE zen_pools SET updated_at = now() WHERE name = %s", (name,))
-            removed = sorted(set(old.org_ids if old else ()) - set(org_ids))
+                await conn.execute("UPDATE zen_pools SET visibility = %s, updated_at = now() WHERE name = %s",
+                                   (visibility, name))
             await conn.execute("DELETE FROM zen_pool_orgs WHERE pool = %s", (name,))
             for o in sorted(set(org_ids)):
                 await conn.execute("INSERT INTO zen_pool_orgs (pool, org_id) VALUES (%s, %s)", (name, o))
-            for o in removed:
-                await self._emit(conn, o, "access_revoked", audience=f"pool:{name}")
-            await self._append_audit(conn, actor, "RegisterZenPool",
-                                     detail=f"pool={name} visibility={visibility} orgs={','.join(sorted(set(org_ids)))}")
             row = await self._pool_row(conn, name)
-        assert row is not None
+            assert row is not None
+            for o in sorted(before - await self._served_ids(conn, row)):
+                await self._emit(conn, o, "access_revoked", audience=f"pool:{name}")
+            change = f" (was {old.visibility})" if old and old.visibility != visibility else ""
+            await self._append_audit(conn, actor, "RegisterZenPool",
+                                     detail=f"pool={name} visibility={visibility}{change} "
+                                            f"orgs={','.join(sorted(set(org_ids)))}")
         return row
+
+    async def deregister_pool(self, actor: Actor, name: str, request_id: RequestKey = NO_REQUEST) -> PoolRow:
+        """Delete a pool; every org it served gets ACCESS_REVOKED for it."""
+        async with self._tx(write=True) as conn:
+            old = await self._pool_row(conn, name)
+            if old is None:
+                done = await self._replay(conn, request_id, actor, "DeregisterZenPool")
+                if done is not None:  # a retry of a deregistration that did commit
+                    return PoolRow(name=name, visibility=done["visibility"], org_ids=tuple(done["org_ids"]))
+                raise NotFound(f"ZEN pool {name!r} is not registered")
+            await self._remember(conn, request_id, actor, "DeregisterZenPool",
+                                 {"pool": name, "visibility": old.visibility, "org_ids": list(old.org_ids)})
+            for o in sorted(await self._served_ids(conn, old)):
+                await self._emit(conn, o, "access_revoked", audience=f"pool:{name}")
+            await conn.execute("DELETE FROM zen_pools WHERE name = %s", (name,))
+            await self._append_audit(conn, actor, "DeregisterZenPool", detail=f"pool={name} visibility={old.visibility}")
+        return old
 
     # ---------------------------------------------------------- intermediates
 

@@ -92,8 +92,9 @@ def test_org_and_policy_validation(pg: PgCluster, platform: Clients, new_org_id:
             "not found")
     R = pb.RegisterZenPoolRequest
     _expect(pg, platform, a.RegisterZenPool, R(pool=pb.ZenPool(name="p-x")), IA, "visibility is required")
-    _expect(pg, platform, a.RegisterZenPool, R(pool=pb.ZenPool(name="public", visibility=pb.POOL_VISIBILITY_PRIVATE)),
-            grpc.StatusCode.FAILED_PRECONDITION, "cannot change")
+    _expect(pg, platform, a.DeregisterZenPool, pb.DeregisterZenPoolRequest(name="p-never-registered"),
+            grpc.StatusCode.NOT_FOUND, "not registered")
+    _expect(pg, platform, a.DeregisterZenPool, pb.DeregisterZenPoolRequest(name="Bad Name"), IA, "name")
     _expect(pg, platform, a.RegisterZenPool, R(pool=pb.ZenPool(name="p-x", visibility=pb.POOL_VISIBILITY_PRIVATE,
                                                                org_ids=["o-missing-one"])),
             grpc.StatusCode.NOT_FOUND, "o-missing-one")

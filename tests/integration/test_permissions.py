@@ -191,3 +191,47 @@ def test_public_pool_watching_a_private_or_missing_org_is_refused_and_audited(
         assert code == PD and "may not receive keys" in msg
     wait_for(lambda: _audit_outcomes(pg, private_org, "WatchKeys") == ["PERMISSION_DENIED"], 10,
              "the refusal in the audit log")
+
+
+def test_pool_made_private_then_deregistered_revokes_and_refuses(
+    ca: CAProcess, pki_dir: Path, pg: PgCluster, platform: Clients, tmp_path: Path, new_org_id: str,
+) -> None:
+    """What the operator does when a ZenPool is made private and later deleted:
+    the pool's ZENs lose every org they no longer serve (ACCESS_REVOKED on
+    their watch, refusals on GetKeyPair), and a deregistered pool gets nothing."""
+    from devstack import pki as devpki
+
+    pool = f"pz-{new_org_id[-8:]}"
+    devpki.client(pki_dir, f"zen-{pool}", f"zen-pool/{pool}")
+    create_org(platform, new_org_id, fail_mode=pb.FAIL_MODE_CLOSED)
+    activate(org_admin(ca.addr, pki_dir, new_org_id), OrgRoot.create(tmp_path, new_org_id), new_org_id)
+    reg = platform.admin.RegisterZenPool(pb.RegisterZenPoolRequest(pool=pb.ZenPool(
+        name=pool, visibility=pb.POOL_VISIBILITY_PUBLIC)), timeout=30)
+    assert reg.serves_fail_closed_org  # a public pool serves this fail-closed org
+    zen = clients(ca.addr, pki_dir, f"zen-{pool}")
+    assert zen.keys.GetKeyPair(pb.GetKeyPairRequest(org_id=new_org_id), timeout=30).encrypted_private_key
+    watch = zen.keys.WatchKeys(pb.WatchKeysRequest(org_ids=[new_org_id], snapshot=True), timeout=60)
+    first = next(watch)  # the snapshot: the stream is live before the change below
+    assert first.kind == pb.KEY_EVENT_KIND_POLICY_CHANGED and first.org_id == new_org_id
+
+    other = f"{new_org_id}-b"
+    create_org(platform, other)
+    made_private = platform.admin.RegisterZenPool(pb.RegisterZenPoolRequest(pool=pb.ZenPool(
+        name=pool, visibility=pb.POOL_VISIBILITY_PRIVATE, org_ids=[other])), timeout=30)
+    assert made_private.visibility == pb.POOL_VISIBILITY_PRIVATE and not made_private.serves_fail_closed_org
+    ev = next(watch)
+    assert (ev.kind, ev.org_id) == (pb.KEY_EVENT_KIND_ACCESS_REVOKED, new_org_id)
+    watch.cancel()
+    assert code_of(zen.keys.GetKeyPair, pb.GetKeyPairRequest(org_id=new_org_id))[0] == PD
+
+    gone = platform.admin.DeregisterZenPool(pb.DeregisterZenPoolRequest(name=pool, request_id=f"dereg-{pool}"),
+                                            timeout=30)
+    assert list(gone.org_ids) == [other]
+    # A retry of the same request (outcome unknown) replays instead of failing.
+    assert platform.admin.DeregisterZenPool(pb.DeregisterZenPoolRequest(name=pool, request_id=f"dereg-{pool}"),
+                                            timeout=30).org_ids == [other]
+    code, msg = code_of(zen.keys.GetKeyPair, pb.GetKeyPairRequest(org_id=other))
+    assert code == PD and "not registered" in msg
+    assert pool not in {p.name for p in platform.admin.ListZenPools(pb.ListZenPoolsRequest(), timeout=30).pools}
+    details = pg.psql(f"SELECT action || ' ' || detail FROM audit_events WHERE detail LIKE 'pool={pool} %' ORDER BY seq")
+    assert "visibility=private (was public)" in details and f"DeregisterZenPool pool={pool}" in details
