@@ -62,8 +62,9 @@ def configure_primary(spec: ClusterSpec, primary: Node) -> None:
     for n in spec.nodes:
         if n.name == primary.name:
             continue
-        _sql(spec, primary, f"SELECT pg_create_physical_replication_slot('{n.name}', true) "
-                            f"WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{n.name}')")
+        slot = spec.slot(n)
+        _sql(spec, primary, f"SELECT pg_create_physical_replication_slot('{slot}', true) "
+                            f"WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{slot}')")
     _sql(spec, primary, f"ALTER SYSTEM SET synchronous_standby_names = '{spec.sync_names(primary.name)}'",
          "SELECT pg_reload_conf()")
 
@@ -71,7 +72,7 @@ def configure_primary(spec: ClusterSpec, primary: Node) -> None:
 def repoint(spec: ClusterSpec, standby: Node, primary: Node) -> None:
     conninfo = spec.replication_conninfo(primary, standby.name).replace("'", "''")
     _sql(spec, standby, f"ALTER SYSTEM SET primary_conninfo = '{conninfo}'",
-         f"ALTER SYSTEM SET primary_slot_name = '{standby.name}'", "SELECT pg_reload_conf()")
+         f"ALTER SYSTEM SET primary_slot_name = '{spec.slot(standby)}'", "SELECT pg_reload_conf()")
 
 
 def failover(

@@ -90,7 +90,7 @@ def point_at(spec: ClusterSpec, node: Node, upstream: Node) -> None:
         d / "postgresql.auto.conf",
         node_conf(node)
         + f"primary_conninfo = '{spec.replication_conninfo(upstream, node.name)}'\n"
-        + f"primary_slot_name = '{node.name}'\n"
+        + f"primary_slot_name = '{spec.slot(node)}'\n"
         + "synchronous_standby_names = ''\n",
         append=True,
     )

@@ -8,8 +8,12 @@ leave it empty and the tool does what SQL alone can do.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+
+_SIMPLE = re.compile(r"[a-z_][a-z0-9_]*")
 
 
 @dataclass(frozen=True)
@@ -59,8 +63,15 @@ class ClusterSpec:
                 f"connect_timeout=3 target_session_attrs={attrs}")
 
     def sync_names(self, primary: str) -> str:
-        others = ", ".join(n.name for n in self.nodes if n.name != primary)
+        # Names such as "keyward-postgres-1" (a StatefulSet's pods) must be quoted.
+        others = ", ".join(n.name if _SIMPLE.fullmatch(n.name) else f'"{n.name}"'
+                           for n in self.nodes if n.name != primary)
         return f"ANY {self.required_sync} ({others})"
+
+    @staticmethod
+    def slot(node: Node) -> str:
+        """The node's replication slot: slot names allow only [a-z0-9_]."""
+        return node.name.lower().replace("-", "_").replace(".", "_")
 
     def dump(self, path: Path) -> None:
         d = asdict(self)

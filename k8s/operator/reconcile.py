@@ -146,3 +146,38 @@ def bypass_wanted(*, ca_ready: bool, pool_ready: bool, serves_fail_closed_org: b
 
 def failover_due(primary_lost_since: float | None, now: float, after_seconds: float) -> bool:
     return primary_lost_since is not None and now - primary_lost_since >= after_seconds
+
+
+def pool_labels(rel: Release, pool: str) -> dict[str, str]:
+    return _labels(rel, pool)
+
+
+def registration(spec: Obj) -> tuple[str, list[str]]:
+    """What the CA must know of a pool: visibility and, if private, its orgs."""
+    vis = "private" if spec.get("visibility") == "private" else "public"
+    return vis, sorted(set(spec.get("organizations") or [])) if vis == "private" else []
+
+
+def may_register(pool: str, spec: Obj, pods: list[Obj], nodes: list[Obj]) -> str:
+    """Why the CA must not be told yet (empty: go ahead).
+
+    A pool made private is registered private only once none of its pods
+    runs on a node not dedicated to it: until then the CA keeps treating it
+    as public, so a private org's key never reaches a shared node."""
+    if spec.get("visibility") != "private":
+        return ""
+    owner = {n["metadata"]["name"]: _dedicated_to(n) for n in nodes}
+    left = sorted(p["metadata"]["name"] for p in pods
+                  if (p.get("metadata", {}).get("labels") or {}).get(POOL_LABEL) == pool
+                  and p.get("spec", {}).get("nodeName") and owner.get(p["spec"]["nodeName"]) != pool)
+    return f"waiting for pod(s) {', '.join(left)} to leave nodes not dedicated to the pool" if left else ""
+
+
+def set_condition(conditions: list[Obj], type_: str, ok: bool, reason: str, message: str, now: str) -> list[Obj]:
+    """Conditions with ``type_`` set; lastTransitionTime moves only when the status does."""
+    status = "True" if ok else "False"
+    out = [c for c in conditions if c.get("type") != type_]
+    old = next((c for c in conditions if c.get("type") == type_), None)
+    since = old["lastTransitionTime"] if old and old.get("status") == status and old.get("lastTransitionTime") else now
+    out.append({"type": type_, "status": status, "reason": reason, "message": message, "lastTransitionTime": since})
+    return sorted(out, key=lambda c: str(c["type"]))

@@ -1,0 +1,88 @@
+"""The operator's configuration: read from the environment here, and only here.
+
+Every field documents its unit, default and reason. Secrets never come from
+the environment: the operator reads them from Kubernetes Secrets.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+class ConfigError(ValueError):
+    """A setting is malformed; the message names it and what is allowed."""
+
+
+def _float(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
+    raw = env.get(name, "")
+    if not raw:
+        return default
+    try:
+        v = float(raw)
+    except ValueError as e:
+        raise ConfigError(f"{name}={raw!r} is not a number (seconds)") from e
+    if not lo <= v <= hi:
+        raise ConfigError(f"{name}={raw!r} is out of range: {lo:g} .. {hi:g}")
+    return v
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    release: str = "keyward"
+    """The chart's fullname (KEYWARD_RELEASE): prefix of every object the operator
+    manages, e.g. ``<release>-ca``, ``<release>-zen-<pool>``. Default "keyward"."""
+    namespace: str = "keyward"
+    """Namespace of the release (KEYWARD_NAMESPACE), from the downward API. Default "keyward"."""
+    trust_domain: str = "keyward"
+    """SPIFFE trust domain of the platform identities (KEYWARD_TRUST_DOMAIN); must
+    match the CA's. Default "keyward"."""
+    zen_image: str = "keyward/zen:0.1.0"
+    """Image of the ZEN pods (KEYWARD_ZEN_IMAGE). Default keyward/zen:0.1.0."""
+    ca_addr: str = ""
+    """host:port of the CA's gRPC port (KEYWARD_CA_ADDR). Default
+    ``<release>-ca.<namespace>.svc:50051``, a name in the CA server certificate."""
+    kube_api: str = ""
+    """Kubernetes API URL (KEYWARD_KUBE_API). Default: in-cluster, with the
+    ServiceAccount token; tests point it at the KMock stand-in."""
+    interval: float = 5.0
+    """Seconds between checks of each pool and of the database (KEYWARD_OPERATOR_INTERVAL):
+    how fast bypass, eviction and failover react. Default 5; 0.2 .. 300."""
+    failover_after: float = 30.0
+    """Seconds the Postgres primary must be lost before the operator fails over
+    (KEYWARD_FAILOVER_AFTER_SECONDS). Long enough to ride out a pod restart, short
+    enough that writes do not stay down. Default 30; 1 .. 3600."""
+    pg_cluster_file: str = ""
+    """A dbops ClusterSpec JSON (KEYWARD_PG_CLUSTER_FILE). Default: derived from the
+    chart's StatefulSet (``<release>-postgres-{0,1,2}``) and its passwords Secret."""
+    cert_days: float = 90.0
+    """Lifetime in days of the platform TLS identities the operator issues
+    (KEYWARD_PKI_CERT_DAYS); renewed when a third remains. Default 90; 1 .. 825."""
+    ca_call_timeout: float = 10.0
+    """Seconds per gRPC call to the CA (KEYWARD_CA_CALL_TIMEOUT). Default 10."""
+
+    @property
+    def ca_target(self) -> str:
+        return self.ca_addr or f"{self.release}-ca.{self.namespace}.svc:50051"
+
+    @property
+    def pg_name(self) -> str:
+        return f"{self.release}-postgres"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
+        env = os.environ if env is None else env
+        return cls(
+            release=env.get("KEYWARD_RELEASE", "") or "keyward",
+            namespace=env.get("KEYWARD_NAMESPACE", "") or "keyward",
+            trust_domain=env.get("KEYWARD_TRUST_DOMAIN", "") or "keyward",
+            zen_image=env.get("KEYWARD_ZEN_IMAGE", "") or "keyward/zen:0.1.0",
+            ca_addr=env.get("KEYWARD_CA_ADDR", ""),
+            kube_api=env.get("KEYWARD_KUBE_API", ""),
+            interval=_float(env, "KEYWARD_OPERATOR_INTERVAL", 5.0, 0.2, 300),
+            failover_after=_float(env, "KEYWARD_FAILOVER_AFTER_SECONDS", 30.0, 1, 3600),
+            pg_cluster_file=env.get("KEYWARD_PG_CLUSTER_FILE", ""),
+            cert_days=_float(env, "KEYWARD_PKI_CERT_DAYS", 90.0, 1, 825),
+            ca_call_timeout=_float(env, "KEYWARD_CA_CALL_TIMEOUT", 10.0, 0.5, 120),
+        )

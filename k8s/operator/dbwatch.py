@@ -1,0 +1,155 @@
+"""The database failover driver: the I/O shell around ``dbops.failover``.
+
+Every interval the operator asks each Postgres server its role (real SQL).
+While one answers as primary, the pods' role labels and the role ConfigMap
+(``<release>-postgres-role``, read by the servers' start script) are kept
+in step with it. When none has answered as primary for
+``failover_after`` seconds, it runs the failover of the Postgres issue:
+fence the old primary (role ConfigMap first, so a restart comes back as a
+standby; then its pod is deleted), promote the standby with the most WAL,
+re-point the other. A refusal (too few standbys to be sure no write is
+lost) is reported as an Event and retried; it is never forced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kopf
+
+from dbops import local
+from dbops.failover import FailoverRefused, failover
+from dbops.spec import ClusterSpec, Node
+from dbops.status import cluster_status
+from k8s.operator import reconcile as rc
+from k8s.operator.config import OperatorConfig
+from k8s.operator.kube import Kube, KubeError, Obj, path
+
+ROLE_LABEL = "keyward.io/pg-role"
+
+
+@dataclass
+class DbWatch:
+    lost_since: float | None = None
+    """monotonic time the primary was first found missing (None: it answers)."""
+    primary: str = ""
+    last_refusal: str = ""
+    spec: ClusterSpec | None = None
+
+
+async def cluster(w: DbWatch, cfg: OperatorConfig, kube: Kube) -> ClusterSpec:
+    """From KEYWARD_PG_CLUSTER_FILE, or the chart's StatefulSet and passwords Secret."""
+    if w.spec is not None:
+        return w.spec
+    if cfg.pg_cluster_file:
+        w.spec = ClusterSpec.load(cfg.pg_cluster_file)
+        return w.spec
+    sec = await kube.get(path("v1", "secrets", cfg.namespace, f"{cfg.release}-secrets"))
+    if sec is None:
+        raise kopf.TemporaryError(f"Secret {cfg.release}-secrets not found (the chart creates it)", delay=cfg.interval)
+    pw = {k: base64.b64decode(v).decode() for k, v in (sec.get("data") or {}).items()
+          if k in ("postgres-password", "replication-password")}
+    passfile = Path(os.environ.get("TMPDIR", "/tmp")) / "keyward-operator-pgpass"  # /tmp is a memory volume
+    fd = os.open(passfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"*:*:*:postgres:{pw.get('postgres-password', '')}\n"
+                f"*:*:*:replicator:{pw.get('replication-password', '')}\n")
+    pg = cfg.pg_name
+    w.spec = ClusterSpec(nodes=tuple(Node(f"{pg}-{i}", f"{pg}-{i}.{pg}.{cfg.namespace}.svc", 5432) for i in range(3)),
+                         passfile=str(passfile), dbname="keyward", app_user="keyward", required_sync=2)
+    return w.spec
+
+
+async def _set_primary(cfg: OperatorConfig, kube: Kube, primary: str) -> None:
+    await kube.apply("v1", "configmaps", {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": f"{cfg.pg_name}-role", "namespace": cfg.namespace,
+                     "labels": {"app.kubernetes.io/name": "keyward", "app.kubernetes.io/component": "postgres",
+                                "app.kubernetes.io/managed-by": "keyward-operator"}},
+        "data": {"primary": primary}})
+
+
+async def repair_roles(cfg: OperatorConfig, kube: Kube, spec: ClusterSpec, primary: str) -> list[str]:
+    """Role ConfigMap and pod labels match the server that answers as primary."""
+    changed = []
+    cm = await kube.get(path("v1", "configmaps", cfg.namespace, f"{cfg.pg_name}-role"))
+    if cm is None or (cm.get("data") or {}).get("primary") != primary:
+        await _set_primary(cfg, kube, primary)
+        changed.append(f"role ConfigMap: primary={primary}")
+    names = {n.name for n in spec.nodes}
+    pods: list[Obj] = await kube.list(path("v1", "pods", cfg.namespace), {"app.kubernetes.io/component": "postgres"})
+    for p in pods:
+        n = p["metadata"]["name"]
+        if n not in names:
+            continue
+        role = "primary" if n == primary else "standby"
+        if (p["metadata"].get("labels") or {}).get(ROLE_LABEL) != role:
+            await kube.patch(path("v1", "pods", cfg.namespace, n), {"metadata": {"labels": {ROLE_LABEL: role}}})
+            changed.append(f"{n}: {role}")
+    return changed
+
+
+async def fence_pod(cfg: OperatorConfig, kube: Kube, node: Node, new_primary: Node) -> None:
+    """Point the role at the new primary first, then delete the old primary's pod."""
+    await _set_primary(cfg, kube, new_primary.name)
+    try:
+        await kube.delete(path("v1", "pods", cfg.namespace, node.name), grace_seconds=0)
+    except KubeError as e:
+        if e.status != 404:
+            raise
+
+
+async def check(w: DbWatch, cfg: OperatorConfig, kube: Kube, body: Any, patch: Any,
+                logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+    spec = await cluster(w, cfg, kube)
+    sts = await asyncio.to_thread(cluster_status, spec)
+    primaries = [s.node.name for s in sts if s.reachable and s.role == "primary"]
+    if len(primaries) == 1:
+        if w.lost_since is not None:
+            kopf.event(body, type="Normal", reason="PrimaryBack", message=f"{primaries[0]} answers as primary again")
+        w.lost_since, w.last_refusal = None, ""
+        w.primary = primaries[0]
+        for c in await repair_roles(cfg, kube, spec, primaries[0]):
+            logger.info("role repaired: %s", c)
+        patch.metadata.annotations["keyward.io/primary"] = primaries[0]
+        return
+    if len(primaries) > 1:
+        kopf.event(body, type="Warning", reason="SplitBrain",
+                   message=f"{', '.join(primaries)} all answer as primary: no automatic action; fence all but one")
+        return
+    now = time.monotonic()
+    if w.lost_since is None:
+        w.lost_since = now
+        kopf.event(body, type="Warning", reason="PrimaryLost",
+                   message=f"no Postgres server answers as primary; failing over in {cfg.failover_after:g}s "
+                           "unless one returns")
+        return
+    if not rc.failover_due(w.lost_since, now, cfg.failover_after):
+        return
+    loop = asyncio.get_running_loop()
+
+    def fence(node: Node, new: Node) -> None:  # runs in the failover's thread
+        asyncio.run_coroutine_threadsafe(fence_pod(cfg, kube, node, new), loop).result(timeout=60)
+        if node.datadir:  # the server runs beside us (local stack, tests): stop it for real too
+            local.fence(spec, node, new)
+
+    try:
+        rep = await asyncio.to_thread(failover, spec, fence=fence, rejoin=any(n.datadir for n in spec.nodes))
+    except FailoverRefused as e:
+        if str(e) != w.last_refusal:
+            w.last_refusal = str(e)
+            kopf.event(body, type="Warning", reason="FailoverRefused", message=str(e))
+        return
+    w.lost_since, w.last_refusal, w.primary = None, "", rep.new_primary
+    kopf.event(body, type="Normal", reason="FailedOver",
+               message=f"{rep.old_primary} -> {rep.new_primary} at {rep.promoted_lsn} in {rep.seconds:.1f}s: "
+                       + "; ".join(rep.steps))
+    await repair_roles(cfg, kube, spec, rep.new_primary)
+    patch.metadata.annotations["keyward.io/primary"] = rep.new_primary

@@ -1,0 +1,277 @@
+"""The operator's kopf handlers: the I/O shell around ``reconcile``.
+
+One ZenPool becomes a Deployment, a Service and a PodDisruptionBudget, an
+mTLS identity Secret and a registration with the CA. Every ``interval`` each
+pool is checked again: private placement (refused with a condition and an
+Event when unsafe), misplaced pods (evicted), registration (private only
+once no pod remains on a shared node), bypass (both planes down, never for a
+fail-closed org) and status. The Postgres StatefulSet is watched the same
+way for a lost primary (see ``dbwatch``).
+
+``register(registry, cfg)`` attaches everything to a kopf registry, so the
+tests run the real kopf machinery with their own settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from k8s.operator import dbwatch, pki
+from k8s.operator import reconcile as rc
+from k8s.operator.ca_client import CAClient, CARefused, CAUnavailable, PoolState
+from k8s.operator.config import OperatorConfig
+from k8s.operator.kube import Endpoint, Kube, KubeError, Obj, path, selector_string
+
+GROUP, VERSION, PLURAL = "keyward.io", "v1alpha1", "zenpools"
+FINALIZER = "keyward.io/operator"
+
+
+@dataclass
+class State:
+    cfg: OperatorConfig
+    kube: Kube
+    ca: CAClient
+    rel: rc.Release
+    db: dbwatch.DbWatch = field(default_factory=dbwatch.DbWatch)
+    _pools: tuple[float, dict[str, PoolState]] | None = None
+
+    async def ca_pools(self) -> dict[str, PoolState]:
+        """The CA's view of the pools, cached for one interval."""
+        now = time.monotonic()
+        if self._pools is None or now - self._pools[0] > self.cfg.interval:
+            self._pools = (now, await self.ca.pools())
+        return self._pools[1]
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _names(rel: rc.Release, pool: str) -> str:
+    return f"{rel.name}-zen-{pool}"
+
+
+async def _apply_objects(st: State, name: str, spec: Obj, bypassed: bool) -> None:
+    rel = st.rel
+    await pki.ensure_identity(st.kube, st.cfg, st.ca.root, f"{_names(rel, name)}-tls", f"zen-pool/{name}")
+    await st.kube.apply("apps/v1", "deployments", rc.pool_deployment(rel, name, spec))
+    await _apply_service(st, name, bypassed)
+    await st.kube.apply("policy/v1", "poddisruptionbudgets", rc.pool_pdb(rel, name, int(spec.get("replicas", 2))))
+
+
+async def _apply_service(st: State, name: str, bypassed: bool) -> None:
+    svc = rc.pool_service(st.rel, name, bypassed)
+    old = await st.kube.get(path("v1", "services", st.cfg.namespace, svc["metadata"]["name"]))
+    if old is not None:  # a merge patch merges maps: drop the selector keys the new one lacks
+        for k in (old.get("spec") or {}).get("selector") or {}:
+            svc["spec"]["selector"].setdefault(k, None)
+    await st.kube.apply("v1", "services", svc)
+
+
+async def _ca_ready(st: State) -> bool:
+    """Any ready endpoint behind the CA's Service (EndpointSlice readiness; unknown counts as ready)."""
+    slices = await st.kube.list(path("discovery.k8s.io/v1", "endpointslices", st.cfg.namespace),
+                                {"kubernetes.io/service-name": f"{st.rel.name}-ca"})
+    return any((ep.get("conditions") or {}).get("ready") is not False
+               for s in slices for ep in s.get("endpoints") or [])
+
+
+async def _evict(st: State, pod: str) -> str:
+    """Evict through the Eviction API; if a PDB blocks it, delete: a private
+    pool's key must not stay on a shared node for the sake of availability."""
+    ns = st.cfg.namespace
+    try:
+        await st.kube.create(path("v1", "pods", ns, pod, "eviction"),
+                             {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": pod, "namespace": ns}})
+        return "evicted"
+    except KubeError as e:
+        if e.status not in (429, 404, 405):
+            raise
+    await st.kube.delete(path("v1", "pods", ns, pod), grace_seconds=0)
+    return "deleted (eviction refused)"
+
+
+async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: Any, patch: Any, *, force: bool) -> None:
+    cfg, rel, kube = st.cfg, st.rel, st.kube
+    conds: list[Obj] = list(status.get("conditions") or [])
+    now = _now()
+    nodes = await kube.list(path("v1", "nodes"))
+    problems = rc.placement_problems(name, spec, nodes)
+    applied: Obj | None = status.get("applied")
+    if problems:
+        msg = "spec not applied: " + "; ".join(problems)
+        if status.get("refused") != msg:
+            kopf.event(body, type="Warning", reason="PlacementRefused", message=msg)
+        patch.status["refused"] = msg
+        conds = rc.set_condition(conds, "Placement", False, "Refused", msg, now)
+    else:
+        if status.get("refused"):
+            patch.status["refused"] = None
+        private = spec.get("visibility") == "private"
+        conds = rc.set_condition(conds, "Placement", True, "DedicatedNodes" if private else "Public",
+                                 f"pods run only on nodes labelled and tainted {rc.POOL_LABEL}={name}" if private
+                                 else f"pods avoid nodes dedicated to private pools ({rc.POOL_LABEL})", now)
+        if force or applied != dict(spec):
+            await _apply_objects(st, name, spec, bool(status.get("bypass")))
+            if applied is not None and applied != dict(spec):
+                kopf.event(body, type="Normal", reason="Applied",
+                           message=f"pool updated: visibility={spec.get('visibility')} replicas={spec.get('replicas', 2)}")
+            applied = dict(spec)
+            patch.status["applied"] = applied
+    if applied is None:
+        patch.status["conditions"] = conds
+        return
+
+    dep = await kube.get(path("apps/v1", "deployments", cfg.namespace, _names(rel, name))) or {}
+    ready = int((dep.get("status") or {}).get("readyReplicas") or 0)
+    pods = await kube.list(path("v1", "pods", cfg.namespace), rc.pool_labels(rel, name))
+    gone: set[str] = set()
+    node_of = {p["metadata"]["name"]: (p.get("spec") or {}).get("nodeName") for p in pods}
+    for pod in rc.misplaced_pods(name, applied, pods, nodes):
+        how = await _evict(st, pod)
+        gone.add(pod)
+        kopf.event(body, type="Warning", reason="PodEvicted",
+                   message=f"pod {pod} of private pool {name} ran on node {node_of[pod]}, which is not dedicated "
+                           f"to the pool: {how}")
+
+    # Registration with the CA.
+    vis, orgs = rc.registration(applied)
+    want = {"visibility": vis, "organizations": orgs}
+    fail_closed = status.get("servesFailClosedOrg")
+    wait = rc.may_register(name, applied, [p for p in pods if p["metadata"]["name"] not in gone], nodes)
+    try:
+        if wait:
+            conds = rc.set_condition(conds, "Registered", False, "WaitingForPlacement", wait, now)
+        else:
+            known = (await st.ca_pools()).get(name)
+            if status.get("registered") != want or known is None or \
+                    (known.visibility, list(known.org_ids)) != (vis, orgs):
+                known = await st.ca.register(name, vis, orgs)
+                st._pools = None
+                patch.status["registered"] = want
+                kopf.event(body, type="Normal", reason="Registered",
+                           message=f"registered with the CA as {vis}" + (f" for {', '.join(orgs)}" if orgs else ""))
+            fail_closed = known.serves_fail_closed_org
+            patch.status["servesFailClosedOrg"] = fail_closed
+            conds = rc.set_condition(conds, "Registered", True, "Registered",
+                                     f"the CA authorizes this pool as {vis}", now)
+    except CAUnavailable as e:
+        conds = rc.set_condition(conds, "Registered", status.get("registered") == want, "CAUnavailable", str(e), now)
+    except CARefused as e:
+        if not any(c.get("reason") == "CARefused" and c.get("message") == str(e) for c in conds):
+            kopf.event(body, type="Warning", reason="RegistrationRefused", message=str(e))
+        conds = rc.set_condition(conds, "Registered", False, "CARefused", str(e), now)
+
+    # Bypass: both planes down, and no fail-closed org behind the pool (unknown counts as fail-closed).
+    ca_ready = await _ca_ready(st)
+    serves_fc = True if fail_closed is None else bool(fail_closed)
+    want_bypass = rc.bypass_wanted(ca_ready=ca_ready, pool_ready=ready > 0, serves_fail_closed_org=serves_fc)
+    if want_bypass != bool(status.get("bypass")):
+        await _apply_service(st, name, want_bypass)
+        patch.status["bypass"] = want_bypass
+        if want_bypass:
+            kopf.event(body, type="Warning", reason="BypassOn",
+                       message=f"the CA has no ready endpoint and pool {name} has no ready ZEN: its Service now "
+                               "points at the bypass relay (traffic forwarded, nothing decrypted)")
+        else:
+            kopf.event(body, type="Normal", reason="BypassOff",
+                       message=f"{'the CA' if ca_ready else 'a ZEN of the pool'} is ready again: the Service "
+                               "points back at the pool's ZENs")
+    if not ca_ready and ready == 0 and serves_fc:
+        conds = rc.set_condition(conds, "Bypass", False, "FailClosed",
+                                 "both planes are down, but the pool serves a fail-closed org (or the operator "
+                                 "has not yet learnt that it does not): traffic is refused, never bypassed", now)
+    else:
+        conds = rc.set_condition(conds, "Bypass", want_bypass, "BothPlanesDown" if want_bypass else "PlanesReady",
+                                 "traffic goes through the bypass relay" if want_bypass else
+                                 "traffic goes through the pool's ZENs", now)
+
+    conds = rc.set_condition(conds, "Ready", ready > 0, "ZensReady" if ready else "NoReadyZen",
+                             f"{ready} of {applied.get('replicas', 2)} ZEN(s) ready", now)
+    patch.status["replicas"] = int(applied.get("replicas", 2))
+    patch.status["readyReplicas"] = ready
+    patch.status["selector"] = selector_string(rc.pool_labels(rel, name))
+    patch.status["observedGeneration"] = (body.get("metadata") or {}).get("generation")
+    patch.status["conditions"] = conds
+
+
+async def remove_pool(st: State, name: str) -> None:
+    ns, n = st.cfg.namespace, _names(st.rel, name)
+    await st.kube.delete(path("apps/v1", "deployments", ns, n))
+    await st.kube.delete(path("v1", "services", ns, n))
+    await st.kube.delete(path("policy/v1", "poddisruptionbudgets", ns, n))
+    await st.kube.delete(path("v1", "secrets", ns, f"{n}-tls"))
+    await st.ca.deregister(name)  # CAUnavailable: kopf retries; the finalizer holds the ZenPool meanwhile
+    st._pools = None
+
+
+def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
+    """Attach the handlers to ``registry``, configured by ``cfg``."""
+
+    def ours(namespace: str | None, **_: Any) -> bool:
+        # kopf watches cluster-wide; the release's own namespace is the only one served.
+        return namespace == cfg.namespace
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        ep = Endpoint.resolve(cfg.kube_api)
+        return kopf.ConnectionInfo(server=ep.server, token=ep.token, ca_path=ep.ca_path,
+                                   scheme="Bearer" if ep.token else None, default_namespace=cfg.namespace)
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
+        settings.persistence.finalizer = FINALIZER
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="keyward.io")
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix="keyward.io", key="last-handled-configuration")
+        settings.posting.level = logging.WARNING
+        settings.networking.request_timeout = 30
+        kube = Kube(Endpoint.resolve(cfg.kube_api))
+        root, issued = await pki.ensure_platform(kube, cfg)
+        if issued:
+            logger.info("platform PKI issued: %s", ", ".join(issued))
+        memo.state = State(cfg, kube, CAClient(cfg, root), rc.Release(cfg.release, cfg.namespace, cfg.zen_image,
+                                                                      cfg.trust_domain))
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+        st: State | None = getattr(memo, "state", None)
+        if st is not None:
+            await st.ca.close()
+            await st.kube.close()
+
+    @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry, when=ours)
+    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry, when=ours)
+    @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", registry=registry, when=ours)
+    async def pool_changed(name: str, spec: kopf.Spec, status: kopf.Status, body: kopf.Body, patch: kopf.Patch,
+                           memo: kopf.Memo, **_: Any) -> None:
+        await sync_pool(memo.state, name, dict(spec), dict(status), body, patch, force=True)
+
+    @kopf.timer(GROUP, VERSION, PLURAL, interval=cfg.interval, registry=registry, when=ours)
+    async def pool_check(name: str, spec: kopf.Spec, status: kopf.Status, body: kopf.Body, patch: kopf.Patch,
+                         memo: kopf.Memo, **_: Any) -> None:
+        try:
+            await sync_pool(memo.state, name, dict(spec), dict(status), body, patch, force=False)
+        except (KubeError, asyncio.TimeoutError) as e:
+            raise kopf.TemporaryError(str(e), delay=cfg.interval) from e
+
+    @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, when=ours)
+    async def pool_deleted(name: str, memo: kopf.Memo, **_: Any) -> None:
+        try:
+            await remove_pool(memo.state, name)
+        except CAUnavailable as e:
+            raise kopf.TemporaryError(f"waiting for the CA to deregister pool {name}: {e}", delay=cfg.interval) from e
+
+    @kopf.timer("apps", "v1", "statefulsets", labels={"app.kubernetes.io/component": "postgres"},
+                interval=cfg.interval, when=ours, registry=registry)
+    async def database_check(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger | logging.LoggerAdapter[Any],
+                             **_: Any) -> None:
+        st: State = memo.state
+        await dbwatch.check(st.db, cfg, st.kube, body, patch, logger)

@@ -1,0 +1,138 @@
+"""The platform PKI in Kubernetes Secrets, created at install and rotated.
+
+Secrets (``<release>-...``), each with ``tls.crt``, ``tls.key`` and ``ca.crt``:
+
+    pki-root        the platform trust anchor (signs everything below)
+    ca-tls          the CA's server identity (service names, localhost for port-forward)
+    admin-tls       spiffe://<td>/platform-admin, for people with grpcurl
+    zen-<pool>-tls  spiffe://<td>/zen-pool/<pool>, one per ZenPool
+
+plus ``ca-pgpass`` (the CA's libpq passfile, from the chart's passwords Secret).
+An identity is reissued when a third of its lifetime remains or when it was
+not signed by the current root. The operator's own platform-admin identity
+(for RegisterZenPool) lives only in its memory.
+
+These are TLS identities only; org intermediate keys never pass through here.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from k8s.operator.config import OperatorConfig
+from k8s.operator.kube import Kube, Obj, path
+from keylib.tlsid import build_cert, cert_pem, key_pem, renewal_due
+
+ROOT_DAYS = 3650
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode()
+
+
+def _unb64(s: str) -> bytes:
+    return base64.b64decode(s)
+
+
+@dataclass(frozen=True)
+class Identity:
+    cert_pem: bytes
+    key_pem: bytes
+    ca_pem: bytes
+
+
+@dataclass(frozen=True)
+class Root:
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    @property
+    def pem(self) -> bytes:
+        return cert_pem(self.cert)
+
+
+def _secret(cfg: OperatorConfig, name: str, data: dict[str, bytes], component: str) -> Obj:
+    return {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls" if "tls.crt" in data else "Opaque",
+            "metadata": {"name": name, "namespace": cfg.namespace,
+                         "labels": {"app.kubernetes.io/name": "keyward", "app.kubernetes.io/managed-by": "keyward-operator",
+                                    "app.kubernetes.io/component": component}},
+            "data": {k: _b64(v) for k, v in data.items()}}
+
+
+async def ensure_root(kube: Kube, cfg: OperatorConfig) -> Root:
+    name = f"{cfg.release}-pki-root"
+    s = await kube.get(path("v1", "secrets", cfg.namespace, name))
+    if s is not None:
+        cert = x509.load_pem_x509_certificate(_unb64(s["data"]["tls.crt"]))
+        key = serialization.load_pem_private_key(_unb64(s["data"]["tls.key"]), None)
+        if isinstance(key, ec.EllipticCurvePrivateKey) and not renewal_due(cert, fraction=0.1):
+            return Root(cert, key)
+    cert, key = build_cert(subject_cn=f"{cfg.release} platform CA ({cfg.trust_domain})", issuer=None, issuer_key=None,
+                           is_ca=True, not_after=dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=ROOT_DAYS))
+    await kube.apply("v1", "secrets", _secret(cfg, name, {"tls.crt": cert_pem(cert), "tls.key": key_pem(key),
+                                                          "ca.crt": cert_pem(cert)}, "pki"))
+    return Root(cert, key)
+
+
+def issue(cfg: OperatorConfig, root: Root, spiffe_path: str, *, server: bool = False,
+          dns: tuple[str, ...] = (), ips: tuple[str, ...] = (), days: float | None = None) -> Identity:
+    now = dt.datetime.now(dt.timezone.utc)
+    cert, key = build_cert(subject_cn=spiffe_path.replace("/", ":"), issuer=root.cert, issuer_key=root.key,
+                           uris=[f"spiffe://{cfg.trust_domain}/{spiffe_path}"], server=server, dns=dns, ips=ips,
+                           not_after=now + dt.timedelta(days=days if days is not None else cfg.cert_days))
+    return Identity(cert_pem(cert), key_pem(key), root.pem)
+
+
+def _current(s: Obj | None, root: Root) -> bool:
+    if s is None or "tls.crt" not in (s.get("data") or {}):
+        return False
+    if _unb64(s["data"].get("ca.crt", "")) != root.pem:
+        return False
+    return not renewal_due(x509.load_pem_x509_certificate(_unb64(s["data"]["tls.crt"])))
+
+
+async def ensure_identity(kube: Kube, cfg: OperatorConfig, root: Root, secret: str, spiffe_path: str, *,
+                          server: bool = False, dns: tuple[str, ...] = (), ips: tuple[str, ...] = ()) -> bool:
+    """Create or renew one identity Secret; True if it was (re)issued."""
+    if _current(await kube.get(path("v1", "secrets", cfg.namespace, secret)), root):
+        return False
+    ident = issue(cfg, root, spiffe_path, server=server, dns=dns, ips=ips)
+    await kube.apply("v1", "secrets", _secret(cfg, secret, {"tls.crt": ident.cert_pem, "tls.key": ident.key_pem,
+                                                            "ca.crt": ident.ca_pem}, "pki"))
+    return True
+
+
+def ca_server_names(cfg: OperatorConfig) -> tuple[str, ...]:
+    svc = f"{cfg.release}-ca"
+    host = cfg.ca_target.rsplit(":", 1)[0]
+    names = [svc, f"{svc}.{cfg.namespace}", f"{svc}.{cfg.namespace}.svc", f"{svc}.{cfg.namespace}.svc.cluster.local",
+             "localhost"]  # localhost: `kubectl port-forward` + grpcurl, as NOTES.txt shows
+    if not host.replace(".", "").isdigit() and host not in names:
+        names.append(host)
+    return tuple(names)
+
+
+async def ensure_platform(kube: Kube, cfg: OperatorConfig) -> tuple[Root, list[str]]:
+    """The root, the CA's server identity, the admin identity and the CA's passfile."""
+    root = await ensure_root(kube, cfg)
+    done = []
+    if await ensure_identity(kube, cfg, root, f"{cfg.release}-ca-tls", "ca", server=True,
+                             dns=ca_server_names(cfg), ips=("127.0.0.1",)):
+        done.append(f"{cfg.release}-ca-tls")
+    if await ensure_identity(kube, cfg, root, f"{cfg.release}-admin-tls", "platform-admin"):
+        done.append(f"{cfg.release}-admin-tls")
+    pw = await kube.get(path("v1", "secrets", cfg.namespace, f"{cfg.release}-secrets"))
+    if pw is not None and "keyward-password" in (pw.get("data") or {}):
+        line = b"*:*:*:keyward:" + _unb64(pw["data"]["keyward-password"]) + b"\n"
+        name = f"{cfg.release}-ca-pgpass"
+        old = await kube.get(path("v1", "secrets", cfg.namespace, name))
+        if old is None or _unb64((old.get("data") or {}).get("pgpass", "")) != line:
+            await kube.apply("v1", "secrets", _secret(cfg, name, {"pgpass": line}, "ca"))
+            done.append(name)
+    return root, done
