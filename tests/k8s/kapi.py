@@ -11,8 +11,11 @@ the EndpointSlice controller (CA readiness).
 ``KeywardApi`` adds, thinly, the API-server behaviours kopf and the
 operator rely on that KMock leaves out: ``metadata.resourceVersion``,
 ``uid`` and ``generation`` (kopf's JSON patches test the resourceVersion),
-``metadata.generateName`` (kopf's Events use it), and the Eviction
-subresource deleting the pod.
+``metadata.generateName`` (kopf's Events use it), the ZenPool's scale
+subresource answering with an autoscaling/v1 Scale (as the API server does
+for a CRD with ``specReplicasPath: .spec.replicas``; KMock itself merges a
+scale patch's ``spec.replicas`` into the object, which is that mapping), and
+the Eviction subresource deleting the pod.
 """
 
 from __future__ import annotations
@@ -92,7 +95,17 @@ def install(api: KeywardApi) -> None:
             api.objects[key].delete()
         return {"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 201}
 
-    api["post", kmock.subresource("eviction")] << evict
+    api[kmock.resource("v1/pods"), kmock.subresource("eviction")] << evict
+
+    def scale(req: kmock.Request) -> dict[str, Any]:
+        o = api.objects[kmock.resource("keyward.io/v1alpha1/zenpools"), req.namespace, req.name]
+        meta, st = o.get("metadata") or {}, o.get("status") or {}
+        return {"kind": "Scale", "apiVersion": "autoscaling/v1",
+                "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion") if k in meta},
+                "spec": {"replicas": (o.get("spec") or {}).get("replicas", 0)},
+                "status": {"replicas": st.get("replicas", 0), "selector": st.get("selector", "")}}
+
+    api[kmock.resource("keyward.io/v1alpha1/zenpools"), kmock.subresource("scale")] << scale
 
 
 def obj(api: KeywardApi, resource: str, name: str, ns: str | None = NS) -> Any:
@@ -119,3 +132,8 @@ async def until(pred: Callable[[], Any] | Callable[[], Awaitable[Any]], timeout:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+def requests(api: KeywardApi) -> list[kmock.Request]:
+    """Every request the stand-in has served so far (KMock's views iterate over them)."""
+    return list(iter(api))
