@@ -118,7 +118,8 @@ async def check(w: DbWatch, cfg: OperatorConfig, kube: Kube, body: Any, patch: A
         w.primary = primaries[0]
         for c in await repair_roles(cfg, kube, spec, primaries[0]):
             logger.info("role repaired: %s", c)
-        patch.metadata.annotations["keyward.io/primary"] = primaries[0]
+        if (body.get("metadata", {}).get("annotations") or {}).get("keyward.io/primary") != primaries[0]:
+            patch.metadata.annotations["keyward.io/primary"] = primaries[0]
         return
     if len(primaries) > 1:
         kopf.event(body, type="Warning", reason="SplitBrain",
@@ -147,6 +148,11 @@ async def check(w: DbWatch, cfg: OperatorConfig, kube: Kube, body: Any, patch: A
             w.last_refusal = str(e)
             kopf.event(body, type="Warning", reason="FailoverRefused", message=str(e))
         return
+    except Exception as e:  # a server died mid-way: report, and start over from fresh status next time
+        kopf.event(body, type="Warning", reason="FailoverFailed",
+                   message=f"failover stopped part-way ({type(e).__name__}: {str(e)[:300]}); retrying from the "
+                           "servers' current state")
+        raise kopf.TemporaryError(f"failover failed: {e}", delay=cfg.interval) from e
     w.lost_since, w.last_refusal, w.primary = None, "", rep.new_primary
     kopf.event(body, type="Normal", reason="FailedOver",
                message=f"{rep.old_primary} -> {rep.new_primary} at {rep.promoted_lsn} in {rep.seconds:.1f}s: "
