@@ -9,7 +9,7 @@ COPY data_plane data_plane
 COPY dbops dbops
 COPY devstack devstack
 COPY k8s k8s
-RUN pip install --no-cache-dir --prefix=/install . kopf \
+RUN pip install --no-cache-dir --prefix=/install . \
  && PYTHONPATH=/install/lib/python3.11/site-packages python -m grpc_tools.protoc -I. \
       --python_out=. --grpc_python_out=. protos/keyward/v1/keyward.proto \
  && cp protos/keyward/v1/*_pb2*.py /install/lib/python3.11/site-packages/protos/keyward/v1/
@@ -18,4 +18,5 @@ FROM python:3.11-slim
 RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin keyward
 COPY --from=build /install /usr/local
 USER 10001:10001
-ENTRYPOINT ["kopf", "run", "--all-namespaces", "-m", "k8s.operator"]
+# Cluster-wide watch; the handlers serve only the release's namespace (KEYWARD_NAMESPACE).
+ENTRYPOINT ["kopf", "run", "--all-namespaces", "--standalone", "--liveness=http://0.0.0.0:8080/healthz", "-m", "k8s.operator.main"]

@@ -6,6 +6,7 @@ the environment: the operator reads them from Kubernetes Secrets.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -61,6 +62,12 @@ class OperatorConfig:
     (KEYWARD_PKI_CERT_DAYS); renewed when a third remains. Default 90; 1 .. 825."""
     ca_call_timeout: float = 10.0
     """Seconds per gRPC call to the CA (KEYWARD_CA_CALL_TIMEOUT). Default 10."""
+    zen_resources: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
+    """CPU/memory requests and limits of every ZEN pod (KEYWARD_ZEN_RESOURCES_JSON, the
+    chart's ``zen.resources`` as JSON). Default: 100m/128Mi requested, 2/512Mi limit."""
+
+    def zen_resources_dict(self) -> dict[str, dict[str, str]] | None:
+        return {k: dict(v) for k, v in self.zen_resources} or None
 
     @property
     def ca_target(self) -> str:
@@ -85,4 +92,18 @@ class OperatorConfig:
             pg_cluster_file=env.get("KEYWARD_PG_CLUSTER_FILE", ""),
             cert_days=_float(env, "KEYWARD_PKI_CERT_DAYS", 90.0, 1, 825),
             ca_call_timeout=_float(env, "KEYWARD_CA_CALL_TIMEOUT", 10.0, 0.5, 120),
+            zen_resources=_resources(env.get("KEYWARD_ZEN_RESOURCES_JSON", "")),
         )
+
+
+def _resources(raw: str) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
+    if not raw:
+        return ()
+    try:
+        d = json.loads(raw)
+        if not isinstance(d, dict) or not set(d) <= {"requests", "limits"}:
+            raise ValueError("keys must be requests and/or limits")
+        return tuple((k, tuple((str(a), str(b)) for a, b in dict(v).items())) for k, v in sorted(d.items()))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"KEYWARD_ZEN_RESOURCES_JSON is not a resources object "
+                          f'(e.g. {{"requests": {{"cpu": "100m"}}}}): {e}') from e

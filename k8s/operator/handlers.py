@@ -61,7 +61,8 @@ def _names(rel: rc.Release, pool: str) -> str:
 async def _apply_objects(st: State, name: str, spec: Obj, bypassed: bool) -> None:
     rel = st.rel
     await pki.ensure_identity(st.kube, st.cfg, st.ca.root, f"{_names(rel, name)}-tls", f"zen-pool/{name}")
-    await st.kube.apply("apps/v1", "deployments", rc.pool_deployment(rel, name, spec))
+    await st.kube.apply("apps/v1", "deployments",
+                        rc.pool_deployment(rel, name, spec, st.cfg.zen_resources_dict()))
     await _apply_service(st, name, bypassed)
     await st.kube.apply("policy/v1", "poddisruptionbudgets", rc.pool_pdb(rel, name, int(spec.get("replicas", 2))))
 

@@ -144,3 +144,39 @@ def test_plain_manifests_are_the_rendered_chart() -> None:
     for d in committed:
         if not d["apiVersion"].startswith("keyward.io/"):
             kubernetes_validate.validate(d, K8S_VERSIONS[-1], strict=True)
+
+
+def test_postgres_start_script_follows_the_operators_role_configmap(docs: list[dict[str, Any]], tmp_path: Path) -> None:
+    from k8s.operator.config import OperatorConfig
+
+    cm = next(d for d in _by_kind(docs, "ConfigMap") if "start.sh" in d["data"])
+    script = tmp_path / "start.sh"
+    script.write_text(cm["data"]["start.sh"])
+    r = subprocess.run(["sh", "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr  # parses as POSIX sh
+    text = cm["data"]["start.sh"]
+    assert "/etc/keyward-role/primary" in text and "pg_rewind" in text and "standby.signal" in text
+    sts = _by_kind(docs, "StatefulSet")[0]
+    vols = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    # The operator writes <release>-postgres-role; the servers read it (optional until the first failover).
+    op = next(d for d in _by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-operator"))
+    env = {e["name"]: e.get("value", "") for e in op["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env["KEYWARD_NAMESPACE"] = "keyward"  # from the downward API in a cluster
+    cfg = OperatorConfig.from_env(env)
+    assert vols["role"]["configMap"] == {"name": f"{cfg.pg_name}-role", "optional": True}
+    assert cfg.pg_name == sts["metadata"]["name"] and cfg.failover_after == 30
+    assert cfg.zen_resources_dict() == {"requests": {"cpu": "100m", "memory": "128Mi"},
+                                        "limits": {"cpu": "2", "memory": "512Mi"}}
+
+
+def test_operator_rbac_covers_its_calls(docs: list[dict[str, Any]]) -> None:
+    role = _by_kind(docs, "ClusterRole")[0]
+    allowed = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+               for v in rule["verbs"]}
+    needed = [("keyward.io", "zenpools", "watch"), ("keyward.io", "zenpools/status", "patch"),
+              ("apps", "deployments", "create"), ("apps", "deployments", "patch"), ("apps", "statefulsets", "watch"),
+              ("", "services", "patch"), ("", "secrets", "create"), ("", "configmaps", "patch"),
+              ("", "pods", "patch"), ("", "pods", "delete"), ("", "pods/eviction", "create"), ("", "nodes", "list"),
+              ("", "events", "create"), ("policy", "poddisruptionbudgets", "create"),
+              ("discovery.k8s.io", "endpointslices", "list")]
+    assert [n for n in needed if n not in allowed] == []
