@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from k8s.operator.kube import Endpoint, Kube, KubeError, Obj, path, selector_str
 
 GROUP, VERSION, PLURAL = "keyward.io", "v1alpha1", "zenpools"
 FINALIZER = "keyward.io/operator"
+PKI_CHECK = 600.0
+"""Seconds between checks of the platform identities' expiry."""
 
 
 @dataclass
@@ -41,6 +44,22 @@ class State:
     rel: rc.Release
     db: dbwatch.DbWatch = field(default_factory=dbwatch.DbWatch)
     _pools: tuple[float, dict[str, PoolState]] | None = None
+    pki_checked: float = field(default_factory=time.monotonic)
+
+    async def rotate_platform(self) -> None:
+        """Renew the platform identities when due (checked every PKI_CHECK seconds); a renewed
+        CA server identity rolls the CA's pods, which read it at start."""
+        if time.monotonic() - self.pki_checked < PKI_CHECK:
+            return
+        self.pki_checked = time.monotonic()
+        root, issued = await pki.ensure_platform(self.kube, self.cfg)
+        if root.pem != self.ca.root.pem:
+            await self.ca.close()
+            self.ca = CAClient(self.cfg, root)
+        if f"{self.cfg.release}-ca-tls" in issued:
+            await self.kube.patch(path("apps/v1", "deployments", self.cfg.namespace, f"{self.cfg.release}-ca"),
+                                  {"spec": {"template": {"metadata": {"annotations": {
+                                      "keyward.io/tls-renewed": _now()}}}}})
 
     async def ca_pools(self) -> dict[str, PoolState]:
         """The CA's view of the pools, cached for one interval."""
@@ -58,11 +77,20 @@ def _names(rel: rc.Release, pool: str) -> str:
     return f"{rel.name}-zen-{pool}"
 
 
+async def _identity_digest(st: State, name: str) -> str:
+    """The pool's identity Secret, renewed when due; its certificate's digest goes into the
+    pod template, so a renewed identity rolls the ZENs (they read it at start)."""
+    secret = f"{_names(st.rel, name)}-tls"
+    await pki.ensure_identity(st.kube, st.cfg, st.ca.root, secret, f"zen-pool/{name}")
+    s = await st.kube.get(path("v1", "secrets", st.cfg.namespace, secret)) or {}
+    return hashlib.sha256(str((s.get("data") or {}).get("tls.crt", "")).encode()).hexdigest()[:16]
+
+
 async def _apply_objects(st: State, name: str, spec: Obj, bypassed: bool) -> None:
     rel = st.rel
-    await pki.ensure_identity(st.kube, st.cfg, st.ca.root, f"{_names(rel, name)}-tls", f"zen-pool/{name}")
-    await st.kube.apply("apps/v1", "deployments",
-                        rc.pool_deployment(rel, name, spec, st.cfg.zen_resources_dict()))
+    dep = rc.pool_deployment(rel, name, spec, st.cfg.zen_resources_dict())
+    dep["spec"]["template"]["metadata"]["annotations"] = {"keyward.io/identity": await _identity_digest(st, name)}
+    await st.kube.apply("apps/v1", "deployments", dep)
     await _apply_service(st, name, bypassed)
     await st.kube.apply("policy/v1", "poddisruptionbudgets", rc.pool_pdb(rel, name, int(spec.get("replicas", 2))))
 
@@ -119,8 +147,10 @@ async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: Any, pat
         conds = rc.set_condition(conds, "Placement", True, "DedicatedNodes" if private else "Public",
                                  f"pods run only on nodes labelled and tainted {rc.POOL_LABEL}={name}" if private
                                  else f"pods avoid nodes dedicated to private pools ({rc.POOL_LABEL})", now)
-        if force or applied != dict(spec):
+        digest = await _identity_digest(st, name)
+        if force or applied != dict(spec) or status.get("identity") != digest:
             await _apply_objects(st, name, spec, bool(status.get("bypass")))
+            patch.status["identity"] = digest
             if applied is not None and applied != dict(spec):
                 kopf.event(body, type="Normal", reason="Applied",
                            message=f"pool updated: visibility={spec.get('visibility')} replicas={spec.get('replicas', 2)}")
@@ -259,6 +289,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
     async def pool_check(name: str, spec: kopf.Spec, status: kopf.Status, body: kopf.Body, patch: kopf.Patch,
                          memo: kopf.Memo, **_: Any) -> None:
         try:
+            await memo.state.rotate_platform()
             await sync_pool(memo.state, name, dict(spec), dict(status), body, patch, force=False)
         except (KubeError, asyncio.TimeoutError) as e:
             raise kopf.TemporaryError(str(e), delay=cfg.interval) from e
