@@ -90,6 +90,9 @@ async def _apply_objects(st: State, name: str, spec: Obj, bypassed: bool) -> Non
     rel = st.rel
     dep = rc.pool_deployment(rel, name, spec, st.cfg.zen_resources_dict())
     dep["spec"]["template"]["metadata"]["annotations"] = {"keyward.io/identity": await _identity_digest(st, name)}
+    old = await st.kube.get(path("apps/v1", "deployments", st.cfg.namespace, dep["metadata"]["name"]))
+    if old is not None:  # a merge patch keeps what it does not name: drop placement the new spec lacks
+        rc.prune_placement(old["spec"]["template"]["spec"], dep["spec"]["template"]["spec"])
     await st.kube.apply("apps/v1", "deployments", dep)
     await _apply_service(st, name, bypassed)
     await st.kube.apply("policy/v1", "poddisruptionbudgets", rc.pool_pdb(rel, name, int(spec.get("replicas", 2))))

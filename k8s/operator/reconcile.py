@@ -181,3 +181,22 @@ def set_condition(conditions: list[Obj], type_: str, ok: bool, reason: str, mess
     since = old["lastTransitionTime"] if old and old.get("status") == status and old.get("lastTransitionTime") else now
     out.append({"type": type_, "status": status, "reason": reason, "message": message, "lastTransitionTime": since})
     return sorted(out, key=lambda c: str(c["type"]))
+
+
+PLACEMENT_KEYS = ("nodeSelector", "tolerations", "affinity")
+
+
+def prune_placement(old_pod: Obj, new_pod: Obj) -> None:
+    """Make ``new_pod`` a merge patch that also removes the old placement it lacks.
+
+    A JSON merge patch keeps every key it does not name, so a public pool made
+    private would keep its "no dedicated node" affinity next to its new
+    nodeSelector (unschedulable), and a private pool made public would keep
+    its nodeSelector. Explicit nulls remove them."""
+    for k in PLACEMENT_KEYS:
+        if k in old_pod and k not in new_pod:
+            new_pod[k] = None
+    old_sel, new_sel = old_pod.get("nodeSelector") or {}, new_pod.get("nodeSelector")
+    if isinstance(new_sel, dict):
+        for k in old_sel:
+            new_sel.setdefault(k, None)

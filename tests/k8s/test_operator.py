@@ -158,6 +158,7 @@ async def test_pool_created_scaled_made_private_and_deleted(api: KeywardApi, ope
                 30, "the pool registered as private")
     tpl = obj(api, "apps/v1/deployments", "keyward-zen-edge")["spec"]["template"]["spec"]
     assert tpl["nodeSelector"] == {POOL_LABEL: "edge"}
+    assert "affinity" not in tpl  # the public pool's "no dedicated node" affinity is gone (else: unschedulable)
     assert tpl["tolerations"] == [{"key": POOL_LABEL, "operator": "Equal", "value": "edge", "effect": "NoSchedule"}]
     assert obj(api, "v1/pods", "keyward-zen-edge-aaaaa") is None  # evicted from the shared node
     assert obj(api, "v1/pods", "keyward-zen-edge-bbbbb") is not None  # on its dedicated node: kept

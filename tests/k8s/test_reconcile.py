@@ -10,6 +10,9 @@ from k8s.operator.reconcile import (
     bypass_wanted,
     failover_due,
     misplaced_pods,
+    may_register,
+    prune_placement,
+    set_condition,
     placement_problems,
     pool_deployment,
     pool_pdb,
@@ -67,3 +70,25 @@ def test_bypass_and_failover_decisions() -> None:
     assert not bypass_wanted(ca_ready=False, pool_ready=True, serves_fail_closed_org=False)
     assert not bypass_wanted(ca_ready=False, pool_ready=False, serves_fail_closed_org=True)
     assert failover_due(100.0, 131.0, 30) and not failover_due(100.0, 120.0, 30) and not failover_due(None, 1e9, 30)
+
+
+def test_placement_pruned_when_visibility_changes() -> None:
+    pub = pool_deployment(REL, "p", {"visibility": "public", "nodeSelector": {"disk": "ssd"}})["spec"]["template"]["spec"]
+    priv = pool_deployment(REL, "p", {"visibility": "private", "organizations": ["o"]})["spec"]["template"]["spec"]
+    prune_placement(pub, priv)
+    assert priv["affinity"] is None and priv["nodeSelector"] == {POOL_LABEL: "p", "disk": None}
+    back = pool_deployment(REL, "p", {"visibility": "public"})["spec"]["template"]["spec"]
+    prune_placement(priv, back)
+    assert back["nodeSelector"] is None and back["tolerations"] is None and back["affinity"]
+
+
+def test_registration_waits_for_pods_on_shared_nodes_and_conditions() -> None:
+    nodes = [_node("dedicated", "p"), _node("shared")]
+    pods = [{"metadata": {"name": "a", "labels": {POOL_LABEL: "p"}}, "spec": {"nodeName": "shared"}}]
+    assert "a" in may_register("p", {"visibility": "private"}, pods, nodes)
+    assert may_register("p", {"visibility": "private"}, [], nodes) == ""
+    assert may_register("p", {"visibility": "public"}, pods, nodes) == ""
+    c1 = set_condition([], "Ready", True, "R", "m", "t1")
+    c2 = set_condition(c1, "Ready", True, "R", "m2", "t2")
+    c3 = set_condition(c2, "Ready", False, "N", "m3", "t3")
+    assert c2[0]["lastTransitionTime"] == "t1" and c3[0]["lastTransitionTime"] == "t3"
