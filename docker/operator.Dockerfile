@@ -9,13 +9,14 @@ COPY data_plane data_plane
 COPY dbops dbops
 COPY devstack devstack
 COPY k8s k8s
-RUN pip install --no-cache-dir --prefix=/install . \
+RUN pip install --no-cache-dir --prefix=/install '.[operator]' \
  && PYTHONPATH=/install/lib/python3.11/site-packages python -m grpc_tools.protoc -I. \
       --python_out=. --grpc_python_out=. protos/keyward/v1/keyward.proto \
  && cp protos/keyward/v1/*_pb2*.py /install/lib/python3.11/site-packages/protos/keyward/v1/
 
 FROM python:3.11-slim
-RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin keyward
+RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin keyward \
+ && rm -rf /usr/bin/apt* /usr/bin/dpkg* /var/lib/apt /var/cache/apt
 COPY --from=build /install /usr/local
 USER 10001:10001
 # Cluster-wide watch; the handlers serve only the release's namespace (KEYWARD_NAMESPACE).
