@@ -30,16 +30,21 @@ class KubeError(RuntimeError):
 @dataclass(frozen=True)
 class Endpoint:
     server: str
-    token: str | None = None
+    token_path: str | None = None
+    """The ServiceAccount token file; read on every use: the kubelet rotates it (bound tokens, ~1 h)."""
     ca_path: str | None = None
+
+    @property
+    def token(self) -> str | None:
+        return Path(self.token_path).read_text().strip() if self.token_path else None
 
     @classmethod
     def resolve(cls, kube_api: str) -> Endpoint:
         """``kube_api`` if given (tests, kubectl proxy), else in-cluster."""
         if kube_api:
             return cls(server=kube_api.rstrip("/"))
-        token = (SA_DIR / "token").read_text().strip()
-        return cls(server="https://kubernetes.default.svc", token=token, ca_path=str(SA_DIR / "ca.crt"))
+        return cls(server="https://kubernetes.default.svc", token_path=str(SA_DIR / "token"),
+                   ca_path=str(SA_DIR / "ca.crt"))
 
 
 def path(api: str, plural: str, namespace: str | None = None, name: str | None = None, sub: str | None = None) -> str:
@@ -73,9 +78,8 @@ class Kube:
             ctx: ssl.SSLContext | bool = False
             if self.endpoint.ca_path:
                 ctx = ssl.create_default_context(cafile=self.endpoint.ca_path)
-            headers = {"Authorization": f"Bearer {self.endpoint.token}"} if self.endpoint.token else {}
             self._session = aiohttp.ClientSession(
-                base_url=self.endpoint.server, headers=headers, timeout=self._timeout,
+                base_url=self.endpoint.server, timeout=self._timeout,
                 connector=aiohttp.TCPConnector(ssl=ctx) if self.endpoint.ca_path else None)
         return self._session
 
@@ -86,10 +90,14 @@ class Kube:
     async def _call(self, method: str, p: str, *, body: Any = None, ctype: str = "application/json",
                     params: dict[str, str] | None = None) -> Obj | None:
         s = await self._s()
-        kw: dict[str, Any] = {"params": params or {}}
+        headers: dict[str, str] = {}
+        token = self.endpoint.token
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        kw: dict[str, Any] = {"params": params or {}, "headers": headers}
         if body is not None:
             kw["json"] = body
-            kw["headers"] = {"Content-Type": ctype}
+            headers["Content-Type"] = ctype
         async with s.request(method, p, **kw) as r:
             if r.status == 404:
                 return None
