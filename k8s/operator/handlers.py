@@ -137,6 +137,7 @@ async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: Any, pat
     nodes = await kube.list(path("v1", "nodes"))
     problems = rc.placement_problems(name, spec, nodes)
     applied: Obj | None = status.get("applied")
+    registered: Obj | None = status.get("registered")
     if problems:
         msg = "spec not applied: " + "; ".join(problems)
         if status.get("refused") != msg:
@@ -152,13 +153,30 @@ async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: Any, pat
                                  else f"pods avoid nodes dedicated to private pools ({rc.POOL_LABEL})", now)
         digest = await _identity_digest(st, name)
         if force or applied != dict(spec) or status.get("identity") != digest:
-            await _apply_objects(st, name, spec, bool(status.get("bypass")))
-            patch.status["identity"] = digest
-            if applied is not None and applied != dict(spec):
-                kopf.event(body, type="Normal", reason="Applied",
-                           message=f"pool updated: visibility={spec.get('visibility')} replicas={spec.get('replicas', 2)}")
-            applied = dict(spec)
-            patch.status["applied"] = applied
+            held = False
+            if rc.widens_placement(registered, spec):
+                try:
+                    await st.ca.register(name, "public", [])
+                    st._pools = None
+                    registered = {"visibility": "public", "organizations": []}
+                    patch.status["registered"] = registered
+                    kopf.event(body, type="Normal", reason="Registered",
+                               message="registered with the CA as public, before leaving the dedicated nodes")
+                except (CAUnavailable, CARefused) as e:
+                    held = True
+                    conds = rc.set_condition(
+                        conds, "Placement", False, "WaitingForCA",
+                        "still registered private with the CA: its pods leave the dedicated nodes only after "
+                        f"the CA stops sending it private keys ({e})", now)
+            if not held:
+                await _apply_objects(st, name, spec, bool(status.get("bypass")))
+                patch.status["identity"] = digest
+                if applied is not None and applied != dict(spec):
+                    kopf.event(body, type="Normal", reason="Applied",
+                               message=f"pool updated: visibility={spec.get('visibility')} "
+                                       f"replicas={spec.get('replicas', 2)}")
+                applied = dict(spec)
+                patch.status["applied"] = applied
     if applied is None:
         patch.status["conditions"] = conds
         return
@@ -185,7 +203,7 @@ async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: Any, pat
             conds = rc.set_condition(conds, "Registered", False, "WaitingForPlacement", wait, now)
         else:
             known = (await st.ca_pools()).get(name)
-            if status.get("registered") != want or known is None or \
+            if registered != want or known is None or \
                     (known.visibility, list(known.org_ids)) != (vis, orgs):
                 known = await st.ca.register(name, vis, orgs)
                 st._pools = None
@@ -197,7 +215,7 @@ async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: Any, pat
             conds = rc.set_condition(conds, "Registered", True, "Registered",
                                      f"the CA authorizes this pool as {vis}", now)
     except CAUnavailable as e:
-        conds = rc.set_condition(conds, "Registered", status.get("registered") == want, "CAUnavailable", str(e), now)
+        conds = rc.set_condition(conds, "Registered", registered == want, "CAUnavailable", str(e), now)
     except CARefused as e:
         if not any(c.get("reason") == "CARefused" and c.get("message") == str(e) for c in conds):
             kopf.event(body, type="Warning", reason="RegistrationRefused", message=str(e))

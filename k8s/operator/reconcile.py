@@ -200,3 +200,12 @@ def prune_placement(old_pod: Obj, new_pod: Obj) -> None:
     if isinstance(new_sel, dict):
         for k in old_sel:
             new_sel.setdefault(k, None)
+
+
+def widens_placement(registered: Obj | None, spec: Obj) -> bool:
+    """A private pool made public: its pods may leave the dedicated nodes only
+    after the CA stops treating it as private, or a ZEN on a shared node could
+    still fetch a private org's key. (Narrowing needs no such order: the pods
+    move to dedicated nodes first, see :func:`may_register`.)"""
+    return bool(registered) and (registered or {}).get("visibility") == "private" \
+        and spec.get("visibility") != "private"

@@ -101,6 +101,7 @@ class OperatorCA:
     pg: PgCluster
     master: Path
     workdir: Path
+    db: str = ""
 
     @property
     def addr(self) -> str:
@@ -109,9 +110,10 @@ class OperatorCA:
     async def start_ca(self) -> None:
         """A real CA, on its own database of the session's Postgres, with the
         server identity and trust anchor the operator issued."""
-        db = f"op_{uuid.uuid4().hex[:10]}"
-        await asyncio.to_thread(self.pg.psql, f"CREATE DATABASE {db} OWNER keyward", dbname="postgres")
-        dsn = self.pg.dsn().replace("dbname=keyward", f"dbname={db}")
+        if not self.db:  # a restart keeps its database
+            self.db = f"op_{uuid.uuid4().hex[:10]}"
+            await asyncio.to_thread(self.pg.psql, f"CREATE DATABASE {self.db} OWNER keyward", dbname="postgres")
+        dsn = self.pg.dsn().replace("dbname=keyward", f"dbname={self.db}")
         self.ca = await asyncio.to_thread(start_ca, self.pg, self.pki, self.master, self.workdir / "ca",
                                           KEYWARD_DB_DSN=dsn, KEYWARD_CA_LISTEN=self.addr)
 

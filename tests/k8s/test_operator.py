@@ -169,6 +169,25 @@ async def test_pool_created_scaled_made_private_and_deleted(api: KeywardApi, ope
     pools = await asyncio.to_thread(ca_pools, oc)
     assert pools["edge"].visibility == pb.POOL_VISIBILITY_PRIVATE and list(pools["edge"].org_ids) == ["bank"]
 
+    # Made public again while the CA is down: the pods stay on the dedicated nodes until
+    # the CA has stopped treating the pool as private.
+    oc.ca.stop()  # type: ignore[union-attr]
+    await api.patch(f"{ZP_URL}/edge", json={"spec": {"visibility": "public", "organizations": None}},
+                    headers={"Content-Type": "application/merge-patch+json"})
+    c = await until(lambda: cond(api, "edge", "Placement").get("reason") == "WaitingForCA"
+                    and cond(api, "edge", "Placement"), 20, "Placement=False/WaitingForCA")
+    assert "still registered private" in c["message"]
+    await operator_ticks(api, 3)
+    tpl = obj(api, "apps/v1/deployments", "keyward-zen-edge")["spec"]["template"]["spec"]
+    assert tpl["nodeSelector"] == {POOL_LABEL: "edge"}  # not moved yet
+    await oc.start_ca()
+    await until(lambda: status(api, "edge").get("registered") == {"visibility": "public", "organizations": []},
+                30, "registered public again")
+    await until(lambda: "nodeSelector" not in obj(api, "apps/v1/deployments", "keyward-zen-edge")["spec"][
+        "template"]["spec"], 20, "the private placement removed")
+    tpl = obj(api, "apps/v1/deployments", "keyward-zen-edge")["spec"]["template"]["spec"]
+    assert "tolerations" not in tpl and tpl["affinity"]["nodeAffinity"]
+
     # Deleted: the objects go, and the CA no longer knows the pool.
     await api.delete(f"{ZP_URL}/edge")
     await until(lambda: obj(api, ZP, "edge") is None, 30, "the ZenPool to be released by the operator")

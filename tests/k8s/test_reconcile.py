@@ -12,6 +12,7 @@ from k8s.operator.reconcile import (
     misplaced_pods,
     may_register,
     prune_placement,
+    widens_placement,
     set_condition,
     placement_problems,
     pool_deployment,
@@ -92,3 +93,11 @@ def test_registration_waits_for_pods_on_shared_nodes_and_conditions() -> None:
     c2 = set_condition(c1, "Ready", True, "R", "m2", "t2")
     c3 = set_condition(c2, "Ready", False, "N", "m3", "t3")
     assert c2[0]["lastTransitionTime"] == "t1" and c3[0]["lastTransitionTime"] == "t3"
+
+
+def test_only_private_to_public_must_wait_for_the_ca() -> None:
+    priv = {"visibility": "private", "organizations": ["o"]}
+    assert widens_placement({"visibility": "private", "organizations": ["o"]}, {"visibility": "public"})
+    assert not widens_placement({"visibility": "public", "organizations": []}, priv)
+    assert not widens_placement({"visibility": "private", "organizations": ["o", "p"]}, priv)
+    assert not widens_placement(None, {"visibility": "public"})
