@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from devstack import pki
-from devstack.pg import PgCluster, free_port
+from devstack.pg import PgCluster
 from protos.keyward.v1 import keyward_pb2 as pb
-from tests.helpers import CAProcess, Clients, bad_identities, clients, start_ca
+from tests.helpers import CAProcess, Clients, bad_identities, clients, start_ca, three_servers
 
 
 @pytest.fixture(scope="session")
@@ -29,10 +29,7 @@ def workdir() -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def pg(workdir: Path) -> Iterator[PgCluster]:
     """A primary and two synchronous hot standbys (ANY 2, remote_apply)."""
-    cluster = PgCluster(workdir / "pg", (free_port(), free_port(), free_port()))
-    cluster.init()
-    yield cluster
-    cluster.destroy()
+    yield from three_servers(workdir / "pg")
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +56,7 @@ def master_secret() -> Iterator[tuple[bytes, Path]]:
 
 
 @pytest.fixture(scope="session")
-def ca(pg: PgServer, pki_dir: Path, master_secret: tuple[bytes, Path], workdir: Path) -> Iterator[CAProcess]:
+def ca(pg: PgCluster, pki_dir: Path, master_secret: tuple[bytes, Path], workdir: Path) -> Iterator[CAProcess]:
     proc = start_ca(pg, pki_dir, master_secret[1], workdir / "ca")
     yield proc
     proc.stop()

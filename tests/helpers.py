@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import grpc
 
 from devstack import pki
-from devstack.pg import PgCluster
+from devstack.pg import PgCluster, free_port
 from devstack.stack import ca_env
 from protos.keyward.v1 import keyward_pb2 as pb
 from protos.keyward.v1 import keyward_pb2_grpc as pb_grpc
@@ -197,3 +198,12 @@ def table_snapshot(pg: PgCluster, exclude: tuple[str, ...] = ("audit_events",)) 
 
 def pb_policy(**kw: Any) -> pb.Policy:
     return pb.Policy(**kw)
+
+
+def three_servers(root: Path) -> Iterator[PgCluster]:
+    """A fresh primary and two synchronous hot standbys under ``root``, destroyed afterwards
+    (the body of the cluster fixtures)."""
+    cluster = PgCluster(root, (free_port(), free_port(), free_port()))
+    cluster.init()
+    yield cluster
+    cluster.destroy()

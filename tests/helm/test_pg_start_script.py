@@ -25,23 +25,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from dbops import local
 from dbops.binaries import bindir, chown_server
 from dbops.failover import failover
-from devstack.pg import PgCluster, free_port
+from devstack.pg import PgCluster
 from tests.helm.test_chart import render
-from tests.helpers import wait_for
+from tests.helpers import three_servers, wait_for
 
 
 @pytest.fixture
 def cluster(workdir: Path) -> Iterator[PgCluster]:
     # Under the session's workdir: the postgres user must reach it (pytest's tmp_path is root-only).
-    c = PgCluster(workdir / f"pg-start-{uuid.uuid4().hex[:6]}", (free_port(), free_port(), free_port()))
-    c.init()
-    yield c
-    c.destroy()
+    yield from three_servers(workdir / f"pg-start-{uuid.uuid4().hex[:6]}")
 
 
 def _script() -> str:

@@ -25,7 +25,7 @@ from dbops import backup as dbbackup
 from devstack.pg import PgCluster, free_port
 from keylib.master import MasterSecret
 from protos.keyward.v1 import keyward_pb2 as pb
-from tests.helpers import CAProcess, OrgRoot, clients, start_ca, wait_for
+from tests.helpers import CAProcess, OrgRoot, clients, start_ca, three_servers, wait_for
 from tests.integration.flow import activate, create_org, org_admin
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,10 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def bcl(workdir: Path) -> Iterator[PgCluster]:
-    c = PgCluster(workdir / "pg-backups", (free_port(), free_port(), free_port()))
-    c.init()
-    yield c
-    c.destroy()
+    yield from three_servers(workdir / "pg-backups")
 
 
 @pytest.fixture(scope="module")

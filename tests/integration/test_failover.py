@@ -22,19 +22,16 @@ import psycopg
 import pytest
 
 from dbops import failover, local, status
-from devstack.pg import PgCluster, free_port
+from devstack.pg import PgCluster
 from protos.keyward.v1 import keyward_pb2 as pb
-from tests.helpers import CAProcess, clients, start_ca, wait_for
+from tests.helpers import CAProcess, clients, start_ca, three_servers, wait_for
 
 CYCLES = int(os.environ.get("KEYWARD_FAILOVER_CYCLES", "3"))
 
 
 @pytest.fixture(scope="module")
 def cluster(workdir: Path) -> Iterator[PgCluster]:
-    c = PgCluster(workdir / "pg-failover", (free_port(), free_port(), free_port()))
-    c.init()
-    yield c
-    c.destroy()
+    yield from three_servers(workdir / "pg-failover")
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from dbops import local
-from devstack.pg import PgCluster, free_port
+from devstack.pg import PgCluster
 from k8s.operator.dbwatch import ROLE_LABEL
+from tests.helpers import three_servers
 from tests.k8s.conftest import OperatorFactory
 from tests.k8s.kapi import NS, KeywardApi, events, obj, requests, until
 
@@ -28,10 +29,7 @@ pytestmark = pytest.mark.kmock(cls=KeywardApi)
 
 @pytest.fixture(scope="module")
 def cluster(workdir: Path) -> Iterator[PgCluster]:
-    c = PgCluster(workdir / "pg-operator", (free_port(), free_port(), free_port()))
-    c.init()
-    yield c
-    c.destroy()
+    yield from three_servers(workdir / "pg-operator")
 
 
 def stateful_set(api: KeywardApi, cluster: PgCluster) -> None:
