@@ -61,6 +61,10 @@ class State:
                                   {"spec": {"template": {"metadata": {"annotations": {
                                       "keyward.io/tls-renewed": _now()}}}}})
 
+    def forget_pools(self) -> None:
+        """The CA's view changed (we registered or deregistered): read it afresh next time."""
+        self._pools = None
+
     async def ca_pools(self) -> dict[str, PoolState]:
         """The CA's view of the pools, cached for one interval."""
         now = time.monotonic()
@@ -157,7 +161,7 @@ async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: Any, pat
             if rc.widens_placement(registered, spec):
                 try:
                     await st.ca.register(name, "public", [])
-                    st._pools = None
+                    st.forget_pools()
                     registered = {"visibility": "public", "organizations": []}
                     patch.status["registered"] = registered
                     kopf.event(body, type="Normal", reason="Registered",
@@ -206,7 +210,7 @@ async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: Any, pat
             if registered != want or known is None or \
                     (known.visibility, list(known.org_ids)) != (vis, orgs):
                 known = await st.ca.register(name, vis, orgs)
-                st._pools = None
+                st.forget_pools()
                 patch.status["registered"] = want
                 kopf.event(body, type="Normal", reason="Registered",
                            message=f"registered with the CA as {vis}" + (f" for {', '.join(orgs)}" if orgs else ""))
@@ -261,7 +265,7 @@ async def remove_pool(st: State, name: str) -> None:
     await st.kube.delete(path("policy/v1", "poddisruptionbudgets", ns, n))
     await st.kube.delete(path("v1", "secrets", ns, f"{n}-tls"))
     await st.ca.deregister(name)  # CAUnavailable: kopf retries; the finalizer holds the ZenPool meanwhile
-    st._pools = None
+    st.forget_pools()
 
 
 def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
