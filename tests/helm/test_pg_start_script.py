@@ -11,7 +11,7 @@ second primary.
 What differs from a pod, and only that: the peer's DNS name becomes
 127.0.0.1 (the port comes from PGPORT), the mounted files live in a temp
 folder, and the official image's docker-entrypoint.sh is a one-line stand-in
-that execs postgres on the data directory with the server's own port and
+that execs postgres with the script's arguments, on the data directory with the server's own port and
 socket folder (in a cluster every pod has its own address and port 5432;
 here pg_rewind copies the new primary's port setting along with its files).
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from dbops import local
-from dbops.binaries import bindir, chown_server
+from dbops.binaries import bindir, chown_server, run
 from dbops.failover import failover
 from devstack.pg import PgCluster
 from tests.helm.test_chart import render
@@ -66,7 +66,9 @@ def test_old_primary_restarted_by_the_start_script_comes_back_as_a_standby(clust
     (run / "db" / "postgres-password").write_text(pw["postgres"])
     (run / "bin").mkdir()
     entry = run / "bin" / "docker-entrypoint.sh"
-    entry.write_text('#!/bin/sh\nexec postgres -D "$PGDATA" -p "$OWN_PORT" -c unix_socket_directories="$OWN_SOCKETS"\n')
+    # The script's own arguments go to postgres as in the image ("postgres" itself dropped).
+    entry.write_text('#!/bin/sh\nshift\nexec postgres "$@" -D "$PGDATA" -p "$OWN_PORT" '
+                     '-c unix_socket_directories="$OWN_SOCKETS"\n')
     entry.chmod(0o755)
     text = _script()
     for a, b in {'peer="${primary}.${svc}"': 'peer="127.0.0.1"',
@@ -106,9 +108,32 @@ def test_old_primary_restarted_by_the_start_script_comes_back_as_a_standby(clust
         wait_for(lambda: old.psql(f"SELECT count(*) FROM ledger WHERE v IN ('{before}', '{after}')") == "2", 30,
                  "both rows on the old primary")
         out = (run / "start.log").read_text()
-        assert "cloning afresh" not in out  # it was rewound, not re-cloned
+        assert "pg_rewind: Done!" in out  # rewound, not re-cloned
+        assert old.psql("SHOW cluster_name", dbname="postgres") == old.name  # the script's own -c arguments
         assert "primary_conninfo" in (old.datadir / "postgresql.auto.conf").read_text()
     finally:
         local.kill_node(spec.node(old.name))
         proc.wait(30)
         log.close()
+
+
+def test_initdb_scripts_and_replication_settings_are_accepted_by_postgres(workdir: Path) -> None:
+    """01-include.sh, as the image runs it after initdb, makes postgres read the chart's keyward.conf:
+    the real server parses it and reports the synchronous settings."""
+    cm = next(d for d in render() if d["kind"] == "ConfigMap" and "start.sh" in d.get("data", {}))
+    root = workdir / f"pg-conf-{uuid.uuid4().hex[:6]}"
+    root.mkdir()
+    chown_server(root)
+    conf = root / "keyward.conf"
+    conf.write_text(cm["data"]["keyward.conf"])
+    run("initdb", "-D", str(root / "data"), "-U", "postgres", "--auth-local=trust")
+    include = cm["data"]["01-include.sh"].replace("/etc/keyward/keyward.conf", str(conf))
+    cmd = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    r = subprocess.run([*cmd, "env", f"PGDATA={root / 'data'}", "sh", "-c", include], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    for setting, want in (("synchronous_commit", "remote_apply"), ("wal_log_hints", "on"),
+                          ("synchronous_standby_names", 'ANY 2 ("kw-keyward-postgres-0", "kw-keyward-postgres-1", '
+                                                        '"kw-keyward-postgres-2")')):
+        p = run("postgres", "-D", str(root / "data"), "-C", setting)
+        assert p.stdout.strip() == want, (setting, p.stdout, p.stderr)
