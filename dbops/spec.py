@@ -37,6 +37,9 @@ class ClusterSpec:
     """Standbys that must confirm each commit: 2 (no loss while one of the
     three survives with its data) or 1 (writes go on with one standby down)."""
     backup_dir: str = ""
+    server_passfile: str = ""
+    """The passfile as the servers see it, for the primary_conninfo the tools write into them
+    (in Kubernetes the operator's file is not in the Postgres pods). Default: ``passfile``."""
     extra: dict[str, str] = field(default_factory=dict)
 
     def node(self, name: str) -> Node:
@@ -52,7 +55,8 @@ class ClusterSpec:
 
     def replication_conninfo(self, upstream: Node, app_name: str) -> str:
         """What a standby named ``app_name`` uses to stream from ``upstream``."""
-        return (f"host={upstream.host} port={upstream.port} user={self.repl_user} passfile={self.passfile} "
+        return (f"host={upstream.host} port={upstream.port} user={self.repl_user} "
+                f"passfile={self.server_passfile or self.passfile} "
                 f"application_name={app_name} connect_timeout=3")
 
     def app_dsn(self, *, read_write: bool) -> str:

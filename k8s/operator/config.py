@@ -57,6 +57,9 @@ class OperatorConfig:
     pg_cluster_file: str = ""
     """A dbops ClusterSpec JSON (KEYWARD_PG_CLUSTER_FILE). Default: derived from the
     chart's StatefulSet (``<release>-postgres-{0,1,2}``) and its passwords Secret."""
+    pg_required_sync: int = 2
+    """Standbys that must confirm each commit (KEYWARD_PG_REQUIRED_SYNC, the chart's
+    ``postgres.requiredSync``): the failover needs 3 - k standbys to answer. Default 2; 1 or 2."""
     cert_days: float = 90.0
     """Lifetime in days of the platform TLS identities the operator issues
     (KEYWARD_PKI_CERT_DAYS); renewed when a third remains. Default 90; 1 .. 825."""
@@ -91,6 +94,7 @@ class OperatorConfig:
             failover_after=_float(env, "KEYWARD_FAILOVER_AFTER_SECONDS", 30.0, 1, 3600),
             pg_cluster_file=env.get("KEYWARD_PG_CLUSTER_FILE", ""),
             cert_days=_float(env, "KEYWARD_PKI_CERT_DAYS", 90.0, 1, 825),
+            pg_required_sync=int(_float(env, "KEYWARD_PG_REQUIRED_SYNC", 2, 1, 2)),
             ca_call_timeout=_float(env, "KEYWARD_CA_CALL_TIMEOUT", 10.0, 0.5, 120),
             zen_resources=_resources(env.get("KEYWARD_ZEN_RESOURCES_JSON", "")),
         )

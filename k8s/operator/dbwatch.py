@@ -63,7 +63,9 @@ async def cluster(w: DbWatch, cfg: OperatorConfig, kube: Kube) -> ClusterSpec:
                 f"*:*:*:replicator:{pw.get('replication-password', '')}\n")
     pg = cfg.pg_name
     w.spec = ClusterSpec(nodes=tuple(Node(f"{pg}-{i}", f"{pg}-{i}.{pg}.{cfg.namespace}.svc", 5432) for i in range(3)),
-                         passfile=str(passfile), dbname="keyward", app_user="keyward", required_sync=2)
+                         passfile=str(passfile), dbname="keyward", app_user="keyward",
+                         required_sync=cfg.pg_required_sync,
+                         server_passfile="/tmp/pgpass")  # what the chart's start script writes in each pod
     return w.spec
 
 
@@ -97,10 +99,12 @@ async def repair_roles(cfg: OperatorConfig, kube: Kube, spec: ClusterSpec, prima
 
 
 async def fence_pod(cfg: OperatorConfig, kube: Kube, node: Node, new_primary: Node) -> None:
-    """Point the role at the new primary first, then delete the old primary's pod."""
+    """Point the role at the new primary first, then delete the old primary's pod. With its normal
+    grace period, not forced: the StatefulSet then starts no replacement while the old one may still
+    run on an unreachable node (two postmasters on one volume)."""
     await _set_primary(cfg, kube, new_primary.name)
     try:
-        await kube.delete(path("v1", "pods", cfg.namespace, node.name), grace_seconds=0)
+        await kube.delete(path("v1", "pods", cfg.namespace, node.name))
     except KubeError as e:
         if e.status != 404:
             raise

@@ -130,7 +130,7 @@ async def _evict(st: State, pod: str) -> str:
     except KubeError as e:
         if e.status not in (429, 404, 405):
             raise
-    await st.kube.delete(path("v1", "pods", ns, pod), grace_seconds=0)
+    await st.kube.delete(path("v1", "pods", ns, pod))  # normal grace: a forced delete could leave it running
     return "deleted (eviction refused)"
 
 

@@ -121,3 +121,28 @@ async def test_failover_refused_while_no_standby_answers(
     assert await asyncio.to_thread(back.psql, "SELECT pg_is_in_recovery()", dbname="postgres") == "f"
     await asyncio.to_thread(cluster.start)
     await asyncio.to_thread(cluster.wait_synchronous)
+
+
+async def test_cluster_derived_from_the_chart(api: KeywardApi, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a spec file the operator derives the cluster from the chart's names and passwords
+    Secret; what it writes into the servers names their own passfile, not the operator's."""
+    from k8s.operator.config import OperatorConfig
+    from k8s.operator.dbwatch import DbWatch, cluster as derive
+    from k8s.operator.kube import Endpoint, Kube
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    cfg = OperatorConfig(kube_api=str(api.url), namespace=NS, pg_required_sync=1)
+    kube = Kube(Endpoint.resolve(cfg.kube_api))
+    try:
+        spec = await derive(DbWatch(), cfg, kube)
+    finally:
+        await kube.close()
+    assert [n.host for n in spec.nodes] == [f"keyward-postgres-{i}.keyward-postgres.{NS}.svc" for i in range(3)]
+    assert spec.required_sync == 1 and not any(n.datadir for n in spec.nodes)
+    assert spec.sync_names("keyward-postgres-0") == 'ANY 1 ("keyward-postgres-1", "keyward-postgres-2")'
+    assert spec.slot(spec.nodes[1]) == "keyward_postgres_1"  # as the start script names it
+    assert "passfile=/tmp/pgpass " in spec.replication_conninfo(spec.nodes[0], "keyward-postgres-1")
+    pf = Path(spec.passfile)
+    assert pf.parent == tmp_path and oct(pf.stat().st_mode & 0o777) == "0o600"
+    assert pf.read_text() == "*:*:*:postgres:pg-pw\n*:*:*:replicator:repl-pw\n"
