@@ -164,7 +164,8 @@ def test_postgres_start_script_follows_the_operators_role_configmap(docs: list[d
     env["KEYWARD_NAMESPACE"] = "keyward"  # from the downward API in a cluster
     cfg = OperatorConfig.from_env(env)
     assert vols["role"]["configMap"] == {"name": f"{cfg.pg_name}-role", "optional": True}
-    assert cfg.pg_name == sts["metadata"]["name"] and cfg.failover_after == 30 and cfg.pg_required_sync == 2
+    assert cfg.pg_name == sts["metadata"]["name"] and cfg.failover_after == 30
+    assert f"'ANY {cfg.pg_required_sync} (" in cm["data"]["keyward.conf"]  # the servers' quorum, as the operator knows it
     assert cfg.zen_resources_dict() == {"requests": {"cpu": "100m", "memory": "128Mi"},
                                         "limits": {"cpu": "2", "memory": "512Mi"}}
 
