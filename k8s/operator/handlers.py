@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +47,11 @@ class State:
     db: dbwatch.DbWatch = field(default_factory=dbwatch.DbWatch)
     _pools: tuple[float, dict[str, PoolState]] | None = None
     pki_checked: float = field(default_factory=time.monotonic)
+    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    def lock(self, pool: str) -> asyncio.Lock:
+        """One pool is reconciled by one task at a time (kopf runs timers beside change handlers)."""
+        return self._locks.setdefault(pool, asyncio.Lock())
 
     async def rotate_platform(self) -> None:
         """Renew the platform identities when due (checked every PKI_CHECK seconds); a renewed
@@ -81,29 +88,43 @@ def _names(rel: rc.Release, pool: str) -> str:
     return f"{rel.name}-zen-{pool}"
 
 
-async def _identity_digest(st: State, name: str) -> str:
+def _owner(body: Mapping[str, Any]) -> list[Obj]:
+    """The ZenPool owns its objects: the garbage collector removes whatever a deletion leaves."""
+    meta = body.get("metadata") or {}
+    return [{"apiVersion": f"{GROUP}/{VERSION}", "kind": "ZenPool", "name": meta.get("name"),
+             "uid": meta.get("uid"), "controller": True, "blockOwnerDeletion": True}] if meta.get("uid") else []
+
+
+async def _identity_digest(st: State, name: str, body: Mapping[str, Any]) -> str:
     """The pool's identity Secret, renewed when due; its certificate's digest goes into the
     pod template, so a renewed identity rolls the ZENs (they read it at start)."""
     secret = f"{_names(st.rel, name)}-tls"
-    await pki.ensure_identity(st.kube, st.cfg, st.ca.root, secret, f"zen-pool/{name}")
+    await pki.ensure_identity(st.kube, st.cfg, st.ca.root, secret, f"zen-pool/{name}", owners=_owner(body))
     s = await st.kube.get(path("v1", "secrets", st.cfg.namespace, secret)) or {}
     return hashlib.sha256(str((s.get("data") or {}).get("tls.crt", "")).encode()).hexdigest()[:16]
 
 
-async def _apply_objects(st: State, name: str, spec: Obj, bypassed: bool) -> None:
+async def _apply_objects(st: State, name: str, spec: Obj, bypassed: bool, body: Mapping[str, Any]) -> None:
     rel = st.rel
+    owners = _owner(body)
     dep = rc.pool_deployment(rel, name, spec, st.cfg.zen_resources_dict())
-    dep["spec"]["template"]["metadata"]["annotations"] = {"keyward.io/identity": await _identity_digest(st, name)}
+    dep["metadata"]["ownerReferences"] = owners
+    dep["spec"]["template"]["metadata"]["annotations"] = {
+        "keyward.io/identity": await _identity_digest(st, name, body)}
     old = await st.kube.get(path("apps/v1", "deployments", st.cfg.namespace, dep["metadata"]["name"]))
     if old is not None:  # a merge patch keeps what it does not name: drop placement the new spec lacks
         rc.prune_placement(old["spec"]["template"]["spec"], dep["spec"]["template"]["spec"])
     await st.kube.apply("apps/v1", "deployments", dep)
-    await _apply_service(st, name, bypassed)
-    await st.kube.apply("policy/v1", "poddisruptionbudgets", rc.pool_pdb(rel, name, int(spec.get("replicas", 2))))
+    await _apply_service(st, name, bypassed, owners)
+    pdb = rc.pool_pdb(rel, name, int(spec.get("replicas", 2)))
+    pdb["metadata"]["ownerReferences"] = owners
+    await st.kube.apply("policy/v1", "poddisruptionbudgets", pdb)
 
 
-async def _apply_service(st: State, name: str, bypassed: bool) -> None:
+async def _apply_service(st: State, name: str, bypassed: bool, owners: list[Obj] | None = None) -> None:
     svc = rc.pool_service(st.rel, name, bypassed)
+    if owners is not None:
+        svc["metadata"]["ownerReferences"] = owners
     old = await st.kube.get(path("v1", "services", st.cfg.namespace, svc["metadata"]["name"]))
     if old is not None:  # a merge patch merges maps: drop the selector keys the new one lacks
         for k in (old.get("spec") or {}).get("selector") or {}:
@@ -134,28 +155,49 @@ async def _evict(st: State, pod: str) -> str:
     return "deleted (eviction refused)"
 
 
-async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: Any, patch: Any, *, force: bool) -> None:
+async def reconcile_pool(st: State, name: str, *, force: bool) -> None:
+    """Reconcile one pool from a fresh read, under its lock, and write its status in the same
+    critical section, so a timer never acts on a state a change handler has moved past."""
+    async with st.lock(name):
+        zp = await st.kube.get(path(f"{GROUP}/{VERSION}", PLURAL, st.cfg.namespace, name))
+        if zp is None or (zp.get("metadata") or {}).get("deletionTimestamp"):
+            return  # gone or going: the delete handler owns it now
+        sp: Obj = {}
+        try:
+            await sync_pool(st, name, dict(zp.get("spec") or {}), dict(zp.get("status") or {}),
+                            kopf.Body(zp),  # type: ignore[arg-type]  # a raw API body is what Body wraps
+                            sp,
+                            force=force)
+        finally:
+            if sp:
+                await st.kube.patch(path(f"{GROUP}/{VERSION}", PLURAL, st.cfg.namespace, name, "status"),
+                                    {"status": sp})
+
+
+async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: kopf.Body, sp: Obj, *, force: bool) -> None:
+    """One pass over a pool; status changes go into ``sp`` (a merge patch of ``status``)."""
     cfg, rel, kube = st.cfg, st.rel, st.kube
     conds: list[Obj] = list(status.get("conditions") or [])
     now = _now()
     nodes = await kube.list(path("v1", "nodes"))
     problems = rc.placement_problems(name, spec, nodes)
-    applied: Obj | None = status.get("applied")
+    # Stored as JSON text: a merge patch would keep keys the spec has since dropped.
+    applied: Obj | None = json.loads(status["applied"]) if status.get("applied") else None
     registered: Obj | None = status.get("registered")
     if problems:
         msg = "spec not applied: " + "; ".join(problems)
         if status.get("refused") != msg:
             kopf.event(body, type="Warning", reason="PlacementRefused", message=msg)
-        patch.status["refused"] = msg
+        sp["refused"] = msg
         conds = rc.set_condition(conds, "Placement", False, "Refused", msg, now)
     else:
         if status.get("refused"):
-            patch.status["refused"] = None
+            sp["refused"] = None
         private = spec.get("visibility") == "private"
         conds = rc.set_condition(conds, "Placement", True, "DedicatedNodes" if private else "Public",
                                  f"pods run only on nodes labelled and tainted {rc.POOL_LABEL}={name}" if private
                                  else f"pods avoid nodes dedicated to private pools ({rc.POOL_LABEL})", now)
-        digest = await _identity_digest(st, name)
+        digest = await _identity_digest(st, name, body)
         if force or applied != dict(spec) or status.get("identity") != digest:
             held = False
             if rc.widens_placement(registered, spec):
@@ -163,7 +205,7 @@ async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: Any, pat
                     await st.ca.register(name, "public", [])
                     st.forget_pools()
                     registered = {"visibility": "public", "organizations": []}
-                    patch.status["registered"] = registered
+                    sp["registered"] = registered
                     kopf.event(body, type="Normal", reason="Registered",
                                message="registered with the CA as public, before leaving the dedicated nodes")
                 except (CAUnavailable, CARefused) as e:
@@ -173,16 +215,16 @@ async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: Any, pat
                         "still registered private with the CA: its pods leave the dedicated nodes only after "
                         f"the CA stops sending it private keys ({e})", now)
             if not held:
-                await _apply_objects(st, name, spec, bool(status.get("bypass")))
-                patch.status["identity"] = digest
+                await _apply_objects(st, name, spec, bool(status.get("bypass")), body)
+                sp["identity"] = digest
                 if applied is not None and applied != dict(spec):
                     kopf.event(body, type="Normal", reason="Applied",
                                message=f"pool updated: visibility={spec.get('visibility')} "
                                        f"replicas={spec.get('replicas', 2)}")
                 applied = dict(spec)
-                patch.status["applied"] = applied
+                sp["applied"] = json.dumps(applied, sort_keys=True)
     if applied is None:
-        patch.status["conditions"] = conds
+        sp["conditions"] = conds
         return
 
     dep = await kube.get(path("apps/v1", "deployments", cfg.namespace, _names(rel, name))) or {}
@@ -200,7 +242,8 @@ async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: Any, pat
     # Registration with the CA.
     vis, orgs = rc.registration(applied)
     want = {"visibility": vis, "organizations": orgs}
-    fail_closed = status.get("servesFailClosedOrg")
+    # Only what the CA said of the pool as it is now counts; anything else is unknown (fail-closed).
+    fail_closed = status.get("servesFailClosedOrg") if registered == want else None
     wait = rc.may_register(name, applied, [p for p in pods if p["metadata"]["name"] not in gone], nodes)
     try:
         if wait:
@@ -211,11 +254,11 @@ async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: Any, pat
                     (known.visibility, list(known.org_ids)) != (vis, orgs):
                 known = await st.ca.register(name, vis, orgs)
                 st.forget_pools()
-                patch.status["registered"] = want
+                sp["registered"] = want
                 kopf.event(body, type="Normal", reason="Registered",
                            message=f"registered with the CA as {vis}" + (f" for {', '.join(orgs)}" if orgs else ""))
             fail_closed = known.serves_fail_closed_org
-            patch.status["servesFailClosedOrg"] = fail_closed
+            sp["servesFailClosedOrg"] = fail_closed
             conds = rc.set_condition(conds, "Registered", True, "Registered",
                                      f"the CA authorizes this pool as {vis}", now)
     except CAUnavailable as e:
@@ -231,7 +274,7 @@ async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: Any, pat
     want_bypass = rc.bypass_wanted(ca_ready=ca_ready, pool_ready=ready > 0, serves_fail_closed_org=serves_fc)
     if want_bypass != bool(status.get("bypass")):
         await _apply_service(st, name, want_bypass)
-        patch.status["bypass"] = want_bypass
+        sp["bypass"] = want_bypass
         if want_bypass:
             kopf.event(body, type="Warning", reason="BypassOn",
                        message=f"the CA has no ready endpoint and pool {name} has no ready ZEN: its Service now "
@@ -251,11 +294,11 @@ async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: Any, pat
 
     conds = rc.set_condition(conds, "Ready", ready > 0, "ZensReady" if ready else "NoReadyZen",
                              f"{ready} of {applied.get('replicas', 2)} ZEN(s) ready", now)
-    patch.status["replicas"] = int(applied.get("replicas", 2))
-    patch.status["readyReplicas"] = ready
-    patch.status["selector"] = selector_string(rc.pool_labels(rel, name))
-    patch.status["observedGeneration"] = (body.get("metadata") or {}).get("generation")
-    patch.status["conditions"] = conds
+    sp["replicas"] = int(applied.get("replicas", 2))
+    sp["readyReplicas"] = ready
+    sp["selector"] = selector_string(rc.pool_labels(rel, name))
+    sp["observedGeneration"] = (body.get("metadata") or {}).get("generation")
+    sp["conditions"] = conds
 
 
 async def remove_pool(st: State, name: str) -> None:
@@ -306,23 +349,22 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
     @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry, when=ours)
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry, when=ours)
     @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", registry=registry, when=ours)
-    async def pool_changed(name: str, spec: kopf.Spec, status: kopf.Status, body: kopf.Body, patch: kopf.Patch,
-                           memo: kopf.Memo, **_: Any) -> None:
-        await sync_pool(memo.state, name, dict(spec), dict(status), body, patch, force=True)
+    async def pool_changed(name: str, memo: kopf.Memo, **_: Any) -> None:
+        await reconcile_pool(memo.state, name, force=True)
 
     @kopf.timer(GROUP, VERSION, PLURAL, interval=cfg.interval, registry=registry, when=ours)
-    async def pool_check(name: str, spec: kopf.Spec, status: kopf.Status, body: kopf.Body, patch: kopf.Patch,
-                         memo: kopf.Memo, **_: Any) -> None:
+    async def pool_check(name: str, memo: kopf.Memo, **_: Any) -> None:
         try:
             await memo.state.rotate_platform()
-            await sync_pool(memo.state, name, dict(spec), dict(status), body, patch, force=False)
+            await reconcile_pool(memo.state, name, force=False)
         except (KubeError, asyncio.TimeoutError) as e:
             raise kopf.TemporaryError(str(e), delay=cfg.interval) from e
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, when=ours)
     async def pool_deleted(name: str, memo: kopf.Memo, **_: Any) -> None:
         try:
-            await remove_pool(memo.state, name)
+            async with memo.state.lock(name):
+                await remove_pool(memo.state, name)
         except CAUnavailable as e:
             raise kopf.TemporaryError(f"waiting for the CA to deregister pool {name}: {e}", delay=cfg.interval) from e
 

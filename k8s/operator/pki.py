@@ -57,11 +57,13 @@ class Root:
         return cert_pem(self.cert)
 
 
-def _secret(cfg: OperatorConfig, name: str, data: dict[str, bytes], component: str) -> Obj:
+def _secret(cfg: OperatorConfig, name: str, data: dict[str, bytes], component: str,
+            owners: list[Obj] | None = None) -> Obj:
     return {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls" if "tls.crt" in data else "Opaque",
             "metadata": {"name": name, "namespace": cfg.namespace,
                          "labels": {"app.kubernetes.io/name": "keyward", "app.kubernetes.io/managed-by": "keyward-operator",
-                                    "app.kubernetes.io/component": component}},
+                                    "app.kubernetes.io/component": component},
+                         **({"ownerReferences": owners} if owners else {})},
             "data": {k: _b64(v) for k, v in data.items()}}
 
 
@@ -98,13 +100,14 @@ def _current(s: Obj | None, root: Root) -> bool:
 
 
 async def ensure_identity(kube: Kube, cfg: OperatorConfig, root: Root, secret: str, spiffe_path: str, *,
-                          server: bool = False, dns: tuple[str, ...] = (), ips: tuple[str, ...] = ()) -> bool:
+                          server: bool = False, dns: tuple[str, ...] = (), ips: tuple[str, ...] = (),
+                          owners: list[Obj] | None = None) -> bool:
     """Create or renew one identity Secret; True if it was (re)issued."""
     if _current(await kube.get(path("v1", "secrets", cfg.namespace, secret)), root):
         return False
     ident = issue(cfg, root, spiffe_path, server=server, dns=dns, ips=ips)
     await kube.apply("v1", "secrets", _secret(cfg, secret, {"tls.crt": ident.cert_pem, "tls.key": ident.key_pem,
-                                                            "ca.crt": ident.ca_pem}, "pki"))
+                                                            "ca.crt": ident.ca_pem}, "pki", owners))
     return True
 
 

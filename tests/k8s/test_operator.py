@@ -188,6 +188,14 @@ async def test_pool_created_scaled_made_private_and_deleted(api: KeywardApi, ope
     tpl = obj(api, "apps/v1/deployments", "keyward-zen-edge")["spec"]["template"]["spec"]
     assert "tolerations" not in tpl and tpl["affinity"]["nodeAffinity"]
 
+    # Each spec change was applied once (scale, private, public), not again on every check
+    # (a merge-patched status.applied used to keep dropped keys), and the pool owns its objects.
+    await until(lambda: len(events(api, "Applied")) == 3, 10, "three Applied Events")
+    await operator_ticks(api, 4)
+    assert len(events(api, "Applied")) == 3
+    owner = obj(api, "apps/v1/deployments", "keyward-zen-edge")["metadata"]["ownerReferences"][0]
+    assert owner["kind"] == "ZenPool" and owner["uid"] == obj(api, ZP, "edge")["metadata"]["uid"]
+
     # Deleted: the objects go, and the CA no longer knows the pool.
     await api.delete(f"{ZP_URL}/edge")
     await until(lambda: obj(api, ZP, "edge") is None, 30, "the ZenPool to be released by the operator")
