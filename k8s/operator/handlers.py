@@ -230,11 +230,9 @@ async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: kopf.Bod
     dep = await kube.get(path("apps/v1", "deployments", cfg.namespace, _names(rel, name))) or {}
     ready = int((dep.get("status") or {}).get("readyReplicas") or 0)
     pods = await kube.list(path("v1", "pods", cfg.namespace), rc.pool_labels(rel, name))
-    gone: set[str] = set()
     node_of = {p["metadata"]["name"]: (p.get("spec") or {}).get("nodeName") for p in pods}
     for pod in rc.misplaced_pods(name, applied, pods, nodes):
         how = await _evict(st, pod)
-        gone.add(pod)
         kopf.event(body, type="Warning", reason="PodEvicted",
                    message=f"pod {pod} of private pool {name} ran on node {node_of[pod]}, which is not dedicated "
                            f"to the pool: {how}")
@@ -244,7 +242,8 @@ async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: kopf.Bod
     want = {"visibility": vis, "organizations": orgs}
     # Only what the CA said of the pool as it is now counts; anything else is unknown (fail-closed).
     fail_closed = status.get("servesFailClosedOrg") if registered == want else None
-    wait = rc.may_register(name, applied, [p for p in pods if p["metadata"]["name"] not in gone], nodes)
+    # Evicted pods still count: they run until their grace period ends.
+    wait = rc.may_register(name, applied, pods, nodes, dep or None)
     try:
         if wait:
             conds = rc.set_condition(conds, "Registered", False, "WaitingForPlacement", wait, now)

@@ -158,19 +158,34 @@ def registration(spec: Obj) -> tuple[str, list[str]]:
     return vis, sorted(set(spec.get("organizations") or [])) if vis == "private" else []
 
 
-def may_register(pool: str, spec: Obj, pods: list[Obj], nodes: list[Obj]) -> str:
-    """Why the CA must not be told yet (empty: go ahead).
+def may_register(pool: str, spec: Obj, pods: list[Obj], nodes: list[Obj], deployment: Obj | None = None) -> str:
+    """Why the CA must not be told yet that the pool is private (empty: go ahead).
 
-    A pool made private is registered private only once none of its pods
-    runs on a node not dedicated to it: until then the CA keeps treating it
-    as public, so a private org's key never reaches a shared node."""
+    A pool made private is registered private only once its rollout onto the
+    dedicated nodes is complete and no pod of it is left anywhere else: not
+    one still terminating after eviction, not one still pending (an old
+    ReplicaSet's pod could land on a shared node). Until then the CA keeps
+    treating the pool as public, so a private org's key never reaches a
+    shared node."""
     if spec.get("visibility") != "private":
         return ""
     owner = {n["metadata"]["name"]: _dedicated_to(n) for n in nodes}
-    left = sorted(p["metadata"]["name"] for p in pods
-                  if (p.get("metadata", {}).get("labels") or {}).get(POOL_LABEL) == pool
-                  and p.get("spec", {}).get("nodeName") and owner.get(p["spec"]["nodeName"]) != pool)
-    return f"waiting for pod(s) {', '.join(left)} to leave nodes not dedicated to the pool" if left else ""
+    mine = [p for p in pods if (p.get("metadata", {}).get("labels") or {}).get(POOL_LABEL) == pool]
+    left = sorted(p["metadata"]["name"] for p in mine
+                  if p.get("spec", {}).get("nodeName") and owner.get(p["spec"]["nodeName"]) != pool)
+    if left:
+        return f"waiting for pod(s) {', '.join(left)} to leave nodes not dedicated to the pool"
+    pending = sorted(p["metadata"]["name"] for p in mine if not p.get("spec", {}).get("nodeName"))
+    if pending:
+        return f"waiting for pod(s) {', '.join(pending)} to be scheduled"
+    if deployment is not None:
+        want = int((deployment.get("spec") or {}).get("replicas", 0))
+        st = deployment.get("status") or {}
+        gen = int((deployment.get("metadata") or {}).get("generation") or 0)
+        if int(st.get("observedGeneration") or 0) < gen or int(st.get("updatedReplicas") or 0) < want \
+                or int(st.get("replicas") or 0) > want:
+            return "waiting for the rollout onto the dedicated nodes to complete"
+    return ""
 
 
 def set_condition(conditions: list[Obj], type_: str, ok: bool, reason: str, message: str, now: str) -> list[Obj]:

@@ -53,8 +53,11 @@ def pod(api: KeywardApi, name: str, pool_name: str, node_name: str) -> None:
 
 
 def deployment_ready(api: KeywardApi, pool_name: str, ready: int) -> None:
-    """The Deployment controller's part: how many ZENs are ready."""
-    api.objects["apps/v1/deployments", NS, f"keyward-zen-{pool_name}"].patch({"status": {"readyReplicas": ready}})
+    """The Deployment controller's part: the rollout is done and ``ready`` ZENs are ready."""
+    d = api.objects["apps/v1/deployments", NS, f"keyward-zen-{pool_name}"]
+    n = d["spec"]["replicas"]
+    d.patch({"status": {"observedGeneration": d["metadata"]["generation"], "replicas": n, "updatedReplicas": n,
+                        "readyReplicas": ready}})
 
 
 def ca_endpoint(api: KeywardApi, ready: bool) -> None:
@@ -154,6 +157,12 @@ async def test_pool_created_scaled_made_private_and_deleted(api: KeywardApi, ope
     pod(api, "keyward-zen-edge-bbbbb", "edge", "bank-1")
     await api.patch(f"{ZP_URL}/edge", json={"spec": {"visibility": "private", "organizations": ["bank"]}},
                     headers={"Content-Type": "application/merge-patch+json"})
+    await until(lambda: obj(api, "apps/v1/deployments", "keyward-zen-edge")["spec"]["template"]["spec"].get(
+        "nodeSelector"), 20, "the Deployment moved to the dedicated nodes")
+    c = await until(lambda: cond(api, "edge", "Registered").get("reason") == "WaitingForPlacement"
+                    and cond(api, "edge", "Registered"), 20, "Registered=False/WaitingForPlacement")
+    assert status(api, "edge")["registered"]["visibility"] == "public"  # the CA still sends it public keys only
+    deployment_ready(api, "edge", 3)  # the Deployment controller: the rollout is done
     await until(lambda: status(api, "edge").get("registered") == {"visibility": "private", "organizations": ["bank"]},
                 30, "the pool registered as private")
     tpl = obj(api, "apps/v1/deployments", "keyward-zen-edge")["spec"]["template"]["spec"]
@@ -240,6 +249,8 @@ async def test_bypass_switch_and_return(api: KeywardApi, operator_ca: Any) -> No
         org_id="strict", policy=pb.Policy(private_zen_only=True, fail_mode=pb.FAIL_MODE_CLOSED)), timeout=30)
     await api.post(ZP_URL, json=pool("edge", visibility="public"))
     await api.post(ZP_URL, json=pool("vault", visibility="private", organizations=["strict"]))
+    await until(lambda: obj(api, "apps/v1/deployments", "keyward-zen-vault"), 20, "vault's Deployment")
+    deployment_ready(api, "vault", 2)  # rolled out on its dedicated node: it may be registered private
     await until(lambda: status(api, "edge").get("servesFailClosedOrg") is False, 30, "edge: no fail-closed org")
     await until(lambda: status(api, "vault").get("servesFailClosedOrg") is True, 30, "vault: serves a fail-closed org")
     zen_sel = selector(api, "edge")

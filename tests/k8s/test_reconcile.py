@@ -88,6 +88,15 @@ def test_registration_waits_for_pods_on_shared_nodes_and_conditions() -> None:
     pods = [{"metadata": {"name": "a", "labels": {POOL_LABEL: "p"}}, "spec": {"nodeName": "shared"}}]
     assert "a" in may_register("p", {"visibility": "private"}, pods, nodes)
     assert may_register("p", {"visibility": "private"}, [], nodes) == ""
+    pending = [{"metadata": {"name": "b", "labels": {POOL_LABEL: "p"}}, "spec": {}}]
+    assert "b to be scheduled" in may_register("p", {"visibility": "private"}, pending, nodes)
+    dep = {"metadata": {"generation": 3}, "spec": {"replicas": 2},
+           "status": {"observedGeneration": 2, "updatedReplicas": 2, "replicas": 2}}
+    assert "rollout" in may_register("p", {"visibility": "private"}, [], nodes, dep)
+    dep["status"] = {"observedGeneration": 3, "updatedReplicas": 2, "replicas": 3}  # an old pod still there
+    assert "rollout" in may_register("p", {"visibility": "private"}, [], nodes, dep)
+    dep["status"]["replicas"] = 2
+    assert may_register("p", {"visibility": "private"}, [], nodes, dep) == ""
     assert may_register("p", {"visibility": "public"}, pods, nodes) == ""
     c1 = set_condition([], "Ready", True, "R", "m", "t1")
     c2 = set_condition(c1, "Ready", True, "R", "m2", "t2")
