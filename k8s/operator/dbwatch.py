@@ -18,11 +18,11 @@ import base64
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import kopf
 
 from dbops import local
 from dbops.failover import FailoverRefused, failover
@@ -33,6 +33,10 @@ from k8s.operator.config import OperatorConfig
 from k8s.operator.kube import Kube, KubeError, Obj, path
 
 ROLE_LABEL = "keyward.io/pg-role"
+
+
+class DbWatchError(RuntimeError):
+    """This look at the database failed; the loop reports it and looks again next interval."""
 
 
 @dataclass
@@ -53,7 +57,7 @@ async def cluster(w: DbWatch, cfg: OperatorConfig, kube: Kube) -> ClusterSpec:
         return w.spec
     sec = await kube.get(path("v1", "secrets", cfg.namespace, f"{cfg.release}-secrets"))
     if sec is None:
-        raise kopf.TemporaryError(f"Secret {cfg.release}-secrets not found (the chart creates it)", delay=cfg.interval)
+        raise DbWatchError(f"Secret {cfg.release}-secrets not found (the chart creates it)")
     pw = {k: base64.b64decode(v).decode() for k, v in (sec.get("data") or {}).items()
           if k in ("postgres-password", "replication-password")}
     passfile = Path(os.environ.get("TMPDIR", "/tmp")) / "keyward-operator-pgpass"  # /tmp is a memory volume
@@ -110,29 +114,35 @@ async def fence_pod(cfg: OperatorConfig, kube: Kube, node: Node, new_primary: No
             raise
 
 
-async def check(w: DbWatch, cfg: OperatorConfig, kube: Kube, body: Any, patch: Any,
+async def _annotate(cfg: OperatorConfig, kube: Kube, body: Any, primary: str) -> None:
+    if (body.get("metadata", {}).get("annotations") or {}).get("keyward.io/primary") != primary:
+        await kube.patch(path("apps/v1", "statefulsets", cfg.namespace, cfg.pg_name),
+                         {"metadata": {"annotations": {"keyward.io/primary": primary}}})
+
+
+async def check(w: DbWatch, cfg: OperatorConfig, kube: Kube, body: Any,
                 logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+    """One look at the servers; ``body`` is the Postgres StatefulSet (Events go to it)."""
     spec = await cluster(w, cfg, kube)
     sts = await asyncio.to_thread(cluster_status, spec)
     primaries = [s.node.name for s in sts if s.reachable and s.role == "primary"]
     if len(primaries) == 1:
         if w.lost_since is not None:
-            kopf.event(body, type="Normal", reason="PrimaryBack", message=f"{primaries[0]} answers as primary again")
+            await kube.event(body, type="Normal", reason="PrimaryBack", message=f"{primaries[0]} answers as primary again")
         w.lost_since, w.last_refusal = None, ""
         w.primary = primaries[0]
         for c in await repair_roles(cfg, kube, spec, primaries[0]):
             logger.info("role repaired: %s", c)
-        if (body.get("metadata", {}).get("annotations") or {}).get("keyward.io/primary") != primaries[0]:
-            patch.metadata.annotations["keyward.io/primary"] = primaries[0]
+        await _annotate(cfg, kube, body, primaries[0])
         return
     if len(primaries) > 1:
-        kopf.event(body, type="Warning", reason="SplitBrain",
+        await kube.event(body, type="Warning", reason="SplitBrain",
                    message=f"{', '.join(primaries)} all answer as primary: no automatic action; fence all but one")
         return
     now = time.monotonic()
     if w.lost_since is None:
         w.lost_since = now
-        kopf.event(body, type="Warning", reason="PrimaryLost",
+        await kube.event(body, type="Warning", reason="PrimaryLost",
                    message=f"no Postgres server answers as primary; failing over in {cfg.failover_after:g}s "
                            "unless one returns")
         return
@@ -150,16 +160,34 @@ async def check(w: DbWatch, cfg: OperatorConfig, kube: Kube, body: Any, patch: A
     except FailoverRefused as e:
         if str(e) != w.last_refusal:
             w.last_refusal = str(e)
-            kopf.event(body, type="Warning", reason="FailoverRefused", message=str(e))
+            await kube.event(body, type="Warning", reason="FailoverRefused", message=str(e))
         return
     except Exception as e:  # a server died mid-way: report, and start over from fresh status next time
-        kopf.event(body, type="Warning", reason="FailoverFailed",
+        await kube.event(body, type="Warning", reason="FailoverFailed",
                    message=f"failover stopped part-way ({type(e).__name__}: {str(e)[:300]}); retrying from the "
                            "servers' current state")
-        raise kopf.TemporaryError(f"failover failed: {e}", delay=cfg.interval) from e
+        raise DbWatchError(f"failover failed: {e}") from e
     w.lost_since, w.last_refusal, w.primary = None, "", rep.new_primary
-    kopf.event(body, type="Normal", reason="FailedOver",
+    await kube.event(body, type="Normal", reason="FailedOver",
                message=f"{rep.old_primary} -> {rep.new_primary} at {rep.promoted_lsn} in {rep.seconds:.1f}s: "
                        + "; ".join(rep.steps))
     await repair_roles(cfg, kube, spec, rep.new_primary)
-    patch.metadata.annotations["keyward.io/primary"] = rep.new_primary
+    await _annotate(cfg, kube, body, rep.new_primary)
+
+
+async def run(w: DbWatch, cfg: OperatorConfig, kube: Kube, logger: logging.Logger,
+              tick: Callable[[], Awaitable[None]] | None = None) -> None:
+    """The watch loop, a task of the operator's own (not a kopf timer on the StatefulSet: that
+    would put a finalizer on it and block `helm uninstall` once the operator is gone)."""
+    while True:
+        try:
+            if tick is not None:
+                await tick()
+            sts = await kube.get(path("apps/v1", "statefulsets", cfg.namespace, cfg.pg_name))
+            if sts is not None:
+                await check(w, cfg, kube, sts, logger)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # keep watching: one failed look must not end the loop
+            logger.warning("database check failed: %s: %s", type(e).__name__, str(e)[:300])
+        await asyncio.sleep(cfg.interval)  # the check period

@@ -15,6 +15,7 @@ tests run the real kopf machinery with their own settings.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -335,11 +336,20 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         root, issued = await pki.ensure_platform(kube, cfg)
         if issued:
             logger.info("platform PKI issued: %s", ", ".join(issued))
-        memo.state = State(cfg, kube, CAClient(cfg, root), rc.Release(cfg.release, cfg.namespace, cfg.zen_image,
-                                                                      cfg.trust_domain))
+        st = State(cfg, kube, CAClient(cfg, root), rc.Release(cfg.release, cfg.namespace, cfg.zen_image,
+                                                              cfg.trust_domain))
+        memo.state = st
+        # The database watch, and the platform identities' renewal even with no ZenPool.
+        memo.db_task = asyncio.create_task(dbwatch.run(st.db, cfg, kube, logging.getLogger("keyward.dbwatch"),
+                                                       tick=st.rotate_platform))
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+        task: asyncio.Task[None] | None = getattr(memo, "db_task", None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         st: State | None = getattr(memo, "state", None)
         if st is not None:
             await st.ca.close()
@@ -367,9 +377,3 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         except CAUnavailable as e:
             raise kopf.TemporaryError(f"waiting for the CA to deregister pool {name}: {e}", delay=cfg.interval) from e
 
-    @kopf.timer("apps", "v1", "statefulsets", labels={"app.kubernetes.io/component": "postgres"},
-                interval=cfg.interval, when=ours, registry=registry)
-    async def database_check(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger | logging.LoggerAdapter[Any],
-                             **_: Any) -> None:
-        st: State = memo.state
-        await dbwatch.check(st.db, cfg, st.kube, body, patch, logger)

@@ -9,6 +9,7 @@ applied again here, so a list never returns objects outside the selector.
 from __future__ import annotations
 
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,3 +148,19 @@ class Kube:
         if out is None:
             raise KubeError(404, f"PATCH {one}: vanished while applying")
         return out
+
+    async def event(self, obj: Obj, *, type: str, reason: str, message: str) -> None:
+        """Post a core/v1 Event about ``obj`` (for code outside kopf's handlers, where kopf.event
+        has no queue). A failure to post is not the caller's failure."""
+        meta = obj.get("metadata") or {}
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        ev = {"apiVersion": "v1", "kind": "Event",
+              "metadata": {"generateName": f"{meta.get('name', 'keyward')}.", "namespace": meta.get("namespace")},
+              "involvedObject": {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "name": meta.get("name"),
+                                 "namespace": meta.get("namespace"), "uid": meta.get("uid")},
+              "type": type, "reason": reason, "message": message[:1024], "firstTimestamp": now, "lastTimestamp": now,
+              "count": 1, "source": {"component": "keyward-operator"}, "reportingComponent": "keyward-operator"}
+        try:
+            await self.create(path("v1", "events", meta.get("namespace")), ev)
+        except (KubeError, aiohttp.ClientError):
+            pass

@@ -21,6 +21,7 @@ the Eviction subresource deleting the pod.
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import time
 import uuid
@@ -67,22 +68,46 @@ class KeywardApi(kmock.KubernetesEmulator):
                         creationTimestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         elif request.action == kmock.action.UPDATE and request.resource is not None and request.name:
             key = (request.resource, request.namespace, request.name)
-            cur = self.objects[key] if key in self.objects and not self.objects[key].deleted else None
-            gen = int(((cur or {}).get("metadata") or {}).get("generation") or 1)
+            cur = dict(self.objects[key]) if key in self.objects and not self.objects[key].deleted else {}
+            gen = int((cur.get("metadata") or {}).get("generation") or 1)
+            # generation moves only when the spec really changes (as in the API server)
+            changed = request.subresource != "status" and _spec_after(cur, request.data) != cur.get("spec")
             if isinstance(request.data, dict):
-                touches_spec = "spec" in request.data and request.subresource != "status"
                 request.data.setdefault("metadata", {}).update(
-                    resourceVersion=rv, **({"generation": gen + 1} if touches_spec else {}))
+                    resourceVersion=rv, **({"generation": gen + 1} if changed else {}))
             elif isinstance(request.data, list):  # JSON patch
-                touches_spec = any(str(op.get("path", "")).startswith("/spec") for op in request.data)
                 request.data.append({"op": "add", "path": "/metadata/resourceVersion", "value": rv})
-                if touches_spec:
+                if changed:
                     request.data.append({"op": "add", "path": "/metadata/generation", "value": gen + 1})
         try:
             return await super()._handle(request)
         except jsonpatch.JsonPatchTestFailed as e:  # the API server's answer to a stale resourceVersion
             return aiohttp.web.json_response({"apiVersion": "v1", "kind": "Status", "status": "Failure",
                                               "reason": "Invalid", "code": 422, "message": str(e)}, status=422)
+
+
+def _merge(a: Any, b: Any) -> Any:
+    if not isinstance(b, dict):
+        return b
+    out = dict(a) if isinstance(a, dict) else {}
+    for k, v in b.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = _merge(out.get(k), v)
+    return out
+
+
+def _spec_after(obj: dict[str, Any], patch: Any) -> Any:
+    """The object's spec once ``patch`` (a merge patch or a JSON patch) applies."""
+    if isinstance(patch, dict):
+        return _merge(copy.deepcopy(obj), patch).get("spec")
+    if isinstance(patch, list):
+        try:
+            return jsonpatch.apply_patch(copy.deepcopy(obj), patch).get("spec")
+        except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException):
+            return obj.get("spec")
+    return obj.get("spec")
 
 
 def install(api: KeywardApi) -> None:

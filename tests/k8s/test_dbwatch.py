@@ -93,6 +93,9 @@ async def test_primary_lost_fails_over_with_no_lost_write(
     assert await asyncio.to_thread(old.psql, "SELECT pg_is_in_recovery()", dbname="postgres") == "t"
     await asyncio.to_thread(cluster.wait_synchronous)
     await until(lambda: role_of(api, new.name) == "primary", 20, "the new primary's pod label")
+    sts = obj(api, "apps/v1/statefulsets", "keyward-postgres")
+    assert sts["metadata"]["annotations"]["keyward.io/primary"] == new.name
+    assert not sts["metadata"].get("finalizers")  # `helm uninstall` is never blocked by the operator
     print(f"\nprimary {old.name} killed -> {new.name} promoted and acknowledged-write check passed in "
           f"{took:.2f}s (failover_after=2s)")
 
