@@ -19,5 +19,5 @@ RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin keyward \
  && rm -rf /usr/bin/apt* /usr/bin/dpkg* /var/lib/apt /var/cache/apt
 COPY --from=build /install /usr/local
 USER 10001:10001
-# Cluster-wide watch; the handlers serve only the release's namespace (KEYWARD_NAMESPACE).
-ENTRYPOINT ["kopf", "run", "--all-namespaces", "--standalone", "--liveness=http://0.0.0.0:8080/healthz", "-m", "k8s.operator.main"]
+# The chart adds --namespace=<release namespace>; the handlers serve only that namespace in any case.
+ENTRYPOINT ["kopf", "run", "--standalone", "--liveness=http://0.0.0.0:8080/healthz", "-m", "k8s.operator.main"]

@@ -48,8 +48,10 @@ class CAClient:
         self._chan: grpc.aio.Channel | None = None
         self._cert: x509.Certificate | None = None
 
-    def _channel(self) -> grpc.aio.Channel:
+    async def _channel(self) -> grpc.aio.Channel:
         if self._chan is None or self._cert is None or renewal_due(self._cert):
+            if self._chan is not None:  # renewing the identity: let calls in flight finish, then close
+                await self._chan.close(grace=5)
             ident = issue(self.cfg, self.root, "platform-admin", days=1)
             self._cert = x509.load_pem_x509_certificate(ident.cert_pem)
             creds = grpc.ssl_channel_credentials(root_certificates=ident.ca_pem, private_key=ident.key_pem,
@@ -63,7 +65,7 @@ class CAClient:
             self._chan = None
 
     async def _call(self, fn: str, req: object) -> object:
-        stub = pbg.AdminStub(self._channel())  # type: ignore[no-untyped-call]
+        stub = pbg.AdminStub(await self._channel())  # type: ignore[no-untyped-call]
         try:
             return await getattr(stub, fn)(req, timeout=self.cfg.ca_call_timeout)
         except grpc.aio.AioRpcError as e:

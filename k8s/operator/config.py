@@ -34,6 +34,9 @@ class OperatorConfig:
     release: str = "keyward"
     """The chart's fullname (KEYWARD_RELEASE): prefix of every object the operator
     manages, e.g. ``<release>-ca``, ``<release>-zen-<pool>``. Default "keyward"."""
+    instance: str = ""
+    """The Helm release name (KEYWARD_INSTANCE): the ZEN pods' app.kubernetes.io/instance label,
+    which the CA's NetworkPolicy admits. Default: the release with "-keyward" removed."""
     namespace: str = "keyward"
     """Namespace of the release (KEYWARD_NAMESPACE), from the downward API. Default "keyward"."""
     trust_domain: str = "keyward"
@@ -85,6 +88,7 @@ class OperatorConfig:
         env = os.environ if env is None else env
         return cls(
             release=env.get("KEYWARD_RELEASE", "") or "keyward",
+            instance=env.get("KEYWARD_INSTANCE", ""),
             namespace=env.get("KEYWARD_NAMESPACE", "") or "keyward",
             trust_domain=env.get("KEYWARD_TRUST_DOMAIN", "") or "keyward",
             zen_image=env.get("KEYWARD_ZEN_IMAGE", "") or "keyward/zen:0.1.0",

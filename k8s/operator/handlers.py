@@ -337,7 +337,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         if issued:
             logger.info("platform PKI issued: %s", ", ".join(issued))
         st = State(cfg, kube, CAClient(cfg, root), rc.Release(cfg.release, cfg.namespace, cfg.zen_image,
-                                                              cfg.trust_domain))
+                                                              cfg.trust_domain, cfg.instance))
         memo.state = st
         # The database watch, and the platform identities' renewal even with no ZenPool.
         memo.db_task = asyncio.create_task(dbwatch.run(st.db, cfg, kube, logging.getLogger("keyward.dbwatch"),

@@ -24,10 +24,15 @@ class Release:
     namespace: str
     image: str  # keyward/zen:TAG
     trust_domain: str = "keyward"
+    instance: str = ""  # the Helm release name (app.kubernetes.io/instance); default: from ``name``
+
+    @property
+    def instance_label(self) -> str:
+        return self.instance or self.name.removesuffix("-keyward")
 
 
 def _labels(rel: Release, pool: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": "keyward", "app.kubernetes.io/instance": rel.name.removesuffix("-keyward"),
+    return {"app.kubernetes.io/name": "keyward", "app.kubernetes.io/instance": rel.instance_label,
             "app.kubernetes.io/component": "zen", POOL_LABEL: pool}
 
 

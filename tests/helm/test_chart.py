@@ -165,15 +165,26 @@ def test_postgres_start_script_follows_the_operators_role_configmap(docs: list[d
     cfg = OperatorConfig.from_env(env)
     assert vols["role"]["configMap"] == {"name": f"{cfg.pg_name}-role", "optional": True}
     assert cfg.pg_name == sts["metadata"]["name"] and cfg.failover_after == 30
-    assert f"'ANY {cfg.pg_required_sync} (" in cm["data"]["keyward.conf"]  # the servers' quorum, as the operator knows it
+    assert f"'ANY {cfg.pg_required_sync} (" in cm["data"]["keyward.conf"]
+    # The ZENs the operator makes carry the label the CA's NetworkPolicy admits.
+    from k8s.operator.reconcile import Release, pool_deployment
+    zen = pool_deployment(Release(cfg.release, "keyward", cfg.zen_image, instance=cfg.instance), "p",
+                          {"visibility": "public"})["spec"]["template"]["metadata"]["labels"]
+    ca_np = next(d for d in _by_kind(docs, "NetworkPolicy") if d["metadata"]["name"].endswith("-ca"))
+    admitted = ca_np["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    assert admitted.items() <= zen.items()  # the servers' quorum, as the operator knows it
     assert cfg.zen_resources_dict() == {"requests": {"cpu": "100m", "memory": "128Mi"},
                                         "limits": {"cpu": "2", "memory": "512Mi"}}
 
 
 def test_operator_rbac_covers_its_calls(docs: list[dict[str, Any]]) -> None:
-    role = _by_kind(docs, "ClusterRole")[0]
-    allowed = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
-               for v in rule["verbs"]}
+    def grants(kind: str) -> set[tuple[str, str, str]]:
+        return {(g, r, v) for role in _by_kind(docs, kind) for rule in role["rules"] for g in rule["apiGroups"]
+                for r in rule["resources"] for v in rule["verbs"]}
+    cluster, allowed = grants("ClusterRole"), grants("ClusterRole") | grants("Role")
+    # Nothing it may write is granted cluster-wide: Secrets and Pods of other namespaces stay out of reach.
+    assert {v for _, _, v in cluster} <= {"get", "list", "watch"}
+    assert not any(r in ("secrets", "pods", "configmaps") for _, r, _ in cluster)
     needed = [("keyward.io", "zenpools", "watch"), ("keyward.io", "zenpools/status", "patch"),
               ("apps", "deployments", "create"), ("apps", "deployments", "patch"), ("apps", "statefulsets", "watch"),
               ("", "services", "patch"), ("", "secrets", "create"), ("", "configmaps", "patch"),
