@@ -43,7 +43,6 @@ class DbWatchError(RuntimeError):
 class DbWatch:
     lost_since: float | None = None
     """monotonic time the primary was first found missing (None: it answers)."""
-    primary: str = ""
     last_refusal: str = ""
     spec: ClusterSpec | None = None
 
@@ -130,7 +129,6 @@ async def check(w: DbWatch, cfg: OperatorConfig, kube: Kube, body: Any,
         if w.lost_since is not None:
             await kube.event(body, type="Normal", reason="PrimaryBack", message=f"{primaries[0]} answers as primary again")
         w.lost_since, w.last_refusal = None, ""
-        w.primary = primaries[0]
         for c in await repair_roles(cfg, kube, spec, primaries[0]):
             logger.info("role repaired: %s", c)
         await _annotate(cfg, kube, body, primaries[0])
@@ -167,7 +165,7 @@ async def check(w: DbWatch, cfg: OperatorConfig, kube: Kube, body: Any,
                    message=f"failover stopped part-way ({type(e).__name__}: {str(e)[:300]}); retrying from the "
                            "servers' current state")
         raise DbWatchError(f"failover failed: {e}") from e
-    w.lost_since, w.last_refusal, w.primary = None, "", rep.new_primary
+    w.lost_since, w.last_refusal = None, ""
     await kube.event(body, type="Normal", reason="FailedOver",
                message=f"{rep.old_primary} -> {rep.new_primary} at {rep.promoted_lsn} in {rep.seconds:.1f}s: "
                        + "; ".join(rep.steps))

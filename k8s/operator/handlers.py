@@ -100,18 +100,17 @@ async def _identity_digest(st: State, name: str, body: Mapping[str, Any]) -> str
     """The pool's identity Secret, renewed when due; its certificate's digest goes into the
     pod template, so a renewed identity rolls the ZENs (they read it at start)."""
     secret = f"{_names(st.rel, name)}-tls"
-    await pki.ensure_identity(st.kube, st.cfg, st.ca.root, secret, f"zen-pool/{name}", owners=_owner(body))
-    s = await st.kube.get(path("v1", "secrets", st.cfg.namespace, secret)) or {}
-    return hashlib.sha256(str((s.get("data") or {}).get("tls.crt", "")).encode()).hexdigest()[:16]
+    _, pem = await pki.ensure_identity(st.kube, st.cfg, st.ca.root, secret, f"zen-pool/{name}", owners=_owner(body))
+    return hashlib.sha256(pem).hexdigest()[:16]
 
 
-async def _apply_objects(st: State, name: str, spec: Obj, bypassed: bool, body: Mapping[str, Any]) -> None:
+async def _apply_objects(st: State, name: str, spec: Obj, bypassed: bool, body: Mapping[str, Any],
+                         digest: str) -> None:
     rel = st.rel
     owners = _owner(body)
     dep = rc.pool_deployment(rel, name, spec, st.cfg.zen_resources_dict())
     dep["metadata"]["ownerReferences"] = owners
-    dep["spec"]["template"]["metadata"]["annotations"] = {
-        "keyward.io/identity": await _identity_digest(st, name, body)}
+    dep["spec"]["template"]["metadata"]["annotations"] = {"keyward.io/identity": digest}
     old = await st.kube.get(path("apps/v1", "deployments", st.cfg.namespace, dep["metadata"]["name"]))
     if old is not None:  # a merge patch keeps what it does not name: drop placement the new spec lacks
         rc.prune_placement(old["spec"]["template"]["spec"], dep["spec"]["template"]["spec"])
@@ -216,7 +215,7 @@ async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: kopf.Bod
                         "still registered private with the CA: its pods leave the dedicated nodes only after "
                         f"the CA stops sending it private keys ({e})", now)
             if not held:
-                await _apply_objects(st, name, spec, bool(status.get("bypass")), body)
+                await _apply_objects(st, name, spec, bool(status.get("bypass")), body, digest)
                 sp["identity"] = digest
                 if applied is not None and applied != dict(spec):
                     kopf.event(body, type="Normal", reason="Applied",

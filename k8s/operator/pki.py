@@ -91,24 +91,27 @@ def issue(cfg: OperatorConfig, root: Root, spiffe_path: str, *, server: bool = F
     return Identity(cert_pem(cert), key_pem(key), root.pem)
 
 
-def _current(s: Obj | None, root: Root) -> bool:
+def _current(s: Obj | None, root: Root) -> bytes | None:
+    """The Secret's certificate (PEM) if it is signed by ``root`` and not due for renewal."""
     if s is None or "tls.crt" not in (s.get("data") or {}):
-        return False
+        return None
     if _unb64(s["data"].get("ca.crt", "")) != root.pem:
-        return False
-    return not renewal_due(x509.load_pem_x509_certificate(_unb64(s["data"]["tls.crt"])))
+        return None
+    pem = _unb64(s["data"]["tls.crt"])
+    return None if renewal_due(x509.load_pem_x509_certificate(pem)) else pem
 
 
 async def ensure_identity(kube: Kube, cfg: OperatorConfig, root: Root, secret: str, spiffe_path: str, *,
                           server: bool = False, dns: tuple[str, ...] = (), ips: tuple[str, ...] = (),
-                          owners: list[Obj] | None = None) -> bool:
-    """Create or renew one identity Secret; True if it was (re)issued."""
-    if _current(await kube.get(path("v1", "secrets", cfg.namespace, secret)), root):
-        return False
+                          owners: list[Obj] | None = None) -> tuple[bool, bytes]:
+    """Create or renew one identity Secret. Returns (whether it was (re)issued, its certificate PEM)."""
+    pem = _current(await kube.get(path("v1", "secrets", cfg.namespace, secret)), root)
+    if pem is not None:
+        return False, pem
     ident = issue(cfg, root, spiffe_path, server=server, dns=dns, ips=ips)
     await kube.apply("v1", "secrets", _secret(cfg, secret, {"tls.crt": ident.cert_pem, "tls.key": ident.key_pem,
                                                             "ca.crt": ident.ca_pem}, "pki", owners))
-    return True
+    return True, ident.cert_pem
 
 
 def ca_server_names(cfg: OperatorConfig) -> tuple[str, ...]:
@@ -125,10 +128,10 @@ async def ensure_platform(kube: Kube, cfg: OperatorConfig) -> tuple[Root, list[s
     """The root, the CA's server identity, the admin identity and the CA's passfile."""
     root = await ensure_root(kube, cfg)
     done = []
-    if await ensure_identity(kube, cfg, root, f"{cfg.release}-ca-tls", "ca", server=True,
-                             dns=ca_server_names(cfg), ips=("127.0.0.1",)):
+    if (await ensure_identity(kube, cfg, root, f"{cfg.release}-ca-tls", "ca", server=True,
+                              dns=ca_server_names(cfg), ips=("127.0.0.1",)))[0]:
         done.append(f"{cfg.release}-ca-tls")
-    if await ensure_identity(kube, cfg, root, f"{cfg.release}-admin-tls", "platform-admin"):
+    if (await ensure_identity(kube, cfg, root, f"{cfg.release}-admin-tls", "platform-admin"))[0]:
         done.append(f"{cfg.release}-admin-tls")
     pw = await kube.get(path("v1", "secrets", cfg.namespace, f"{cfg.release}-secrets"))
     if pw is not None and "keyward-password" in (pw.get("data") or {}):
