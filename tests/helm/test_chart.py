@@ -5,6 +5,7 @@ versions the README claims, and checked for the chart's promises."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HELM = ROOT / ".tools" / "bin" / "helm"
 CHART = ROOT / "helm" / "keyward"
 PRIVATE = Path(__file__).parent / "values-private.yaml"
+CRD_FILE = CHART / "crds" / "zenpools.keyward.io.yaml"
 K8S_VERSIONS = ["1.29.0", "1.35.0"]  # README: "Kubernetes 1.29 to 1.35"
 
 
@@ -33,6 +35,11 @@ def render(*extra: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(r.stdout) if d]
 
 
+def crd() -> dict[str, Any]:
+    """The ZenPool CRD, shipped in the chart's crds/ (installed by Helm before the templates)."""
+    return dict(yaml.safe_load(CRD_FILE.read_text()))
+
+
 @pytest.fixture(scope="module", params=["default", "private"])
 def docs(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
     return render() if request.param == "default" else render("-f", str(PRIVATE))
@@ -46,8 +53,8 @@ def test_helm_lint() -> None:
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_every_object_validates_against_the_kubernetes_schemas(docs: list[dict[str, Any]], version: str) -> None:
-    crd = next(d for d in docs if d["kind"] == "CustomResourceDefinition")
-    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    kubernetes_validate.validate(crd(), version, strict=True)
     for d in docs:
         if d["apiVersion"].startswith("keyward.io/"):
             # Custom resources: against their CRD's own schema.
@@ -114,8 +121,7 @@ def test_secrets_on_memory_backed_volumes(docs: list[dict[str, Any]]) -> None:
 
 
 def test_crd_has_the_scale_subresource_and_pools_render(docs: list[dict[str, Any]]) -> None:
-    crd = _by_kind(docs, "CustomResourceDefinition")[0]
-    scale = crd["spec"]["versions"][0]["subresources"]["scale"]
+    scale = crd()["spec"]["versions"][0]["subresources"]["scale"]
     assert scale == {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
                      "labelSelectorPath": ".status.selector"}
     pools = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "ZenPool"}
@@ -137,10 +143,12 @@ def test_bad_values_are_refused_with_a_clear_message(args: list[str], message: s
 
 def test_plain_manifests_are_the_rendered_chart() -> None:
     committed = [d for d in yaml.safe_load_all((ROOT / "k8s" / "keyward.yaml").read_text()) if d]
-    r = _helm("template", "keyward", str(CHART), "--namespace", "keyward")
+    r = _helm("template", "keyward", str(CHART), "--namespace", "keyward", "--include-crds")
     assert r.returncode == 0, r.stderr
     fresh = [d for d in yaml.safe_load_all(r.stdout) if d and d["kind"] != "Secret"]
     assert committed == fresh, "k8s/keyward.yaml is stale: run scripts/render-k8s.sh"
+    # kubectl apply creates in file order: the CRD before the ZenPools that need it.
+    assert committed[0] == crd() and [d["kind"] for d in committed].count("CustomResourceDefinition") == 1
     for d in committed:
         if not d["apiVersion"].startswith("keyward.io/"):
             kubernetes_validate.validate(d, K8S_VERSIONS[-1], strict=True)
@@ -192,3 +200,58 @@ def test_operator_rbac_covers_its_calls(docs: list[dict[str, Any]]) -> None:
               ("", "events", "create"), ("policy", "poddisruptionbudgets", "create"),
               ("discovery.k8s.io", "endpointslices", "list")]
     assert [n for n in needed if n not in allowed] == []
+
+
+def test_crd_ships_in_crds_so_helm_installs_it_first_and_never_deletes_it() -> None:
+    # A CRD among the templates cannot serve the same release's ZenPools at install, and
+    # `helm uninstall` would delete it with every ZenPool of the cluster.
+    assert not list((CHART / "templates").glob("*crd*"))
+    assert "{{" not in CRD_FILE.read_text()  # crds/ is not templated
+    assert not _by_kind(render(), "CustomResourceDefinition")
+    with_crds = render("--include-crds")
+    assert with_crds[0] == crd() and with_crds[0]["metadata"]["name"] == "zenpools.keyward.io"
+
+
+def _undeclared(value: Any, schema: dict[str, Any], at: str = "") -> list[str]:
+    """Paths the API server would prune from ``value`` under a structural ``schema``."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    if isinstance(value, dict):
+        props, more = schema.get("properties") or {}, schema.get("additionalProperties")
+        out: list[str] = []
+        for k, v in value.items():
+            sub = props.get(k, more if isinstance(more, dict) else None)
+            out += [f"{at}.{k}"] if sub is None else _undeclared(v, sub, f"{at}.{k}")
+        return out
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _undeclared(v, schema.get("items") or {}, f"{at}[{i}]")]
+    return []
+
+
+def test_crd_status_schema_declares_every_field_the_operator_writes() -> None:
+    from k8s.operator.reconcile import set_condition
+
+    version = crd()["spec"]["versions"][0]
+    status_schema = version["schema"]["openAPIV3Schema"]["properties"]["status"]
+    # A real schema: the status is no longer an untyped bag.
+    assert not status_schema.get("x-kubernetes-preserve-unknown-fields")
+    assert all("type" in s for s in status_schema["properties"].values())
+    conds = set_condition([], "Ready", True, "ZensReady", "2 of 3 ZEN(s) ready", "2026-01-02T03:04:05Z")
+    conds = set_condition(conds, "Placement", False, "Refused", "no node", "2026-01-02T03:04:05Z")
+    conds[0]["observedGeneration"] = 4
+    status = {"replicas": 3, "readyReplicas": 2, "selector": "app.kubernetes.io/name=keyward", "observedGeneration": 4,
+              "conditions": conds, "bypass": False, "registered": {"visibility": "private", "organizations": ["bank"]},
+              "servesFailClosedOrg": True, "refused": "no node is dedicated", "identity": "0123456789abcdef",
+              "applied": '{"replicas": 3, "visibility": "public"}', "kopf": {"dummy": "x", "progress": {"h": {}}}}
+    # Every status field the operator's handlers write (sp["..."] = ...) is in the sample above.
+    handlers = (ROOT / "k8s" / "operator" / "handlers.py").read_text()
+    written = set(re.findall(r'\bsp\["(\w+)"\]\s*=', handlers))
+    assert written and written <= set(status), f"status fields missing from this test: {written - set(status)}"
+    assert _undeclared(status, status_schema) == []
+    zp = {"apiVersion": "keyward.io/v1alpha1", "kind": "ZenPool", "metadata": {"name": "p"},
+          "spec": {"visibility": "public"}, "status": status}
+    jsonschema.validate(zp, version["schema"]["openAPIV3Schema"])
+    cols = {c["name"]: (c["type"], c["jsonPath"]) for c in version["additionalPrinterColumns"]}
+    assert cols == {"Visibility": ("string", ".spec.visibility"), "Desired": ("integer", ".spec.replicas"),
+                    "Ready": ("integer", ".status.readyReplicas"), "Bypass": ("boolean", ".status.bypass"),
+                    "Age": ("date", ".metadata.creationTimestamp")}
