@@ -72,6 +72,63 @@ def _pod_specs(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
             if d["kind"] in ("Deployment", "StatefulSet")]
 
 
+def _workload(docs: list[dict[str, Any]], suffix: str) -> dict[str, Any]:
+    return next(d for d in docs if d["kind"] in ("Deployment", "StatefulSet") and d["metadata"]["name"].endswith(suffix))
+
+
+def _env(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in container.get("env", [])}
+
+
+def _file_source(spec: dict[str, Any], container: dict[str, Any], file: str) -> tuple[str, str, str] | None:
+    """Where a file a container reads comes from: (volume kind, object name, key), None if unmounted."""
+    for m in container.get("volumeMounts", []):
+        mount = m["mountPath"].rstrip("/") + "/"
+        if not file.startswith(mount):
+            continue
+        rel = file[len(mount):]
+        vol = next(v for v in spec["volumes"] if v["name"] == m["name"])
+        for kind, name_key in (("secret", "secretName"), ("configMap", "name")):
+            if kind in vol:
+                items = vol[kind].get("items")
+                key = next((i["key"] for i in items if i["path"] == rel), None) if items else rel
+                return (kind, vol[kind][name_key], key) if key else None
+        return (next(iter(k for k in vol if k != "name")), "", rel)
+    return None
+
+
+def test_every_file_a_container_is_told_to_read_is_mounted(docs: list[dict[str, Any]]) -> None:
+    from k8s.operator.reconcile import Release, pool_deployment
+
+    zen = pool_deployment(Release("kw-keyward", "keyward", "keyward/zen:0.1.0", instance="kw"), "p",
+                          {"visibility": "public"})
+    for d in [*[d for d in docs if d["kind"] in ("Deployment", "StatefulSet")], zen]:
+        spec = d["spec"]["template"]["spec"]
+        for c in spec["containers"]:
+            for k, v in _env(c).items():
+                if k.endswith("_FILE"):
+                    assert _file_source(spec, c, v), (d["metadata"]["name"], k, v)
+
+
+def test_ca_reads_the_db_password_from_the_chart_secret(docs: list[dict[str, Any]]) -> None:
+    ca = _workload(docs, "-ca")
+    spec = ca["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    env = _env(c)
+    # No libpq passfile: a Secret volume with fsGroup is 0440 and libpq ignores a group-readable passfile.
+    assert "passfile" not in env["KEYWARD_DB_DSN"] and "password" not in env["KEYWARD_DB_DSN"]
+    assert _file_source(spec, c, env["KEYWARD_DB_PASSWORD_FILE"]) == ("secret", "kw-keyward-secrets", "keyward-password")
+    assert not [v for v in spec["volumes"] if "pgpass" in str(v)]
+
+
+def test_the_ca_knows_every_variable_the_chart_sets(docs: list[dict[str, Any]]) -> None:
+    from control_plane.config import from_env
+
+    # The CA reports unknown KEYWARD_ variables as typos: each one set here must be read.
+    cfg = from_env(_env(_workload(docs, "-ca")["spec"]["template"]["spec"]["containers"][0]))
+    assert dict(cfg.extra) == {}, "the CA does not read these variables the chart sets"
+
+
 def test_postgres_is_three_servers_synchronous_and_spread(docs: list[dict[str, Any]]) -> None:
     sts = _by_kind(docs, "StatefulSet")[0]
     assert sts["spec"]["replicas"] == 3
