@@ -121,6 +121,16 @@ def test_ca_reads_the_db_password_from_the_chart_secret(docs: list[dict[str, Any
     assert not [v for v in spec["volumes"] if "pgpass" in str(v)]
 
 
+def test_ca_is_not_restarted_while_the_database_is_away(docs: list[dict[str, Any]]) -> None:
+    c = _workload(docs, "-ca")["spec"]["template"]["spec"]["containers"][0]
+    health = next(p["containerPort"] for p in c["ports"] if p["name"] == "health")
+    # Readiness follows key service (database included); liveness only the process.
+    assert c["readinessProbe"]["grpc"] == {"port": health, "service": "keyward.v1.KeyDistribution"}
+    assert c["livenessProbe"]["grpc"] == {"port": health, "service": "liveness"}
+    assert c["startupProbe"]["grpc"] == {"port": health, "service": "liveness"}
+    assert _env(c)["KEYWARD_HEALTH_LISTEN"].endswith(f":{health}")
+
+
 def test_the_ca_knows_every_variable_the_chart_sets(docs: list[dict[str, Any]]) -> None:
     from control_plane.config import from_env
 
