@@ -4,10 +4,10 @@ Python and the TLS library keep copies of key material that cannot be wiped
 (object heaps, parser buffers). So the ZEN isolates instead: the org's
 private key is opened into locked memory, written straight from that buffer
 into a pipe to a fresh child process, and wiped. Only the child ever parses
-the key; it locks all its memory (``mlockall``), turns core dumps off, and
-signs leaf certificates on request. Dropping the key (idle, revoked,
-rotated) ends the child: the kernel reclaims its pages and nothing of the
-key is left in any ZEN process.
+the key; it turns core dumps off, locks the memory that holds the key (see
+:func:`_lock_memory`), and signs leaf certificates on request. Dropping the
+key (idle, revoked, rotated) ends the child: the kernel reclaims its pages
+and nothing of the key is left in any ZEN process.
 
 Protocol on the child's stdin/stdout: 4-byte big-endian length + JSON. The
 first message is the raw DER (length-prefixed, not JSON) followed by the
@@ -17,10 +17,12 @@ intermediate certificate PEM.
 from __future__ import annotations
 
 import base64
+import contextlib
 import ctypes
 import ctypes.util
 import datetime as dt
 import json
+import logging
 import os
 import resource
 import struct
@@ -33,6 +35,10 @@ from keylib.securemem import LockedBuffer
 
 MCL_CURRENT, MCL_FUTURE = 1, 2
 PR_SET_DUMPABLE = 4
+CAP_IPC_LOCK = 14
+MAX_KEY_DER = 1 << 16
+
+log = logging.getLogger(__name__)
 
 
 class SignerError(RuntimeError):
@@ -95,6 +101,9 @@ class Signer:
         if ready.get("error"):
             s.stop()
             raise SignerError(f"signer refused the key: {ready['error']}")
+        if not ready.get("locked"):
+            log.warning("signer %d: the memory holding the key is not locked (RLIMIT_MEMLOCK too small); "
+                        "it could be swapped out on a node with swap", proc.pid)
         return s
 
     def _recv(self) -> dict[str, object]:
@@ -132,11 +141,69 @@ class Signer:
 
 # ------------------------------------------------------------------ child
 
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+
+
 def _harden() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
-    libc.mlockall(MCL_CURRENT | MCL_FUTURE)  # best effort: never swapped
+    _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+def _status(field: str) -> str:
+    with open("/proc/self/status") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field + ":")), "")
+
+
+def _heap() -> tuple[int, int] | None:
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if line.rstrip().endswith("[heap]"):
+                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                return lo, hi
+    return None
+
+
+def _lock_memory() -> bool:
+    """Lock what holds the key within RLIMIT_MEMLOCK; True when it is locked.
+
+    Where locking has no limit (RLIMIT_MEMLOCK unlimited, or CAP_IPC_LOCK) the
+    whole process is locked, now and later (``mlockall``). Otherwise, as in a
+    pod without IPC_LOCK (PodSecurity ``restricted`` refuses it), ``MCL_FUTURE``
+    would make every allocation past the limit fail, so only the heap is
+    locked: OpenSSL keeps the parsed key (and the Montgomery contexts of its
+    primes, made at the first signature) in malloc's main arena. Called after
+    the key is parsed and after each signature, as the heap may grow; the DER
+    itself arrives in a :class:`LockedBuffer`. When the heap does not fit in
+    the limit nothing more is locked, and the parent logs it (Kubernetes nodes
+    run without swap unless configured otherwise)."""
+    global _all_locked
+    if _all_locked:
+        return True
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft != hard:  # an unprivileged process may raise its soft limit to the hard one
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, (hard, hard))
+            soft = hard
+    if soft == resource.RLIM_INFINITY or int(_status("CapEff") or "0", 16) >> CAP_IPC_LOCK & 1:
+        _all_locked = _libc.mlockall(MCL_CURRENT | MCL_FUTURE) == 0
+        if _all_locked:
+            return True
+    heap = _heap()
+    if heap is None:
+        return False
+    lo, hi = heap
+    done = min(_heap_locked.get(lo, lo), hi)  # the heap may have shrunk (malloc trims it)
+    if done < hi:
+        if _libc.mlock(done, hi - done) != 0:  # the kernel enforces RLIMIT_MEMLOCK
+            return False
+        _heap_locked[lo] = hi
+    return True
+
+
+_all_locked = False
+_heap_locked: dict[int, int] = {}
+"""Start of the heap -> end of its locked part."""
 
 
 def _child() -> None:
@@ -153,20 +220,30 @@ def _child() -> None:
         os.write(fout, _frame(json.dumps(obj).encode()))
 
     (n,) = struct.unpack(">I", _read_exact(fin, 4))
-    der = bytearray(_read_exact(fin, n))
+    if not 0 < n <= MAX_KEY_DER:
+        send({"error": "not a private key (length)"})
+        return
+    # Straight from the pipe into locked memory (one page: within any RLIMIT_MEMLOCK): no Python copy.
+    der = LockedBuffer(n, require_lock=False)
+    got = 0
+    while got < n:
+        k = os.readv(fin, [der.view[got:]])
+        if not k:
+            raise EOFError("pipe closed")
+        got += k
     (m,) = struct.unpack(">I", _read_exact(fin, 4))
     issuer = x509.load_pem_x509_certificate(_read_exact(fin, m))
     try:
-        key = serialization.load_der_private_key(bytes(der), None)
+        key = serialization.load_der_private_key(der.view, None)
     except ValueError as e:
         send({"error": f"not a private key ({e.__class__.__name__})"})
         return
     finally:
-        der[:] = bytes(len(der))
+        der.wipe()
     if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
         send({"error": "unsupported key type"})
         return
-    send({"ready": True})
+    send({"ready": True, "locked": _lock_memory()})
     algo = hashes.SHA256()
     aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key())
     while True:
@@ -192,6 +269,7 @@ def _child() -> None:
                  .add_extension(x509.SubjectAlternativeName(sans), critical=False)
                  .add_extension(aki, critical=False))
             cert = b.sign(key, algo)
+            _lock_memory()  # the first signature adds the primes' Montgomery contexts to the heap
             send({"cert": base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()})
         except Exception as e:  # a bad request must not end the signer
             send({"error": f"cannot sign: {e.__class__.__name__}"})

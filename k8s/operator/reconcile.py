@@ -57,8 +57,10 @@ def pool_deployment(rel: Release, pool: str, spec: Obj, resources: Obj | None = 
             ],
             "ports": [{"name": "proxy", "containerPort": 8080}, {"name": "metrics", "containerPort": 9465}],
             "readinessProbe": {"tcpSocket": {"port": "proxy"}, "periodSeconds": 5},
+            # No capability: PodSecurity `restricted` admits none but NET_BIND_SERVICE. The key buffers
+            # and the signer lock their memory within RLIMIT_MEMLOCK instead.
             "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                                "capabilities": {"drop": ["ALL"], "add": ["IPC_LOCK"]}},
+                                "capabilities": {"drop": ["ALL"]}},
             "resources": resources or {"requests": {"cpu": "100m", "memory": "128Mi"},
                                        "limits": {"cpu": "2", "memory": "512Mi"}},
             "volumeMounts": [{"name": "tls", "mountPath": "/run/keyward/tls", "readOnly": True},

@@ -180,8 +180,53 @@ def test_security_contexts_everywhere(docs: list[dict[str, Any]]) -> None:
             sc = c["securityContext"]
             assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False, name
             assert sc["capabilities"]["drop"] == ["ALL"], name
-            assert set(sc["capabilities"].get("add", [])) <= {"IPC_LOCK"}, name
             assert c["resources"]["requests"] and c["resources"]["limits"], name
+
+
+_RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                       "projected", "secret"}
+
+
+def restricted_violations(spec: dict[str, Any]) -> list[str]:
+    """What PodSecurity `restricted` (Kubernetes 1.29 to 1.35) would refuse in a pod spec."""
+    out: list[str] = []
+    psc = spec.get("securityContext") or {}
+    for k in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(k):
+            out.append(k)
+    out += [f"volume {v['name']}" for v in spec.get("volumes", []) if not set(v) - {"name"} <= _RESTRICTED_VOLUMES]
+    for c in [*spec.get("initContainers", []), *spec["containers"]]:
+        sc = c.get("securityContext") or {}
+        n = c["name"]
+        if sc.get("privileged"):
+            out.append(f"{n}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{n}: allowPrivilegeEscalation")
+        if "ALL" not in (sc.get("capabilities") or {}).get("drop", []):
+            out.append(f"{n}: capabilities not dropped")
+        added = set((sc.get("capabilities") or {}).get("add", [])) - {"NET_BIND_SERVICE"}
+        if added:
+            out.append(f"{n}: capabilities added {sorted(added)}")
+        if not sc.get("runAsNonRoot", psc.get("runAsNonRoot")):
+            out.append(f"{n}: runAsNonRoot")
+        if sc.get("runAsUser", psc.get("runAsUser")) == 0:
+            out.append(f"{n}: runAsUser 0")
+        seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{n}: seccompProfile")
+        if any(p.get("hostPort") for p in c.get("ports", [])):
+            out.append(f"{n}: hostPort")
+    return out
+
+
+def test_every_pod_is_admitted_under_podsecurity_restricted(docs: list[dict[str, Any]]) -> None:
+    from k8s.operator.reconcile import Release, pool_deployment
+
+    rel = Release("kw-keyward", "keyward", "keyward/zen:0.1.0", instance="kw")
+    zens = [pool_deployment(rel, "pub", {"visibility": "public"}),
+            pool_deployment(rel, "priv", {"visibility": "private", "organizations": ["bank"]})]
+    for d in [*[d for d in docs if d["kind"] in ("Deployment", "StatefulSet")], *zens]:
+        assert restricted_violations(d["spec"]["template"]["spec"]) == [], d["metadata"]["name"]
 
 
 def test_secrets_on_memory_backed_volumes(docs: list[dict[str, Any]]) -> None:

@@ -39,7 +39,8 @@ def test_objects_validate_and_private_pools_are_pinned() -> None:
     assert priv["spec"]["replicas"] == 3
     assert pspec["nodeSelector"] == {POOL_LABEL: "eu-bank"}
     assert pspec["tolerations"][0]["value"] == "eu-bank"
-    assert pspec["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+    # PodSecurity `restricted` admits no added capability but NET_BIND_SERVICE: IPC_LOCK is gone.
+    assert pspec["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     terms = pub["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
         "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     assert terms == [{"matchExpressions": [{"key": POOL_LABEL, "operator": "DoesNotExist"}]}]
