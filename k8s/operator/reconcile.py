@@ -93,17 +93,25 @@ def pool_deployment(rel: Release, pool: str, spec: Obj, resources: Obj | None = 
 
 def pool_service(rel: Release, pool: str, bypassed: bool) -> Obj:
     """The pool's Service; while bypassed it selects the bypass relay instead of the ZENs."""
-    selector = ({"app.kubernetes.io/name": "keyward", "app.kubernetes.io/component": "bypass"} if bypassed
-                else _labels(rel, pool))
+    # The bypass relay of this release only: another release's relay in the namespace is not ours.
+    selector = ({"app.kubernetes.io/name": "keyward", "app.kubernetes.io/instance": rel.instance_label,
+                 "app.kubernetes.io/component": "bypass"} if bypassed else _labels(rel, pool))
     return {"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": f"{rel.name}-zen-{pool}", "namespace": rel.namespace, "labels": _labels(rel, pool)},
             "spec": {"selector": selector, "ports": [{"name": "proxy", "port": 8080, "targetPort": 8080}]}}
 
 
-def pool_pdb(rel: Release, pool: str, replicas: int) -> Obj:
+def pool_pdb(rel: Release, pool: str, replicas: int = 0) -> Obj:
+    """One ZEN at a time may be drained, whatever the pool's size (``replicas`` no longer matters).
+
+    ``maxUnavailable: 0`` for a 1-replica pool would block every eviction, so
+    ``kubectl drain`` of its node would never finish. A 1-replica pool has
+    chosen no redundancy: while its ZEN moves, the CA still decides, and the
+    bypass relay covers the gap only if both planes are down."""
+    del replicas
     return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
             "metadata": {"name": f"{rel.name}-zen-{pool}", "namespace": rel.namespace, "labels": _labels(rel, pool)},
-            "spec": {"maxUnavailable": 1 if replicas > 1 else 0, "selector": {"matchLabels": _labels(rel, pool)}}}
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": _labels(rel, pool)}}}
 
 
 def _dedicated_to(node: Obj) -> str | None:

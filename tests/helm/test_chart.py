@@ -299,6 +299,12 @@ def test_postgres_start_script_follows_the_operators_role_configmap(docs: list[d
     from k8s.operator.reconcile import Release, pool_deployment
     zen = pool_deployment(Release(cfg.release, "keyward", cfg.zen_image, instance=cfg.instance), "p",
                           {"visibility": "public"})["spec"]["template"]["metadata"]["labels"]
+    # While bypassed, a pool's Service selects this release's relay pods, and nothing else.
+    from k8s.operator.reconcile import pool_service
+    relay = next((d for d in _by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-bypass")), None)
+    if relay is not None:
+        sel = pool_service(Release(cfg.release, "keyward", cfg.zen_image, instance=cfg.instance), "p", True)
+        assert sel["spec"]["selector"] == relay["spec"]["template"]["metadata"]["labels"]
     ca_np = next(d for d in _by_kind(docs, "NetworkPolicy") if d["metadata"]["name"].endswith("-ca"))
     admitted = ca_np["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
     assert admitted.items() <= zen.items()  # the servers' quorum, as the operator knows it

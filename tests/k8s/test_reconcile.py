@@ -47,6 +47,20 @@ def test_objects_validate_and_private_pools_are_pinned() -> None:
     assert pool_service(REL, "public", True)["spec"]["selector"]["app.kubernetes.io/component"] == "bypass"
 
 
+def test_a_pool_of_any_size_can_be_drained() -> None:
+    # maxUnavailable 0 (the old 1-replica PDB) blocks every eviction: `kubectl drain` never finishes.
+    for replicas in (0, 1, 2, 5):
+        assert pool_pdb(REL, "p", replicas)["spec"]["maxUnavailable"] == 1
+
+
+def test_bypass_selects_only_this_releases_relay() -> None:
+    a = pool_service(Release("a-keyward", "ns", "z", instance="a"), "p", True)["spec"]["selector"]
+    b = pool_service(Release("b-keyward", "ns", "z", instance="b"), "p", True)["spec"]["selector"]
+    assert a == {"app.kubernetes.io/name": "keyward", "app.kubernetes.io/instance": "a",
+                 "app.kubernetes.io/component": "bypass"}
+    assert a != b
+
+
 def test_placement_rules() -> None:
     spec = {"visibility": "private", "organizations": ["bank"]}
     assert placement_problems("eu-bank", spec, [_node("n1", "eu-bank")]) == []
