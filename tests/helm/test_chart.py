@@ -45,6 +45,20 @@ def docs(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
     return render() if request.param == "default" else render("-f", str(PRIVATE))
 
 
+def render_against(live: list[dict[str, Any]], tmp: Path, *extra: str) -> list[dict[str, Any]]:
+    """Render as `helm upgrade` does: templates' lookups answered from ``live`` (helm's own lookup)."""
+    from tests.helm.lookup_api import serving
+
+    owned = {"labels": {"app.kubernetes.io/managed-by": "Helm"},
+             "annotations": {"meta.helm.sh/release-name": "kw", "meta.helm.sh/release-namespace": "keyward"}}
+    live = [{**o, "metadata": {**owned, "namespace": "keyward", **o["metadata"]}} for o in live]
+    with serving(live, tmp) as kubeconfig:
+        r = _helm("template", "kw", str(CHART), "--namespace", "keyward", "--dry-run=server",
+                  "--disable-openapi-validation", "--kubeconfig", str(kubeconfig), *extra)
+    assert r.returncode == 0, r.stderr
+    return [d for d in yaml.safe_load_all(r.stdout) if d]
+
+
 def test_helm_lint() -> None:
     for extra in ([], ["-f", str(PRIVATE)]):
         r = _helm("lint", str(CHART), *extra)
@@ -382,3 +396,17 @@ def test_crd_status_schema_declares_every_field_the_operator_writes() -> None:
     assert cols == {"Visibility": ("string", ".spec.visibility"), "Desired": ("integer", ".spec.replicas"),
                     "Ready": ("integer", ".status.readyReplicas"), "Bypass": ("boolean", ".status.bypass"),
                     "Age": ("date", ".metadata.creationTimestamp")}
+
+
+def test_upgrade_keeps_the_replicas_a_user_scaled_to(tmp_path: Path) -> None:
+    values = ["--set-json", 'pools=[{"name":"public","visibility":"public","replicas":2},'
+                            '{"name":"edge","visibility":"public","replicas":0},{"name":"new","visibility":"public"}]']
+    def replicas(docs: list[dict[str, Any]]) -> dict[str, int]:
+        return {d["metadata"]["name"]: d["spec"]["replicas"] for d in _by_kind(docs, "ZenPool")}
+    # Install (nothing live): the values' counts; 0 stays 0, unset is 2.
+    assert replicas(render(*values)) == {"public": 2, "edge": 0, "new": 2}
+    # After `kubectl scale zenpool/public --replicas=3` (and edge to 1): an upgrade renders the live counts,
+    # so it neither resets them nor conflicts with kubectl's field manager.
+    live = [{"apiVersion": "keyward.io/v1alpha1", "kind": "ZenPool", "metadata": {"name": n},
+             "spec": {"visibility": "public", "replicas": r}} for n, r in (("public", 3), ("edge", 1))]
+    assert replicas(render_against(live, tmp_path, *values)) == {"public": 3, "edge": 1, "new": 2}
