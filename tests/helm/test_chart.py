@@ -94,13 +94,16 @@ def _env(container: dict[str, Any]) -> dict[str, str]:
     return {e["name"]: e.get("value", "") for e in container.get("env", [])}
 
 
-def _file_source(spec: dict[str, Any], container: dict[str, Any], file: str) -> tuple[str, str, str] | None:
+def _file_source(spec: dict[str, Any], container: dict[str, Any], file: str,
+                 claims: list[dict[str, Any]] | None = None) -> tuple[str, str, str] | None:
     """Where a file a container reads comes from: (volume kind, object name, key), None if unmounted."""
     for m in container.get("volumeMounts", []):
         mount = m["mountPath"].rstrip("/") + "/"
         if not file.startswith(mount):
             continue
         rel = file[len(mount):]
+        if any(t["metadata"]["name"] == m["name"] for t in claims or []):
+            return ("volumeClaimTemplate", m["name"], rel)
         vol = next(v for v in spec["volumes"] if v["name"] == m["name"])
         for kind, name_key in (("secret", "secretName"), ("configMap", "name")):
             if kind in vol:
@@ -121,7 +124,7 @@ def test_every_file_a_container_is_told_to_read_is_mounted(docs: list[dict[str, 
         for c in spec["containers"]:
             for k, v in _env(c).items():
                 if k.endswith("_FILE"):
-                    assert _file_source(spec, c, v), (d["metadata"]["name"], k, v)
+                    assert _file_source(spec, c, v, d["spec"].get("volumeClaimTemplates")), (d["metadata"]["name"], k, v)
 
 
 def test_ca_reads_the_db_password_from_the_chart_secret(docs: list[dict[str, Any]]) -> None:
@@ -154,7 +157,7 @@ def test_the_ca_knows_every_variable_the_chart_sets(docs: list[dict[str, Any]]) 
 
 
 def test_postgres_is_three_servers_synchronous_and_spread(docs: list[dict[str, Any]]) -> None:
-    sts = _by_kind(docs, "StatefulSet")[0]
+    sts = _workload(docs, "-postgres")
     assert sts["spec"]["replicas"] == 3
     tsc = sts["spec"]["template"]["spec"]["topologySpreadConstraints"][0]
     # kind/minikube nodes carry no zone label: spreading is preferred, not required, by default.
@@ -299,7 +302,7 @@ def test_postgres_start_script_follows_the_operators_role_configmap(docs: list[d
     assert r.returncode == 0, r.stderr  # parses as POSIX sh
     text = cm["data"]["start.sh"]
     assert "/etc/keyward-role/primary" in text and "pg_rewind" in text and "standby.signal" in text
-    sts = _by_kind(docs, "StatefulSet")[0]
+    sts = _workload(docs, "-postgres")
     vols = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
     # The operator writes <release>-postgres-role; the servers read it (optional until the first failover).
     op = next(d for d in _by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-operator"))
@@ -410,3 +413,28 @@ def test_upgrade_keeps_the_replicas_a_user_scaled_to(tmp_path: Path) -> None:
     live = [{"apiVersion": "keyward.io/v1alpha1", "kind": "ZenPool", "metadata": {"name": n},
              "spec": {"visibility": "public", "replicas": r}} for n, r in (("public", 3), ("edge", 1))]
     assert replicas(render_against(live, tmp_path, *values)) == {"public": 3, "edge": 1, "new": 2}
+
+
+def test_ca_audit_spool_outlives_its_pod(docs: list[dict[str, Any]]) -> None:
+    ca = _workload(docs, "-ca")
+    assert ca["kind"] == "StatefulSet" and ca["spec"]["podManagementPolicy"] == "Parallel"
+    spec = ca["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    spool = _env(c)["KEYWARD_AUDIT_SPOOL_FILE"]
+    mount = next(m for m in c["volumeMounts"] if spool.startswith(m["mountPath"].rstrip("/") + "/"))
+    # On a claim of its own (volumeClaimTemplates), not an emptyDir that goes with the pod.
+    assert mount["name"] not in {v["name"] for v in spec["volumes"]}
+    claim = next(t for t in ca["spec"]["volumeClaimTemplates"] if t["metadata"]["name"] == mount["name"])
+    assert claim["spec"]["resources"]["requests"]["storage"] == "64Mi"
+    pg = _workload(docs, "-postgres")["spec"]["volumeClaimTemplates"][0]["spec"]
+    assert claim["spec"].get("storageClassName") == pg.get("storageClassName")
+    # Same pods as before for the Service, the PDB and the NetworkPolicy.
+    labels = ca["spec"]["template"]["metadata"]["labels"]
+    svc = next(d for d in _by_kind(docs, "Service") if d["metadata"]["name"] == ca["metadata"]["name"])
+    assert ca["spec"]["serviceName"] == svc["metadata"]["name"]
+    for sel in (svc["spec"]["selector"], ca["spec"]["selector"]["matchLabels"],
+                next(p for p in _by_kind(docs, "PodDisruptionBudget") if p["metadata"]["name"].endswith("-ca"))[
+                    "spec"]["selector"]["matchLabels"],
+                next(n for n in _by_kind(docs, "NetworkPolicy") if n["metadata"]["name"].endswith("-ca"))[
+                    "spec"]["podSelector"]["matchLabels"]):
+        assert sel.items() <= labels.items()
