@@ -40,9 +40,14 @@ def crd() -> dict[str, Any]:
     return dict(yaml.safe_load(CRD_FILE.read_text()))
 
 
-@pytest.fixture(scope="module", params=["default", "private"])
+MONITORING = ["--set", "metrics.podMonitor.enabled=true", "--set-json",
+              'metrics.namespaceSelector={"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}}']
+
+
+@pytest.fixture(scope="module", params=["default", "private", "monitoring"])
 def docs(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
-    return render() if request.param == "default" else render("-f", str(PRIVATE))
+    return {"default": render, "private": lambda: render("-f", str(PRIVATE)),
+            "monitoring": lambda: render(*MONITORING)}[request.param]()
 
 
 def render_against(live: list[dict[str, Any]], tmp: Path, *extra: str) -> list[dict[str, Any]]:
@@ -73,6 +78,9 @@ def test_every_object_validates_against_the_kubernetes_schemas(docs: list[dict[s
         if d["apiVersion"].startswith("keyward.io/"):
             # Custom resources: against their CRD's own schema.
             jsonschema.validate(d, {k: v for k, v in schema.items()})
+            continue
+        if d["kind"] == "PodMonitor":  # the Prometheus Operator's CRD: kubernetes-validate has no schema for it
+            assert d["apiVersion"] == "monitoring.coreos.com/v1"
             continue
         kubernetes_validate.validate(d, version, strict=True)
 
@@ -180,7 +188,11 @@ def test_postgres_zones_are_required_only_when_asked() -> None:
 
 def test_network_policies_guard_the_ca_and_postgres(docs: list[dict[str, Any]]) -> None:
     nps = {d["metadata"]["name"]: d for d in _by_kind(docs, "NetworkPolicy")}
-    ca = nps["kw-keyward-ca"]["spec"]["ingress"][0]
+    rules = {r["ports"][0]["port"]: r for r in nps["kw-keyward-ca"]["spec"]["ingress"]}
+    assert sorted(rules) == [8086, 9464, 50051]
+    assert "from" not in rules[8086]  # plaintext health: kubelet's probes, from wherever the node sends them
+    assert rules[9464]["from"][0]["podSelector"] == {}
+    ca = rules[50051]
     assert ca["ports"] == [{"port": 50051, "protocol": "TCP"}]
     assert {"app.kubernetes.io/instance": "kw", "app.kubernetes.io/component": "zen"} in [
         f.get("podSelector", {}).get("matchLabels") for f in ca["from"]]
@@ -323,7 +335,8 @@ def test_postgres_start_script_follows_the_operators_role_configmap(docs: list[d
         sel = pool_service(Release(cfg.release, "keyward", cfg.zen_image, instance=cfg.instance), "p", True)
         assert sel["spec"]["selector"] == relay["spec"]["template"]["metadata"]["labels"]
     ca_np = next(d for d in _by_kind(docs, "NetworkPolicy") if d["metadata"]["name"].endswith("-ca"))
-    admitted = ca_np["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    admitted = next(r for r in ca_np["spec"]["ingress"] if r["ports"][0]["port"] == 50051)["from"][0][
+        "podSelector"]["matchLabels"]
     assert admitted.items() <= zen.items()  # the servers' quorum, as the operator knows it
     assert cfg.zen_resources_dict() == {"requests": {"cpu": "100m", "memory": "128Mi"},
                                         "limits": {"cpu": "2", "memory": "512Mi"}}
@@ -438,3 +451,39 @@ def test_ca_audit_spool_outlives_its_pod(docs: list[dict[str, Any]]) -> None:
                 next(n for n in _by_kind(docs, "NetworkPolicy") if n["metadata"]["name"].endswith("-ca"))[
                     "spec"]["podSelector"]["matchLabels"]):
         assert sel.items() <= labels.items()
+
+
+def test_metrics_reach_scrapers_and_a_podmonitor_finds_every_metrics_port() -> None:
+    from k8s.operator.reconcile import Release, pool_deployment
+
+    def metrics_rule(docs: list[dict[str, Any]]) -> dict[str, Any]:
+        np = next(d for d in _by_kind(docs, "NetworkPolicy") if d["metadata"]["name"].endswith("-ca"))
+        return dict(next(r for r in np["spec"]["ingress"] if r["ports"] == [{"port": 9464, "protocol": "TCP"}]))
+
+    default = render()
+    # By default only the release's namespace (no namespaceSelector: the metrics name organizations).
+    assert metrics_rule(default)["from"] == [{"podSelector": {}}]
+    assert not _by_kind(default, "PodMonitor")
+    docs = render(*MONITORING, "--set", "metrics.podMonitor.labels.release=prom")
+    assert metrics_rule(docs)["from"] == [{"podSelector": {}, "namespaceSelector": {
+        "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    (pm,) = _by_kind(docs, "PodMonitor")
+    assert pm["metadata"]["labels"]["release"] == "prom"
+    assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["metrics"]
+    sel = pm["spec"]["selector"]
+    zen = pool_deployment(Release("kw-keyward", "keyward", "keyward/zen:0.1.0", instance="kw"), "p",
+                          {"visibility": "public"})
+    pods = {"ca": _workload(docs, "-ca"), "operator": _workload(docs, "-operator"), "zen": zen}
+    ports = {"ca": 9464, "zen": 9465, "operator": 9466}
+    for comp, w in pods.items():
+        labels = w["spec"]["template"]["metadata"]["labels"]
+        assert sel["matchLabels"].items() <= labels.items(), comp
+        assert all(labels.get(e["key"]) in e["values"] for e in sel["matchExpressions"]), comp
+        c = w["spec"]["template"]["spec"]["containers"][0]
+        assert {"name": "metrics", "containerPort": ports[comp]} in c["ports"], comp
+        listen = {k: v for k, v in _env(c).items() if k.endswith("METRICS_LISTEN")}
+        assert list(listen.values()) == [f"0.0.0.0:{ports[comp]}"], comp
+    # Nothing else of the release is scraped (no port named metrics there).
+    for name in ("-bypass", "-postgres"):
+        labels = _workload(docs, name)["spec"]["template"]["metadata"]["labels"]
+        assert not all(labels.get(e["key"]) in e["values"] for e in sel["matchExpressions"]), name
