@@ -19,5 +19,7 @@ RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin keyward \
  && rm -rf /usr/bin/apt* /usr/bin/dpkg* /var/lib/apt /var/cache/apt
 COPY --from=build /install /usr/local
 USER 10001:10001
-# The chart adds --namespace=<release namespace>; the handlers serve only that namespace in any case.
-ENTRYPOINT ["kopf", "run", "--standalone", "--liveness=http://0.0.0.0:8080/healthz", "-m", "k8s.operator.main"]
+# Not kopf's --standalone: replicas elect a leader on a coordination Lease and only the leader runs
+# the handlers (k8s/operator/main.py); /healthz on :8080 (KEYWARD_OPERATOR_HEALTH_LISTEN) in every replica.
+# The namespace is the release's (KEYWARD_NAMESPACE, from the downward API).
+ENTRYPOINT ["python", "-m", "k8s.operator"]

@@ -355,8 +355,29 @@ def test_operator_rbac_covers_its_calls(docs: list[dict[str, Any]]) -> None:
               ("", "services", "patch"), ("", "secrets", "create"), ("", "configmaps", "patch"),
               ("", "pods", "patch"), ("", "pods", "delete"), ("", "pods/eviction", "create"), ("", "nodes", "list"),
               ("", "events", "create"), ("policy", "poddisruptionbudgets", "create"),
-              ("discovery.k8s.io", "endpointslices", "list")]
+              ("discovery.k8s.io", "endpointslices", "list"), ("keyward.io", "zenpools/finalizers", "update"),
+              *[("coordination.k8s.io", "leases", v) for v in ("get", "list", "watch", "create", "update", "patch")]]
     assert [n for n in needed if n not in allowed] == []
+    # Leader election needs no lease deletion; leases are granted in the release's namespace only.
+    assert ("coordination.k8s.io", "leases", "delete") not in allowed
+    assert not any(g == "coordination.k8s.io" for g, _, _ in cluster)
+
+
+def test_operator_replicas_elect_a_leader(tmp_path: Path) -> None:
+    for n in (1, 3):
+        op = _workload(render("--set", f"operator.replicas={n}"), "-operator")
+        assert op["spec"]["replicas"] == n
+        # Not Recreate: a new replica starts as a follower and takes over when the old leader releases the Lease.
+        assert op["spec"].get("strategy", {}).get("type", "RollingUpdate") == "RollingUpdate"
+        c = op["spec"]["template"]["spec"]["containers"][0]
+        pod_name = next(e for e in c["env"] if e["name"] == "KEYWARD_POD_NAME")
+        assert pod_name["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    r = _helm("template", "kw", str(CHART), "--set", "operator.replicas=0")
+    assert r.returncode != 0 and "minimum" in r.stderr
+    # The image runs the operator's own process (leader election, then kopf): never kopf's --standalone.
+    dockerfile = (ROOT / "docker" / "operator.Dockerfile").read_text()
+    entry = next(line for line in dockerfile.splitlines() if line.startswith("ENTRYPOINT"))
+    assert "--standalone" not in entry and "k8s.operator" in entry
 
 
 def test_crd_ships_in_crds_so_helm_installs_it_first_and_never_deletes_it() -> None:
