@@ -5,6 +5,7 @@ versions the README claims, and checked for the chart's promises."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -508,3 +509,24 @@ def test_metrics_reach_scrapers_and_a_podmonitor_finds_every_metrics_port() -> N
     for name in ("-bypass", "-postgres"):
         labels = _workload(docs, name)["spec"]["template"]["metadata"]["labels"]
         assert not all(labels.get(e["key"]) in e["values"] for e in sel["matchExpressions"]), name
+
+
+def _notes(*extra: str) -> str:
+    r = _helm("install", "kw", str(CHART), "--namespace", "keyward", "--dry-run=client", *extra)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split("NOTES:", 1)[1]
+
+
+def test_notes_wait_for_the_admin_identity_and_survive_no_pools() -> None:
+    notes = _notes()
+    # The operator creates the admin Secret after install: the first command waits for it.
+    commands = [line.strip() for line in notes.splitlines() if line.strip().startswith("kubectl")]
+    assert commands[0] == "kubectl -n keyward wait --for=create secret/kw-keyward-admin-tls --timeout=120s"
+    assert "scale zenpool/public --replicas=3" in notes
+    empty = _notes("--set-json", "pools=[]")
+    assert "pools: []" in empty and "scale zenpool/" not in empty
+    # The suggested pool is a valid ZenPool.
+    pool = json.loads(next(line for line in empty.replace("\n    ", " ").splitlines() if "echo '" in line)
+                      .split("echo '", 1)[1].split("'", 1)[0])
+    jsonschema.validate(pool, crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+    assert "wait --for=create" not in _notes("--set", "operator.enabled=false")
