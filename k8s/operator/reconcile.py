@@ -25,10 +25,15 @@ class Release:
     image: str  # keyward/zen:TAG
     trust_domain: str = "keyward"
     instance: str = ""  # the Helm release name (app.kubernetes.io/instance); default: from ``name``
+    secrets: str = ""  # the Secret holding master-secret (chart: secrets.existingSecret); default <name>-secrets
 
     @property
     def instance_label(self) -> str:
         return self.instance or self.name.removesuffix("-keyward")
+
+    @property
+    def secret_name(self) -> str:
+        return self.secrets or f"{self.name}-secrets"
 
 
 def _labels(rel: Release, pool: str) -> dict[str, str]:
@@ -69,7 +74,7 @@ def pool_deployment(rel: Release, pool: str, spec: Obj, resources: Obj | None = 
         }],
         "volumes": [
             {"name": "tls", "secret": {"secretName": f"{rel.name}-zen-{pool}-tls", "defaultMode": 0o400}},
-            {"name": "secret", "secret": {"secretName": f"{rel.name}-secrets", "defaultMode": 0o400,
+            {"name": "secret", "secret": {"secretName": rel.secret_name, "defaultMode": 0o400,
                                           "items": [{"key": "master-secret", "path": "master-secret"}]}},
             {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
         ],

@@ -530,3 +530,31 @@ def test_notes_wait_for_the_admin_identity_and_survive_no_pools() -> None:
                       .split("echo '", 1)[1].split("'", 1)[0])
     jsonschema.validate(pool, crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
     assert "wait --for=create" not in _notes("--set", "operator.enabled=false")
+
+
+def test_an_existing_secret_replaces_the_generated_one() -> None:
+    from k8s.operator.reconcile import Release, pool_deployment
+
+    docs = render("--set", "secrets.existingSecret=my-keys")
+    assert not _by_kind(docs, "Secret")  # the chart makes none
+    assert "kw-keyward-secrets" not in yaml.safe_dump_all(docs)
+    refs = {(d["metadata"]["name"], v["name"]) for d in docs if d["kind"] in ("Deployment", "StatefulSet")
+            for v in d["spec"]["template"]["spec"].get("volumes", []) if v.get("secret", {}).get("secretName") == "my-keys"}
+    assert refs == {("kw-keyward-ca", "secret"), ("kw-keyward-ca", "db"), ("kw-keyward-postgres", "db")}
+    # The operator is told the name: it mounts the master secret into the ZENs and reads the passwords for failover.
+    env = _env(_workload(docs, "-operator")["spec"]["template"]["spec"]["containers"][0])
+    assert env["KEYWARD_SECRETS_NAME"] == "my-keys"
+    zen = pool_deployment(Release("kw-keyward", "keyward", "z", instance="kw", secrets=env["KEYWARD_SECRETS_NAME"]),
+                          "p", {"visibility": "public"})["spec"]["template"]["spec"]
+    assert next(v for v in zen["volumes"] if v["name"] == "secret")["secret"]["secretName"] == "my-keys"
+    assert _env(_workload(render(), "-operator")["spec"]["template"]["spec"]["containers"][0])[
+        "KEYWARD_SECRETS_NAME"] == "kw-keyward-secrets"
+
+
+def test_generated_secret_is_new_on_every_template_and_kept_on_upgrade(tmp_path: Path) -> None:
+    def secret(docs: list[dict[str, Any]]) -> dict[str, str]:
+        return dict(_by_kind(docs, "Secret")[0]["data"])
+    # `helm template` cannot look the Secret up: a new master secret each time (values.yaml and README say so).
+    assert secret(render())["master-secret"] != secret(render())["master-secret"]
+    live = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "kw-keyward-secrets"}, "data": secret(render())}
+    assert secret(render_against([live], tmp_path)) == live["data"]  # install/upgrade keeps the live one

@@ -6,6 +6,8 @@
 {{- define "keyward.pg" -}}{{ include "keyward.fullname" . }}-postgres{{- end -}}
 {{- define "keyward.bypass" -}}{{ include "keyward.fullname" . }}-bypass{{- end -}}
 {{- define "keyward.operator" -}}{{ include "keyward.fullname" . }}-operator{{- end -}}
+{{- /* The Secret of the master secret and the database passwords: the user's, or the one the chart makes. */ -}}
+{{- define "keyward.secrets" -}}{{ .Values.secrets.existingSecret | default (printf "%s-secrets" (include "keyward.fullname" .)) }}{{- end -}}
 {{- define "keyward.image" -}}{{ .root.Values.image.registry }}keyward/{{ .name }}:{{ .root.Values.image.tag }}{{- end -}}
 
 {{- define "keyward.labels" -}}
