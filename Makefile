@@ -9,7 +9,7 @@ PROTOS := $(wildcard protos/keyward/v1/*.proto)
 STUBS  := $(PROTOS:.proto=_pb2.py)
 PYTEST_ARGS ?=
 
-.PHONY: all deps tools venv protos test soak lint up down demo clean images
+.PHONY: all deps tools venv protos test e2e soak lint up down demo clean images
 
 all: venv protos
 
@@ -48,6 +48,13 @@ test: deps tools venv protos
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The Kubernetes path for real: etcd, kube-apiserver, controller-manager, scheduler (built once from Go
+# modules, cached in ~/.cache/keyward) and kwok as the kubelets, in a network namespace of its own;
+# tests/e2e installs the chart with helm and drives it with kubectl. Needs root and Go (first run only).
+e2e: deps tools venv protos
+	@bash scripts/kube-bins.sh
+	$(BIN)/python -m tests.e2e.cluster run -- $(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
 
 # The long failover run: 20 SIGKILL/failover cycles at random kill points.
 soak: deps venv protos

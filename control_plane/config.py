@@ -32,6 +32,10 @@ class CAConfig:
     client_ca_file: str = ""
     """KEYWARD_CLIENT_CA_FILE: PEM trust anchors for client certificates."""
 
+    db_password_file: str = ""
+    """KEYWARD_DB_PASSWORD_FILE: file holding the database password, handed to libpq beside the
+    DSN. Default: none (the DSN's passfile or libpq's defaults). Unlike a libpq passfile it may be
+    group-readable, as a Kubernetes Secret file is under fsGroup (0440), which libpq refuses."""
     master_secret_file: str = ""
     """KEYWARD_MASTER_SECRET_FILE: file with >= 32 random bytes, the root of
     every key password. Empty: the KEYWARD_MASTER_SECRET variable is read
@@ -89,7 +93,7 @@ class CAConfig:
 
 _KNOWN = {
     "KEYWARD_CA_LISTEN", "KEYWARD_DB_DSN", "KEYWARD_TLS_CERT_FILE", "KEYWARD_TLS_KEY_FILE",
-    "KEYWARD_CLIENT_CA_FILE", "KEYWARD_MASTER_SECRET_FILE", "KEYWARD_MASTER_SECRET",
+    "KEYWARD_CLIENT_CA_FILE", "KEYWARD_MASTER_SECRET_FILE", "KEYWARD_DB_PASSWORD_FILE", "KEYWARD_MASTER_SECRET",
     "KEYWARD_TRUST_DOMAIN", "KEYWARD_METRICS_LISTEN", "KEYWARD_MAX_MESSAGE_BYTES",
     "KEYWARD_MAX_CALL_SECONDS", "KEYWARD_MAX_CONCURRENT_STREAMS", "KEYWARD_DB_POOL_SIZE",
     "KEYWARD_REQUIRE_MLOCK", "KEYWARD_LOG_LEVEL", "KEYWARD_MAX_STREAM_SECONDS", "KEYWARD_HEALTH_LISTEN", "KEYWARD_AUDIT_SPOOL_FILE",
@@ -138,6 +142,7 @@ def from_env(env: Mapping[str, str] | None = None) -> CAConfig:
         tls_cert_file=env["KEYWARD_TLS_CERT_FILE"],
         tls_key_file=env["KEYWARD_TLS_KEY_FILE"],
         client_ca_file=env["KEYWARD_CLIENT_CA_FILE"],
+        db_password_file=env.get("KEYWARD_DB_PASSWORD_FILE", ""),
         master_secret_file=env.get("KEYWARD_MASTER_SECRET_FILE", ""),
         trust_domain=env.get("KEYWARD_TRUST_DOMAIN") or "keyward",
         metrics_listen=env.get("KEYWARD_METRICS_LISTEN", "127.0.0.1:9464"),

@@ -89,11 +89,21 @@ class RunningCA:
         self.master.wipe()
 
 
+LIVENESS = "liveness"
+"""Health service name that is SERVING for as long as the CA's process runs: the liveness probe's.
+A CA whose database is away is not ready (NOT_SERVING for "" and its services) but must not be
+restarted for it: a restart cannot bring the database back."""
+
+
 async def _health_loop(store: Store, hs: HealthServicer) -> None:
-    """Admin (and "") need the primary; KeyDistribution needs any server."""
+    """Admin (and "") need the primary; KeyDistribution needs any server. Both need the schema,
+    which this loop creates once a primary answers (a CA may start before its database)."""
     SERVING: int = health_pb2.HealthCheckResponse.SERVING
     NOT: int = health_pb2.HealthCheckResponse.NOT_SERVING
     last: tuple[int, int] | None = None
+    schema = False
+    await hs.set(LIVENESS, SERVING)
+
     async def probe(ping: Callable[[], Awaitable[None]]) -> int:
         try:
             async with asyncio.timeout(HEALTH_PERIOD * 2):
@@ -103,6 +113,18 @@ async def _health_loop(store: Store, hs: HealthServicer) -> None:
             return NOT
 
     while True:
+        if not schema:
+            try:
+                async with asyncio.timeout(8):
+                    await store.migrate()
+                schema = True
+                log.info("schema ensured")
+            except (KeywardError, TimeoutError):
+                # No primary yet: serve keys from the standbys if they hold the schema; writes fail
+                # UNAVAILABLE; try again next period.
+                if last is None:
+                    log.warning("could not ensure the schema (no primary reachable); retrying every %gs",
+                                HEALTH_PERIOD)
         admin, keys = await probe(store.ping), await probe(store.ping_any)
         metrics.DB_UP.set(1 if admin == SERVING else 0)
         if (admin, keys) != last:
@@ -123,13 +145,10 @@ async def start(cfg: CAConfig, master: MasterSecret) -> RunningCA:
         root_certificates=_read(cfg.client_ca_file, "client CA bundle"),
         require_client_auth=True,
     )
-    store = await Store.open(cfg.db_dsn, max_size=cfg.db_pool_size, wait=False)
-    try:
-        async with asyncio.timeout(8):
-            await store.migrate()
-    except (KeywardError, TimeoutError):
-        # No primary now: serve keys from the standbys; writes fail UNAVAILABLE.
-        log.warning("could not ensure the schema (no primary reachable); serving reads only until one is")
+    password = _read(cfg.db_password_file, "database password").decode().rstrip("\r\n") \
+        if cfg.db_password_file else None
+    store = await Store.open(cfg.db_dsn, max_size=cfg.db_pool_size, wait=False, password=password)
+    del password
     hub = EventHub(store)
     await hub.start()
     server = grpc.aio.server(options=server_options(cfg), interceptors=[IdentityInterceptor(cfg.trust_domain)])

@@ -55,6 +55,8 @@ from control_plane.policy import Policy
 _WRITE_LOCK = 0x6B657977  # "keyw": one advisory lock serializes CA writes
 NOTIFY_CHANNEL = "keyward_key_events"
 
+# Answers only where the whole schema exists (its last table): what "ready" needs.
+SCHEMA_PROBE = "SELECT 1 FROM audit_events LIMIT 0"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS organizations (
     org_id          text PRIMARY KEY,
@@ -335,6 +337,7 @@ class Store:
         self._ro = ro
         self._notices: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
         self._pool_timeout = 5.0
+        self._password: str | None = None
 
     @staticmethod
     def derive_dsns(dsn: str) -> tuple[str, str]:
@@ -349,7 +352,10 @@ class Store:
         return rw, ro
 
     @classmethod
-    async def open(cls, dsn: str, *, max_size: int = 8, timeout: float = 5.0, wait: bool = True) -> Store:
+    async def open(cls, dsn: str, *, max_size: int = 8, timeout: float = 5.0, wait: bool = True,
+                   password: str | None = None) -> Store:
+        """``password``, when given, goes to libpq beside the DSN (never into it): read from a file
+        of any mode, where a libpq passfile must be 0600 (a Secret volume with fsGroup is 0440)."""
         rw_dsn, ro_dsn = cls.derive_dsns(dsn)
         notices: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
 
@@ -361,7 +367,8 @@ class Store:
         def pool(conninfo: str, name: str) -> AsyncConnectionPool[Any]:
             return AsyncConnectionPool(
                 conninfo, min_size=1, max_size=max_size, timeout=timeout, open=False,
-                kwargs={"row_factory": dict_row, "autocommit": False}, configure=configure,
+                kwargs={"row_factory": dict_row, "autocommit": False,
+                        **({"password": password} if password is not None else {})}, configure=configure,
                 check=AsyncConnectionPool.check_connection, name=name)
 
         rw, ro = pool(rw_dsn, "keyward-ca-rw"), pool(ro_dsn, "keyward-ca-ro")
@@ -371,6 +378,7 @@ class Store:
         store = cls(rw_dsn, rw, ro)
         store._notices = notices
         store._pool_timeout = timeout
+        store._password = password
         return store
 
     async def close(self) -> None:
@@ -457,11 +465,13 @@ class Store:
                 return await fn(conn)
 
     async def ping(self) -> None:
+        """The primary answers and holds the schema (a CA started before its database has none yet)."""
         async with self._tx(write=False) as conn:
-            await conn.execute("SELECT 1")
+            await conn.execute(SCHEMA_PROBE)
 
     async def ping_any(self) -> None:
-        await self._replica_read(lambda conn: conn.execute("SELECT 1"))
+        """Some server answers and holds the schema."""
+        await self._replica_read(lambda conn: conn.execute(SCHEMA_PROBE))
 
     # ---------------------------------------------------------- idempotency
 
@@ -581,7 +591,8 @@ class Store:
         """Yield each time key events may have been added (LISTEN), or every
         ``timeout`` seconds at most, so a lost notification delays, never loses."""
         with _db_errors():
-            conn = await AsyncConnection.connect(self._dsn, autocommit=True)
+            extra: dict[str, Any] = {"password": self._password} if self._password is not None else {}
+            conn = await AsyncConnection.connect(self._dsn, autocommit=True, **extra)
         try:
             with _db_errors():
                 await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")

@@ -68,6 +68,17 @@ class OperatorConfig:
     (KEYWARD_PKI_CERT_DAYS); renewed when a third remains. Default 90; 1 .. 825."""
     ca_call_timeout: float = 10.0
     """Seconds per gRPC call to the CA (KEYWARD_CA_CALL_TIMEOUT). Default 10."""
+    secrets_name: str = ""
+    """The Secret with master-secret and the database passwords (KEYWARD_SECRETS_NAME; the chart's
+    ``secrets.existingSecret``). Default ``<release>-secrets``, the one the chart generates."""
+    pod_name: str = ""
+    """This replica's name (KEYWARD_POD_NAME, from the downward API): its identity as holder of the
+    leader Lease. Default: hostname and pid."""
+    health_listen: str = "0.0.0.0:8080"
+    """Where /healthz is served (KEYWARD_OPERATOR_HEALTH_LISTEN), by leaders and followers alike, for the
+    liveness probe. Default 0.0.0.0:8080."""
+    metrics_listen: str = ""
+    """Prometheus endpoint (KEYWARD_OPERATOR_METRICS_LISTEN), e.g. 0.0.0.0:9466. Default: none."""
     zen_resources: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
     """CPU/memory requests and limits of every ZEN pod (KEYWARD_ZEN_RESOURCES_JSON, the
     chart's ``zen.resources`` as JSON). Default: 100m/128Mi requested, 2/512Mi limit."""
@@ -78,6 +89,10 @@ class OperatorConfig:
     @property
     def ca_target(self) -> str:
         return self.ca_addr or f"{self.release}-ca.{self.namespace}.svc:50051"
+
+    @property
+    def secrets(self) -> str:
+        return self.secrets_name or f"{self.release}-secrets"
 
     @property
     def pg_name(self) -> str:
@@ -100,6 +115,10 @@ class OperatorConfig:
             cert_days=_float(env, "KEYWARD_PKI_CERT_DAYS", 90.0, 1, 825),
             pg_required_sync=int(_float(env, "KEYWARD_PG_REQUIRED_SYNC", 2, 1, 2)),
             ca_call_timeout=_float(env, "KEYWARD_CA_CALL_TIMEOUT", 10.0, 0.5, 120),
+            secrets_name=env.get("KEYWARD_SECRETS_NAME", ""),
+            pod_name=env.get("KEYWARD_POD_NAME", ""),
+            health_listen=env.get("KEYWARD_OPERATOR_HEALTH_LISTEN", "") or "0.0.0.0:8080",
+            metrics_listen=env.get("KEYWARD_OPERATOR_METRICS_LISTEN", ""),
             zen_resources=_resources(env.get("KEYWARD_ZEN_RESOURCES_JSON", "")),
         )
 

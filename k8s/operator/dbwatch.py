@@ -28,6 +28,7 @@ from dbops import local
 from dbops.failover import FailoverRefused, failover
 from dbops.spec import ClusterSpec, Node
 from dbops.status import cluster_status
+from k8s.operator import metrics
 from k8s.operator import reconcile as rc
 from k8s.operator.config import OperatorConfig
 from k8s.operator.kube import Kube, KubeError, Obj, path
@@ -54,9 +55,10 @@ async def cluster(w: DbWatch, cfg: OperatorConfig, kube: Kube) -> ClusterSpec:
     if cfg.pg_cluster_file:
         w.spec = ClusterSpec.load(cfg.pg_cluster_file)
         return w.spec
-    sec = await kube.get(path("v1", "secrets", cfg.namespace, f"{cfg.release}-secrets"))
+    sec = await kube.get(path("v1", "secrets", cfg.namespace, cfg.secrets))
     if sec is None:
-        raise DbWatchError(f"Secret {cfg.release}-secrets not found (the chart creates it)")
+        raise DbWatchError(f"Secret {cfg.secrets} not found (the chart creates it, or names "
+                           "secrets.existingSecret)")
     pw = {k: base64.b64decode(v).decode() for k, v in (sec.get("data") or {}).items()
           if k in ("postgres-password", "replication-password")}
     passfile = Path(os.environ.get("TMPDIR", "/tmp")) / "keyward-operator-pgpass"  # /tmp is a memory volume
@@ -125,6 +127,7 @@ async def check(w: DbWatch, cfg: OperatorConfig, kube: Kube, body: Any,
     spec = await cluster(w, cfg, kube)
     sts = await asyncio.to_thread(cluster_status, spec)
     primaries = [s.node.name for s in sts if s.reachable and s.role == "primary"]
+    metrics.PRIMARY_UP.set(1 if len(primaries) == 1 else 0)
     if len(primaries) == 1:
         if w.lost_since is not None:
             await kube.event(body, type="Normal", reason="PrimaryBack", message=f"{primaries[0]} answers as primary again")
@@ -136,6 +139,10 @@ async def check(w: DbWatch, cfg: OperatorConfig, kube: Kube, body: Any,
     if len(primaries) > 1:
         await kube.event(body, type="Warning", reason="SplitBrain",
                    message=f"{', '.join(primaries)} all answer as primary: no automatic action; fence all but one")
+        return
+    if not (body.get("metadata", {}).get("annotations") or {}).get("keyward.io/primary"):
+        # No primary was ever seen (a fresh install still starting): nothing is lost yet. The
+        # annotation outlives operator restarts, so a primary lost while no operator ran still counts.
         return
     now = time.monotonic()
     if w.lost_since is None:
@@ -156,16 +163,19 @@ async def check(w: DbWatch, cfg: OperatorConfig, kube: Kube, body: Any,
     try:
         rep = await asyncio.to_thread(failover, spec, fence=fence, rejoin=any(n.datadir for n in spec.nodes))
     except FailoverRefused as e:
+        metrics.FAILOVERS.labels("refused").inc()
         if str(e) != w.last_refusal:
             w.last_refusal = str(e)
             await kube.event(body, type="Warning", reason="FailoverRefused", message=str(e))
         return
     except Exception as e:  # a server died mid-way: report, and start over from fresh status next time
+        metrics.FAILOVERS.labels("error").inc()
         await kube.event(body, type="Warning", reason="FailoverFailed",
                    message=f"failover stopped part-way ({type(e).__name__}: {str(e)[:300]}); retrying from the "
                            "servers' current state")
         raise DbWatchError(f"failover failed: {e}") from e
     w.lost_since, w.last_refusal = None, ""
+    metrics.FAILOVERS.labels("done").inc()
     await kube.event(body, type="Normal", reason="FailedOver",
                message=f"{rep.old_primary} -> {rep.new_primary} at {rep.promoted_lsn} in {rep.seconds:.1f}s: "
                        + "; ".join(rep.steps))

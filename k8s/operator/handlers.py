@@ -27,7 +27,7 @@ from typing import Any
 
 import kopf
 
-from k8s.operator import dbwatch, pki
+from k8s.operator import dbwatch, metrics, pki
 from k8s.operator import reconcile as rc
 from k8s.operator.ca_client import CAClient, CARefused, CAUnavailable, PoolState
 from k8s.operator.config import OperatorConfig
@@ -35,6 +35,7 @@ from k8s.operator.kube import Endpoint, Kube, KubeError, Obj, path, selector_str
 
 GROUP, VERSION, PLURAL = "keyward.io", "v1alpha1", "zenpools"
 FINALIZER = "keyward.io/operator"
+log = logging.getLogger("keyward.operator")
 PKI_CHECK = 600.0
 """Seconds between checks of the platform identities' expiry."""
 
@@ -65,9 +66,20 @@ class State:
             await self.ca.close()
             self.ca = CAClient(self.cfg, root)
         if f"{self.cfg.release}-ca-tls" in issued:
-            await self.kube.patch(path("apps/v1", "deployments", self.cfg.namespace, f"{self.cfg.release}-ca"),
+            await self.kube.patch(path("apps/v1", "statefulsets", self.cfg.namespace, f"{self.cfg.release}-ca"),
                                   {"spec": {"template": {"metadata": {"annotations": {
                                       "keyward.io/tls-renewed": _now()}}}}})
+
+    async def tick(self) -> None:
+        """Every interval, with or without pools: platform identities, then stale registrations."""
+        await self.rotate_platform()
+        try:
+            gone = await sweep_registrations(self)
+        except (CAUnavailable, CARefused) as e:
+            log.info("registration sweep skipped: %s", e)
+            return
+        for name in gone:
+            log.info("pool %s has no ZenPool: deregistered from the CA", name)
 
     def forget_pools(self) -> None:
         """The CA's view changed (we registered or deregistered): read it afresh next time."""
@@ -165,7 +177,7 @@ async def reconcile_pool(st: State, name: str, *, force: bool) -> None:
         sp: Obj = {}
         try:
             await sync_pool(st, name, dict(zp.get("spec") or {}), dict(zp.get("status") or {}),
-                            kopf.Body(zp),  # type: ignore[arg-type]  # a raw API body is what Body wraps
+                            zp,
                             sp,
                             force=force)
         finally:
@@ -174,7 +186,7 @@ async def reconcile_pool(st: State, name: str, *, force: bool) -> None:
                                     {"status": sp})
 
 
-async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: kopf.Body, sp: Obj, *, force: bool) -> None:
+async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: Obj, sp: Obj, *, force: bool) -> None:
     """One pass over a pool; status changes go into ``sp`` (a merge patch of ``status``)."""
     cfg, rel, kube = st.cfg, st.rel, st.kube
     conds: list[Obj] = list(status.get("conditions") or [])
@@ -187,7 +199,7 @@ async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: kopf.Bod
     if problems:
         msg = "spec not applied: " + "; ".join(problems)
         if status.get("refused") != msg:
-            kopf.event(body, type="Warning", reason="PlacementRefused", message=msg)
+            await st.kube.event(body, type="Warning", reason="PlacementRefused", message=msg)
         sp["refused"] = msg
         conds = rc.set_condition(conds, "Placement", False, "Refused", msg, now)
     else:
@@ -206,7 +218,7 @@ async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: kopf.Bod
                     st.forget_pools()
                     registered = {"visibility": "public", "organizations": []}
                     sp["registered"] = registered
-                    kopf.event(body, type="Normal", reason="Registered",
+                    await st.kube.event(body, type="Normal", reason="Registered",
                                message="registered with the CA as public, before leaving the dedicated nodes")
                 except (CAUnavailable, CARefused) as e:
                     held = True
@@ -218,7 +230,7 @@ async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: kopf.Bod
                 await _apply_objects(st, name, spec, bool(status.get("bypass")), body, digest)
                 sp["identity"] = digest
                 if applied is not None and applied != dict(spec):
-                    kopf.event(body, type="Normal", reason="Applied",
+                    await st.kube.event(body, type="Normal", reason="Applied",
                                message=f"pool updated: visibility={spec.get('visibility')} "
                                        f"replicas={spec.get('replicas', 2)}")
                 applied = dict(spec)
@@ -233,7 +245,7 @@ async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: kopf.Bod
     node_of = {p["metadata"]["name"]: (p.get("spec") or {}).get("nodeName") for p in pods}
     for pod in rc.misplaced_pods(name, applied, pods, nodes):
         how = await _evict(st, pod)
-        kopf.event(body, type="Warning", reason="PodEvicted",
+        await st.kube.event(body, type="Warning", reason="PodEvicted",
                    message=f"pod {pod} of private pool {name} ran on node {node_of[pod]}, which is not dedicated "
                            f"to the pool: {how}")
 
@@ -254,7 +266,7 @@ async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: kopf.Bod
                 known = await st.ca.register(name, vis, orgs)
                 st.forget_pools()
                 sp["registered"] = want
-                kopf.event(body, type="Normal", reason="Registered",
+                await st.kube.event(body, type="Normal", reason="Registered",
                            message=f"registered with the CA as {vis}" + (f" for {', '.join(orgs)}" if orgs else ""))
             fail_closed = known.serves_fail_closed_org
             sp["servesFailClosedOrg"] = fail_closed
@@ -264,7 +276,7 @@ async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: kopf.Bod
         conds = rc.set_condition(conds, "Registered", registered == want, "CAUnavailable", str(e), now)
     except CARefused as e:
         if not any(c.get("reason") == "CARefused" and c.get("message") == str(e) for c in conds):
-            kopf.event(body, type="Warning", reason="RegistrationRefused", message=str(e))
+            await st.kube.event(body, type="Warning", reason="RegistrationRefused", message=str(e))
         conds = rc.set_condition(conds, "Registered", False, "CARefused", str(e), now)
 
     # Bypass: both planes down, and no fail-closed org behind the pool (unknown counts as fail-closed).
@@ -275,11 +287,11 @@ async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: kopf.Bod
         await _apply_service(st, name, want_bypass)
         sp["bypass"] = want_bypass
         if want_bypass:
-            kopf.event(body, type="Warning", reason="BypassOn",
+            await st.kube.event(body, type="Warning", reason="BypassOn",
                        message=f"the CA has no ready endpoint and pool {name} has no ready ZEN: its Service now "
                                "points at the bypass relay (traffic forwarded, nothing decrypted)")
         else:
-            kopf.event(body, type="Normal", reason="BypassOff",
+            await st.kube.event(body, type="Normal", reason="BypassOff",
                        message=f"{'the CA' if ca_ready else 'a ZEN of the pool'} is ready again: the Service "
                                "points back at the pool's ZENs")
     if not ca_ready and ready == 0 and serves_fc:
@@ -293,8 +305,12 @@ async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: kopf.Bod
 
     conds = rc.set_condition(conds, "Ready", ready > 0, "ZensReady" if ready else "NoReadyZen",
                              f"{ready} of {applied.get('replicas', 2)} ZEN(s) ready", now)
-    sp["replicas"] = int(applied.get("replicas", 2))
+    # Observed, not desired: what `kubectl scale` and `kubectl get zenpools` report (the desired count
+    # is spec.replicas).
+    sp["replicas"] = int((dep.get("status") or {}).get("replicas") or 0)
     sp["readyReplicas"] = ready
+    metrics.READY_ZENS.labels(name).set(ready)
+    metrics.BYPASS.labels(name).set(1 if status.get("bypass") or sp.get("bypass") else 0)
     sp["selector"] = selector_string(rc.pool_labels(rel, name))
     sp["observedGeneration"] = (body.get("metadata") or {}).get("generation")
     sp["conditions"] = conds
@@ -306,8 +322,51 @@ async def remove_pool(st: State, name: str) -> None:
     await st.kube.delete(path("v1", "services", ns, n))
     await st.kube.delete(path("policy/v1", "poddisruptionbudgets", ns, n))
     await st.kube.delete(path("v1", "secrets", ns, f"{n}-tls"))
-    await st.ca.deregister(name)  # CAUnavailable: kopf retries; the finalizer holds the ZenPool meanwhile
+    await st.ca.deregister(name)
     st.forget_pools()
+
+
+async def sweep_registrations(st: State) -> list[str]:
+    """Deregister every pool the CA knows that has no ZenPool any more.
+
+    ZenPools carry no finalizer: one that waited on the CA would hang `helm uninstall` (the CA
+    and the operator leave with the ZenPools) and the namespace with it. Their objects go with
+    them through ownerReferences; their CA registration goes here, on the next check after the
+    deletion (or, if the CA was down then, once it is back). In a cluster the operator owns pool
+    registrations: a pool registered by hand, with no ZenPool, is deregistered too."""
+    pools = await st.kube.list(path(f"{GROUP}/{VERSION}", PLURAL, st.cfg.namespace))
+    live = {p["metadata"]["name"] for p in pools}
+    gone = sorted(set(await st.ca.pools()) - live)
+    for name in gone:
+        await st.ca.deregister(name)
+    if gone:
+        st.forget_pools()
+    return gone
+
+
+async def check_pools(st: State, logger: logging.Logger) -> None:
+    """Every interval, each pool checked again (bypass, eviction, registration, status).
+
+    A loop of the operator's own rather than a kopf timer: kopf puts a finalizer on every object
+    a timer serves, and a finalizer left by an operator that is gone (``helm uninstall`` removes
+    both at once) hangs the ZenPools and their namespace in Terminating."""
+    while True:
+        try:
+            for zp in await st.kube.list(path(f"{GROUP}/{VERSION}", PLURAL, st.cfg.namespace)):
+                name = zp["metadata"]["name"]
+                try:
+                    await reconcile_pool(st, name, force=False)
+                    metrics.RECONCILES.labels("ok").inc()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # one pool's failure must not stop the others' checks
+                    metrics.RECONCILES.labels("error").inc()
+                    logger.warning("pool %s: check failed: %s: %s", name, type(e).__name__, str(e)[:300])
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            logger.warning("pool checks: %s: %s", type(e).__name__, str(e)[:300])
+        await asyncio.sleep(st.cfg.interval)
 
 
 def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
@@ -336,19 +395,21 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         if issued:
             logger.info("platform PKI issued: %s", ", ".join(issued))
         st = State(cfg, kube, CAClient(cfg, root), rc.Release(cfg.release, cfg.namespace, cfg.zen_image,
-                                                              cfg.trust_domain, cfg.instance))
+                                                              cfg.trust_domain, cfg.instance, cfg.secrets))
         memo.state = st
         # The database watch, and the platform identities' renewal even with no ZenPool.
         memo.db_task = asyncio.create_task(dbwatch.run(st.db, cfg, kube, logging.getLogger("keyward.dbwatch"),
-                                                       tick=st.rotate_platform))
+                                                       tick=st.tick))
+        memo.pool_task = asyncio.create_task(check_pools(st, logging.getLogger("keyward.pools")))
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-        task: asyncio.Task[None] | None = getattr(memo, "db_task", None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for attr in ("db_task", "pool_task"):
+            task: asyncio.Task[None] | None = getattr(memo, attr, None)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         st: State | None = getattr(memo, "state", None)
         if st is not None:
             await st.ca.close()
@@ -360,19 +421,13 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
     async def pool_changed(name: str, memo: kopf.Memo, **_: Any) -> None:
         await reconcile_pool(memo.state, name, force=True)
 
-    @kopf.timer(GROUP, VERSION, PLURAL, interval=cfg.interval, registry=registry, when=ours)
-    async def pool_check(name: str, memo: kopf.Memo, **_: Any) -> None:
-        try:
-            await memo.state.rotate_platform()
-            await reconcile_pool(memo.state, name, force=False)
-        except (KubeError, asyncio.TimeoutError) as e:
-            raise kopf.TemporaryError(str(e), delay=cfg.interval) from e
-
-    @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, when=ours)
-    async def pool_deleted(name: str, memo: kopf.Memo, **_: Any) -> None:
+    # optional: no finalizer (see sweep_registrations); called when kopf sees the deletion at all.
+    @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, when=ours, optional=True)
+    async def pool_deleted(name: str, memo: kopf.Memo, logger: logging.Logger | logging.LoggerAdapter[Any],
+                           **_: Any) -> None:
         try:
             async with memo.state.lock(name):
                 await remove_pool(memo.state, name)
-        except CAUnavailable as e:
-            raise kopf.TemporaryError(f"waiting for the CA to deregister pool {name}: {e}", delay=cfg.interval) from e
+        except (CAUnavailable, CARefused, KubeError) as e:
+            logger.warning("pool %s: deregistration left to the next sweep: %s", name, e)
 

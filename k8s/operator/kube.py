@@ -8,6 +8,7 @@ applied again here, so a list never returns objects outside the selector.
 
 from __future__ import annotations
 
+import os
 import ssl
 import time
 from dataclasses import dataclass
@@ -41,10 +42,16 @@ class Endpoint:
 
     @classmethod
     def resolve(cls, kube_api: str) -> Endpoint:
-        """``kube_api`` if given (tests, kubectl proxy), else in-cluster."""
+        """``kube_api`` if given (tests, kubectl proxy), else in-cluster: the address the kubelet
+        puts in KUBERNETES_SERVICE_HOST/PORT (as client-go's in-cluster config reads it), the
+        ServiceAccount token and the cluster CA from the projected volume."""
         if kube_api:
             return cls(server=kube_api.rstrip("/"))
-        return cls(server="https://kubernetes.default.svc", token_path=str(SA_DIR / "token"),
+        host = os.environ.get("KUBERNETES_SERVICE_HOST", "kubernetes.default.svc")
+        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        if ":" in host:  # IPv6
+            host = f"[{host}]"
+        return cls(server=f"https://{host}:{port}", token_path=str(SA_DIR / "token"),
                    ca_path=str(SA_DIR / "ca.crt"))
 
 
@@ -124,6 +131,13 @@ class Kube:
         out = await self._call("POST", p, body=body)
         if out is None:
             raise KubeError(404, f"POST {p}: not found")
+        return out
+
+    async def replace(self, p: str, body: Obj) -> Obj:
+        """PUT: fails with 409 when ``body``'s resourceVersion is stale (optimistic concurrency)."""
+        out = await self._call("PUT", p, body=body)
+        if out is None:
+            raise KubeError(404, f"PUT {p}: not found")
         return out
 
     async def patch(self, p: str, body: Obj) -> Obj | None:

@@ -1,11 +1,102 @@
-"""Entry point for ``kopf run -m k8s.operator.main``: the handlers on kopf's
-default registry, configured from the environment (read here, once)."""
+"""The operator's process: ``python -m k8s.operator``.
+
+Leader election first (a coordination Lease, see ``leader``): every replica
+serves /healthz at once, only the Lease holder runs kopf with the handlers.
+A leader that loses the Lease stops kopf and exits non-zero, so it comes
+back as a follower; a leader told to stop (SIGTERM) releases the Lease so
+a follower takes over at once.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+
 import kopf
+from aiohttp import web
 
-from k8s.operator.config import OperatorConfig
+from k8s.operator import metrics
+from k8s.operator.config import ConfigError, OperatorConfig
 from k8s.operator.handlers import register
+from k8s.operator.kube import Endpoint, Kube
+from k8s.operator.leader import Elector
 
-register(kopf.get_default_registry(), OperatorConfig.from_env())
+log = logging.getLogger("keyward.operator")
+
+
+async def _health(listen: str) -> web.AppRunner:
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok")  # the event loop answers: alive, leader or follower
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    host, _, port = listen.rpartition(":")
+    await web.TCPSite(runner, host or "0.0.0.0", int(port)).start()
+    return runner
+
+
+async def run(cfg: OperatorConfig) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    health = await _health(cfg.health_listen)
+    if cfg.metrics_listen:
+        metrics.serve(cfg.metrics_listen)
+    kube = Kube(Endpoint.resolve(cfg.kube_api))
+    me = cfg.pod_name or f"{socket.gethostname()}-{os.getpid()}"
+    elector = Elector(kube, cfg.namespace, f"{cfg.release}-operator", me)
+    try:
+        waiting = asyncio.create_task(elector.acquire())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not waiting.done():
+            waiting.cancel()
+            return 0
+        stopping.cancel()
+        log.info("leader: %s holds the lease %s-operator", me, cfg.release)
+        metrics.LEADER.set(1)
+        registry = kopf.OperatorRegistry()
+        register(registry, cfg)
+        kopf_stop = asyncio.Event()
+        op = asyncio.create_task(kopf.operator(registry=registry, namespaces=[cfg.namespace], standalone=True,
+                                               stop_flag=kopf_stop, memo=kopf.Memo()))
+        holding = asyncio.create_task(elector.hold())
+        stopping = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({op, holding, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        kopf_stop.set()
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(op, timeout=20)
+        metrics.LEADER.set(0)
+        if holding in done:
+            return 1  # lost the lease: exit, come back as a follower
+        holding.cancel()
+        await elector.release()
+        if op in done and op.exception() is not None:
+            log.error("kopf stopped: %s", op.exception())
+            return 1
+        return 0
+    finally:
+        await kube.close()
+        await health.cleanup()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = OperatorConfig.from_env()
+    except ConfigError as e:
+        print(f"keyward-operator: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(asyncio.run(run(cfg)))
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,6 @@ Secrets (``<release>-...``), each with ``tls.crt``, ``tls.key`` and ``ca.crt``:
     admin-tls       spiffe://<td>/platform-admin, for people with grpcurl
     zen-<pool>-tls  spiffe://<td>/zen-pool/<pool>, one per ZenPool
 
-plus ``ca-pgpass`` (the CA's libpq passfile, from the chart's passwords Secret).
 An identity is reissued when a third of its lifetime remains or when it was
 not signed by the current root. The operator's own platform-admin identity
 (for RegisterZenPool) lives only in its memory.
@@ -26,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from k8s.operator.config import OperatorConfig
-from k8s.operator.kube import Kube, Obj, path
+from k8s.operator.kube import Kube, KubeError, Obj, path
 from keylib.tlsid import build_cert, cert_pem, key_pem, renewal_due
 
 ROOT_DAYS = 3650
@@ -68,18 +67,34 @@ def _secret(cfg: OperatorConfig, name: str, data: dict[str, bytes], component: s
 
 
 async def ensure_root(kube: Kube, cfg: OperatorConfig) -> Root:
+    """The platform root: read, or created once. Create-only: a second operator racing this one
+    gets 409 and reads the winner's root; nothing ever overwrites a root another replica made."""
     name = f"{cfg.release}-pki-root"
-    s = await kube.get(path("v1", "secrets", cfg.namespace, name))
-    if s is not None:
-        cert = x509.load_pem_x509_certificate(_unb64(s["data"]["tls.crt"]))
-        key = serialization.load_pem_private_key(_unb64(s["data"]["tls.key"]), None)
-        if isinstance(key, ec.EllipticCurvePrivateKey) and not renewal_due(cert, fraction=0.1):
+    p = path("v1", "secrets", cfg.namespace, name)
+    for _ in range(3):
+        s = await kube.get(p)
+        if s is not None:
+            cert = x509.load_pem_x509_certificate(_unb64(s["data"]["tls.crt"]))
+            key = serialization.load_pem_private_key(_unb64(s["data"]["tls.key"]), None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise RuntimeError(f"Secret {name} holds no EC key: delete it to have the platform PKI reissued")
+            if not renewal_due(cert, fraction=0.1):
+                return Root(cert, key)
+        cert, key = build_cert(subject_cn=f"{cfg.release} platform CA ({cfg.trust_domain})", issuer=None,
+                               issuer_key=None, is_ca=True,
+                               not_after=dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=ROOT_DAYS))
+        body = _secret(cfg, name, {"tls.crt": cert_pem(cert), "tls.key": key_pem(key), "ca.crt": cert_pem(cert)}, "pki")
+        try:
+            if s is None:
+                await kube.create(path("v1", "secrets", cfg.namespace), body)
+            else:  # renewal: only over the version we read (a 409 means another replica renewed it)
+                body["metadata"]["resourceVersion"] = s["metadata"]["resourceVersion"]
+                await kube.replace(p, body)
             return Root(cert, key)
-    cert, key = build_cert(subject_cn=f"{cfg.release} platform CA ({cfg.trust_domain})", issuer=None, issuer_key=None,
-                           is_ca=True, not_after=dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=ROOT_DAYS))
-    await kube.apply("v1", "secrets", _secret(cfg, name, {"tls.crt": cert_pem(cert), "tls.key": key_pem(key),
-                                                          "ca.crt": cert_pem(cert)}, "pki"))
-    return Root(cert, key)
+        except KubeError as e:
+            if e.status != 409:
+                raise
+    raise RuntimeError(f"Secret {name} keeps changing under the operator: is another operator running?")
 
 
 def issue(cfg: OperatorConfig, root: Root, spiffe_path: str, *, server: bool = False,
@@ -125,7 +140,7 @@ def ca_server_names(cfg: OperatorConfig) -> tuple[str, ...]:
 
 
 async def ensure_platform(kube: Kube, cfg: OperatorConfig) -> tuple[Root, list[str]]:
-    """The root, the CA's server identity, the admin identity and the CA's passfile."""
+    """The root, the CA's server identity and the admin identity."""
     root = await ensure_root(kube, cfg)
     done = []
     if (await ensure_identity(kube, cfg, root, f"{cfg.release}-ca-tls", "ca", server=True,
@@ -133,12 +148,4 @@ async def ensure_platform(kube: Kube, cfg: OperatorConfig) -> tuple[Root, list[s
         done.append(f"{cfg.release}-ca-tls")
     if (await ensure_identity(kube, cfg, root, f"{cfg.release}-admin-tls", "platform-admin"))[0]:
         done.append(f"{cfg.release}-admin-tls")
-    pw = await kube.get(path("v1", "secrets", cfg.namespace, f"{cfg.release}-secrets"))
-    if pw is not None and "keyward-password" in (pw.get("data") or {}):
-        line = b"*:*:*:keyward:" + _unb64(pw["data"]["keyward-password"]) + b"\n"
-        name = f"{cfg.release}-ca-pgpass"
-        old = await kube.get(path("v1", "secrets", cfg.namespace, name))
-        if old is None or _unb64((old.get("data") or {}).get("pgpass", "")) != line:
-            await kube.apply("v1", "secrets", _secret(cfg, name, {"pgpass": line}, "ca"))
-            done.append(name)
     return root, done
