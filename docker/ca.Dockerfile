@@ -19,5 +19,5 @@ RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin keyward \
  && rm -rf /usr/bin/apt* /usr/bin/dpkg* /var/lib/apt /var/cache/apt
 COPY --from=build /install /usr/local
 USER 10001:10001
-EXPOSE 50051 9464
+EXPOSE 50051 9464 8086
 ENTRYPOINT ["keyward", "serve"]

@@ -22,4 +22,5 @@ USER 10001:10001
 # Not kopf's --standalone: replicas elect a leader on a coordination Lease and only the leader runs
 # the handlers (k8s/operator/main.py); /healthz on :8080 (KEYWARD_OPERATOR_HEALTH_LISTEN) in every replica.
 # The namespace is the release's (KEYWARD_NAMESPACE, from the downward API).
+EXPOSE 8080 9466
 ENTRYPOINT ["python", "-m", "k8s.operator"]
