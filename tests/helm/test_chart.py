@@ -447,7 +447,9 @@ def test_upgrade_keeps_the_replicas_a_user_scaled_to(tmp_path: Path) -> None:
     # so it neither resets them nor conflicts with kubectl's field manager.
     live = [{"apiVersion": "keyward.io/v1alpha1", "kind": "ZenPool", "metadata": {"name": n},
              "spec": {"visibility": "public", "replicas": r}} for n, r in (("public", 3), ("edge", 1))]
-    assert replicas(render_against(live, tmp_path, *values)) == {"public": 3, "edge": 1, "new": 2}
+    assert replicas(render_against(live, tmp_path, "--is-upgrade", *values)) == {"public": 3, "edge": 1, "new": 2}
+    # An install looks nothing up (the CRD helm has just created may not be discoverable yet).
+    assert replicas(render_against(live, tmp_path, *values)) == {"public": 2, "edge": 0, "new": 2}
 
 
 def test_ca_audit_spool_outlives_its_pod(docs: list[dict[str, Any]]) -> None:
