@@ -6,6 +6,7 @@ versions the README claims, and checked for the chart's promises."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -24,10 +25,11 @@ CRD_FILE = CHART / "crds" / "zenpools.keyward.io.yaml"
 K8S_VERSIONS = ["1.29.0", "1.35.0"]  # README: "Kubernetes 1.29 to 1.35"
 
 
-def _helm(*args: str) -> subprocess.CompletedProcess[str]:
+def _helm(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     if not HELM.exists():
         pytest.fail("helm is missing: run `make tools` (make test does)")
-    return subprocess.run([str(HELM), *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([str(HELM), *args], capture_output=True, text=True, timeout=120,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def render(*extra: str) -> list[dict[str, Any]]:
@@ -60,7 +62,8 @@ def render_against(live: list[dict[str, Any]], tmp: Path, *extra: str) -> list[d
     live = [{**o, "metadata": {**owned, "namespace": "keyward", **o["metadata"]}} for o in live]
     with serving(live, tmp) as kubeconfig:
         r = _helm("template", "kw", str(CHART), "--namespace", "keyward", "--dry-run=server",
-                  "--disable-openapi-validation", "--kubeconfig", str(kubeconfig), *extra)
+                  "--disable-openapi-validation", "--kubeconfig", str(kubeconfig), *extra,
+                  env={"KUBECACHEDIR": str(tmp / "kube-cache")})  # helm's discovery cache: not in ~/.kube
     assert r.returncode == 0, r.stderr
     return [d for d in yaml.safe_load_all(r.stdout) if d]
 
