@@ -117,7 +117,7 @@ async def _identity_digest(st: State, name: str, body: Mapping[str, Any]) -> str
 
 
 async def _apply_objects(st: State, name: str, spec: Obj, bypassed: bool, body: Mapping[str, Any],
-                         digest: str) -> None:
+                         digest: str, nodes: list[Obj]) -> None:
     rel = st.rel
     owners = _owner(body)
     dep = rc.pool_deployment(rel, name, spec, st.cfg.zen_resources_dict())
@@ -128,9 +128,21 @@ async def _apply_objects(st: State, name: str, spec: Obj, bypassed: bool, body: 
         rc.prune_placement(old["spec"]["template"]["spec"], dep["spec"]["template"]["spec"])
     await st.kube.apply("apps/v1", "deployments", dep)
     await _apply_service(st, name, bypassed, owners)
-    pdb = rc.pool_pdb(rel, name, int(spec.get("replicas", 2)))
-    pdb["metadata"]["ownerReferences"] = owners
-    await st.kube.apply("policy/v1", "poddisruptionbudgets", pdb)
+    await _sync_pdb(st, name, spec, nodes, owners)
+
+
+async def _sync_pdb(st: State, name: str, spec: Obj, nodes: list[Obj], owners: list[Obj]) -> None:
+    """The pool's PodDisruptionBudget, present only while it can protect something (checked every
+    pass: nodes come and go)."""
+    pdb = rc.pool_pdb(st.rel, name)
+    p = path("policy/v1", "poddisruptionbudgets", st.cfg.namespace, pdb["metadata"]["name"])
+    old = await st.kube.get(p)
+    if rc.pdb_wanted(name, spec, nodes):
+        if old is None or old.get("spec", {}).get("maxUnavailable") != pdb["spec"]["maxUnavailable"]:
+            pdb["metadata"]["ownerReferences"] = owners
+            await st.kube.apply("policy/v1", "poddisruptionbudgets", pdb)
+    elif old is not None:
+        await st.kube.delete(p)
 
 
 async def _apply_service(st: State, name: str, bypassed: bool, owners: list[Obj] | None = None) -> None:
@@ -227,7 +239,7 @@ async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: Obj, sp:
                         "still registered private with the CA: its pods leave the dedicated nodes only after "
                         f"the CA stops sending it private keys ({e})", now)
             if not held:
-                await _apply_objects(st, name, spec, bool(status.get("bypass")), body, digest)
+                await _apply_objects(st, name, spec, bool(status.get("bypass")), body, digest, nodes)
                 sp["identity"] = digest
                 if applied is not None and applied != dict(spec):
                     await st.kube.event(body, type="Normal", reason="Applied",
@@ -239,6 +251,7 @@ async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: Obj, sp:
         sp["conditions"] = conds
         return
 
+    await _sync_pdb(st, name, applied, nodes, _owner(body))
     dep = await kube.get(path("apps/v1", "deployments", cfg.namespace, _names(rel, name))) or {}
     ready = int((dep.get("status") or {}).get("readyReplicas") or 0)
     pods = await kube.list(path("v1", "pods", cfg.namespace), rc.pool_labels(rel, name))
@@ -283,9 +296,9 @@ async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: Obj, sp:
     ca_ready = await _ca_ready(st)
     serves_fc = True if fail_closed is None else bool(fail_closed)
     want_bypass = rc.bypass_wanted(ca_ready=ca_ready, pool_ready=ready > 0, serves_fail_closed_org=serves_fc)
+    sp["bypass"] = want_bypass  # always written: `kubectl get zenpools` shows false, not a blank
     if want_bypass != bool(status.get("bypass")):
         await _apply_service(st, name, want_bypass)
-        sp["bypass"] = want_bypass
         if want_bypass:
             await st.kube.event(body, type="Warning", reason="BypassOn",
                        message=f"the CA has no ready endpoint and pool {name} has no ready ZEN: its Service now "

@@ -106,17 +106,36 @@ def pool_service(rel: Release, pool: str, bypassed: bool) -> Obj:
             "spec": {"selector": selector, "ports": [{"name": "proxy", "port": 8080, "targetPort": 8080}]}}
 
 
-def pool_pdb(rel: Release, pool: str, replicas: int = 0) -> Obj:
-    """One ZEN at a time may be drained, whatever the pool's size (``replicas`` no longer matters).
+def pool_pdb(rel: Release, pool: str) -> Obj:
+    """One ZEN at a time may be drained, whatever the pool's size.
 
     ``maxUnavailable: 0`` for a 1-replica pool would block every eviction, so
     ``kubectl drain`` of its node would never finish. A 1-replica pool has
     chosen no redundancy: while its ZEN moves, the CA still decides, and the
     bypass relay covers the gap only if both planes are down."""
-    del replicas
     return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
             "metadata": {"name": f"{rel.name}-zen-{pool}", "namespace": rel.namespace, "labels": _labels(rel, pool)},
             "spec": {"maxUnavailable": 1, "selector": {"matchLabels": _labels(rel, pool)}}}
+
+
+def eligible_nodes(pool: str, spec: Obj, nodes: list[Obj]) -> list[str]:
+    """The nodes the pool's pods may run on (cordoned ones included: a cordon is temporary)."""
+    private = spec.get("visibility") == "private"
+    sel = spec.get("nodeSelector") or {}
+
+    def fits(n: Obj) -> bool:
+        labels = n.get("metadata", {}).get("labels") or {}
+        if any(labels.get(k) != v for k, v in sel.items() if k != POOL_LABEL):
+            return False
+        return _dedicated_to(n) == pool if private else POOL_LABEL not in labels
+    return [n["metadata"]["name"] for n in nodes if fits(n)]
+
+
+def pdb_wanted(pool: str, spec: Obj, nodes: list[Obj]) -> bool:
+    """A PodDisruptionBudget only where it can protect something: with a single node to run on,
+    draining that node stops the pool whatever the budget says, and a budget would only keep the
+    drain from ever finishing (its evicted ZENs have nowhere to go)."""
+    return len(eligible_nodes(pool, spec, nodes)) >= 2
 
 
 def _dedicated_to(node: Obj) -> str | None:

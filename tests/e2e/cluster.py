@@ -20,6 +20,7 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import ssl
@@ -223,11 +224,35 @@ class Cluster:
         self._spawn("kwok", [
             str(b / "kwok"), f"--kubeconfig={self.root / 'kwok.kubeconfig'}",
             "--manage-all-nodes=false", "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-            f"--config={b / 'kwok-stages.yaml'}",
+            f"--config={self._stages(b / 'kwok-stages.yaml')}",
             f"--cidr={POD_CIDR}", f"--node-ip={BRIDGE_IP}", "--server-address=127.0.0.1:10247",
             "--node-lease-duration-seconds=40"])
         _write(self.kubeconfig, self._kubeconfig("admin").read_bytes())
         self.wait(lambda: self.ready_component("serviceaccount"), 60, "the default ServiceAccount")
+
+    def _stages(self, src: Path) -> Path:
+        """kwok's stages, but a pod of ours turns Running *not* Ready: its readiness is the
+        kubelet stand-in's, from its real readiness probe (kwok's pod-ready would call it Ready at
+        once, so `helm install --wait` would return before anything could serve)."""
+        import yaml  # dev dependency, as the chart tests use
+
+        ours = {"key": '.metadata.labels["app.kubernetes.io/name"]', "operator": "In", "values": ["keyward"]}
+        docs = [d for d in yaml.safe_load_all(src.read_text()) if d]
+        out = []
+        for d in docs:
+            if d["metadata"]["name"] == "pod-ready":
+                running = json.loads(json.dumps(d))
+                running["metadata"]["name"] = "pod-running-unready"
+                running["spec"]["selector"]["matchExpressions"].append(ours)
+                t = running["spec"]["next"]["statusTemplate"]
+                for cond in ("Ready", "ContainersReady"):
+                    t, n = re.subn(rf'status: "True"(\n\s*)type: {cond}\n', rf'status: "False"\1type: {cond}\n', t)
+                    assert n == 1, f"kwok's pod-ready stage changed: {cond}"
+                running["spec"]["next"]["statusTemplate"] = t.replace("ready: true", "ready: false")
+                d["spec"]["selector"]["matchExpressions"].append({**ours, "operator": "NotIn"})
+                out.append(running)
+            out.append(d)
+        return _write(self.root / "kwok-stages.yaml", yaml.safe_dump_all(out).encode(), 0o644)
 
     def wait_api(self, timeout: float = 90) -> None:
         self.wait(lambda: self._healthy(), timeout, "the API server's /readyz",

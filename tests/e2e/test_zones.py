@@ -51,6 +51,13 @@ def test_postgres_spread_over_the_zones(install: dict[str, Any], kubectl: Kubect
     assert zones == ["zone-a", "zone-b", "zone-c"], zones
 
 
+def test_disruption_budgets_where_there_are_nodes_to_move_to(install: dict[str, Any], kubectl: Kubectl) -> None:
+    # The CA and Postgres (3 zone nodes) and the public pool (3 shared nodes) get one; the private pool,
+    # with one dedicated node, none (its drain could never finish).
+    names = {p["metadata"]["name"] for p in kubectl.json("pdb", "-n", NS)["items"]}
+    assert names == {f"{RELEASE}-ca", f"{RELEASE}-postgres", f"{RELEASE}-zen-public"}, names
+
+
 def test_private_pool_only_on_its_dedicated_node(install: dict[str, Any], kubectl: Kubectl) -> None:
     z = wait(lambda: (p := kubectl.json("zenpool", "-n", NS, "bank"))
              and condition(p, "Registered").get("status") == "True" and p, 90, "pool bank registered private")

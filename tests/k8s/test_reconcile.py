@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import kubernetes_validate
 
 from k8s.operator.reconcile import (
@@ -16,6 +18,8 @@ from k8s.operator.reconcile import (
     set_condition,
     placement_problems,
     pool_deployment,
+    eligible_nodes,
+    pdb_wanted,
     pool_pdb,
     pool_service,
 )
@@ -33,7 +37,7 @@ def test_objects_validate_and_private_pools_are_pinned() -> None:
     priv = pool_deployment(REL, "eu-bank", {"visibility": "private", "organizations": ["bank"], "replicas": 3})
     pub = pool_deployment(REL, "public", {"visibility": "public"})
     for obj in (priv, pub, pool_service(REL, "public", False), pool_service(REL, "public", True),
-                pool_pdb(REL, "public", 2)):
+                pool_pdb(REL, "public")):
         kubernetes_validate.validate(obj, "1.35.0", strict=True)
     pspec = priv["spec"]["template"]["spec"]
     assert priv["spec"]["replicas"] == 3
@@ -49,8 +53,28 @@ def test_objects_validate_and_private_pools_are_pinned() -> None:
 
 def test_a_pool_of_any_size_can_be_drained() -> None:
     # maxUnavailable 0 (the old 1-replica PDB) blocks every eviction: `kubectl drain` never finishes.
-    for replicas in (0, 1, 2, 5):
-        assert pool_pdb(REL, "p", replicas)["spec"]["maxUnavailable"] == 1
+    assert pool_pdb(REL, "p")["spec"]["maxUnavailable"] == 1
+
+
+def _n(name: str, dedicated: str | None = None, **labels: str) -> dict[str, Any]:
+    lab = {**labels, **({POOL_LABEL: dedicated} if dedicated else {})}
+    taints = [{"key": POOL_LABEL, "value": dedicated, "effect": "NoSchedule"}] if dedicated else []
+    return {"metadata": {"name": name, "labels": lab}, "spec": {"taints": taints}}
+
+
+def test_a_budget_only_where_it_can_protect_something() -> None:
+    public, bank = {"visibility": "public"}, {"visibility": "private", "organizations": ["bank"]}
+    # One node (kind, minikube): draining it stops the pool anyway; a budget would only block the drain.
+    assert not pdb_wanted("public", public, [_n("kind-control-plane")])
+    assert pdb_wanted("public", public, [_n("a"), _n("b")])
+    # Dedicated nodes count for their private pool only, and never for public pools.
+    nodes = [_n("a"), _n("bank-1", "bank"), _n("bank-2", "bank")]
+    assert pdb_wanted("bank", bank, nodes) and not pdb_wanted("public", public, nodes)
+    assert eligible_nodes("bank", bank, nodes) == ["bank-1", "bank-2"]
+    assert not pdb_wanted("bank", bank, [_n("a"), _n("b"), _n("bank-1", "bank")])
+    # A nodeSelector narrows the nodes.
+    sel = {"visibility": "public", "nodeSelector": {"tier": "edge"}}
+    assert not pdb_wanted("public", sel, [_n("a", tier="edge"), _n("b", tier="core")])
 
 
 def test_bypass_selects_only_this_releases_relay() -> None:

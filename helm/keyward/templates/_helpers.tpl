@@ -43,3 +43,13 @@ capabilities:
   add: {{ toJson . }}
   {{- end }}
 {{- end -}}
+
+{{/* "true" when the chart's PodDisruptionBudgets (CA, Postgres) are rendered: see values podDisruptionBudgets. */}}
+{{- define "keyward.pdbWanted" -}}
+{{- $mode := .Values.podDisruptionBudgets.mode -}}
+{{- if eq $mode "always" -}}true
+{{- else if eq $mode "auto" -}}
+{{- $nodes := lookup "v1" "Node" "" "" -}}
+{{- if or (not $nodes) (gt (len (get $nodes "items" | default list)) 1) -}}true{{- end -}}
+{{- end -}}
+{{- end -}}
