@@ -340,6 +340,20 @@ def _network() -> None:
 NETNS = "keyward-e2e"
 
 
+def _kill_tagged(tag: str) -> None:
+    """Whatever happened to the test runner (even SIGKILL), no process of this run outlives it: every
+    one (control plane, pods) carries KEYWARD_E2E_RUN=<tag> in its environment."""
+    needle = f"KEYWARD_E2E_RUN={tag}".encode()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if needle in (d / "environ").read_bytes().split(b"\0"):
+                os.kill(int(d.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
+
+
 def in_netns() -> bool:
     return os.environ.get("KEYWARD_E2E_NETNS") == NETNS
 
@@ -352,10 +366,12 @@ def run(argv: list[str]) -> int:
         return 2
     _sh("ip", "netns", "del", NETNS, check=False)  # a previous run killed before its cleanup
     _sh("ip", "netns", "add", NETNS)
+    tag = f"{os.getpid()}-{time.time_ns()}"
     try:
-        env = {**os.environ, "KEYWARD_E2E_NETNS": NETNS}
+        env = {**os.environ, "KEYWARD_E2E_NETNS": NETNS, "KEYWARD_E2E_RUN": tag}
         return subprocess.call(["ip", "netns", "exec", NETNS, *argv], env=env)
     finally:
+        _kill_tagged(tag)
         for ns in _sh("ip", "netns", "list", check=False).stdout.split("\n"):
             name = ns.split(" ")[0]
             if name == NETNS or name.startswith("kwp-"):

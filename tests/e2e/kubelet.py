@@ -380,6 +380,8 @@ class Kubelet:
         env = {"PATH": path, "HOSTNAME": r.pod["spec"].get("hostname") or r.name, "HOME": "/tmp",
                "KUBERNETES_SERVICE_HOST": BRIDGE_IP, "KUBERNETES_SERVICE_PORT": str(API_PORT),
                "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"}
+        if os.environ.get("KEYWARD_E2E_RUN"):  # not the pod's: how make e2e finds what to stop, whatever happened
+            env["KEYWARD_E2E_RUN"] = os.environ["KEYWARD_E2E_RUN"]
         for e in c.get("env") or []:
             if "value" in e:
                 env[e["name"]] = _expand(str(e["value"]), env)

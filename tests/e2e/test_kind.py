@@ -94,14 +94,24 @@ def test_install_with_default_values(install: dict[str, Any], kubectl: Kubectl, 
     assert all(p["spec"].get("nodeName") for p in all_pods), [p["metadata"]["name"] for p in all_pods]
     counts = {c: len(pods(kubectl, c)) for c in ("postgres", "ca", "operator", "bypass", "zen")}
     assert counts == {"postgres": 3, "ca": 2, "operator": 1, "bypass": 1, "zen": 2}, counts
+    # A fresh install loses no primary: Postgres started after the operator, and nothing was reported
+    # as lost before a primary was ever seen.
+    assert not kubectl.events(NS, "PrimaryLost") and not kubectl.events(NS, "FailoverRefused")
     # The operator issued the platform PKI and the pool's identity.
     for s in ("pki-root", "ca-tls", "admin-tls", "zen-public-tls"):
         kubectl.json("secret", "-n", NS, f"{RELEASE}-{s}")
     # The CA created its schema once Postgres answered, with no restart, and is ready for real.
     for run in (r for r in kubelet.pods.values() if r.name.startswith(f"{RELEASE}-ca-")):
-        log = run.log.read_text(errors="replace")
+        # Ready may come first: the other CA's schema is enough for serving; this one's own attempt
+        # (CREATE ... IF NOT EXISTS) completes on its next period.
+        log = wait(lambda: "schema ensured" in (t := run.log.read_text(errors="replace")) and t, 30,
+                   f"{run.name} to ensure the schema")
         assert log.index("could not ensure the schema") < log.index("schema ensured"), log[-2000:]
         assert run.restarts == 0
+        # Every connection gets the password file's password (the event hub's LISTEN one too).
+        wait(lambda: "health: SERVING" in run.log.read_text(), 30, "the CA to report SERVING")
+        after = run.log.read_text(errors="replace").split("schema ensured", 1)[1]
+        assert "database unavailable" not in after, after[-1500:]
     cas = pods(kubectl, "ca")
     assert all(ready(p) for p in cas)
     # The default pool is registered with the CA (the operator's condition, and the CA's own word).
@@ -164,7 +174,14 @@ def test_bypass_when_the_ca_and_the_pools_zens_are_not_ready(install: dict[str, 
             sel = kubectl.json("service", "-n", NS, svc)["spec"]["selector"]
             return sel.get("app.kubernetes.io/component") == "bypass" and \
                 sel.get("app.kubernetes.io/instance") == RELEASE
-        wait(bypassed, 60, "the pool's Service to select the bypass relay")
+        try:
+            wait(bypassed, 60, "the pool's Service to select the bypass relay")
+        except AssertionError:
+            z = kubectl.json("zenpool", "-n", NS, "public")
+            state = [(p["metadata"]["name"], ready(p)) for p in pods(kubectl)]
+            op = next(r.log for r in kubelet.pods.values() if r.name.startswith(f"{RELEASE}-operator"))
+            raise AssertionError(f"no bypass: status={z.get('status')} pods={state} down={down}\n"
+                                 f"operator: {op.read_text(errors='replace')[-3000:]}") from None
         z = kubectl.json("zenpool", "-n", NS, "public")
         assert z["status"]["bypass"] is True and condition(z, "Bypass")["status"] == "True"
         assert kubectl.events(NS, "BypassOn")
