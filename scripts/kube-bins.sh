@@ -13,10 +13,10 @@ want=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
 have=1; for b in "${want[@]}"; do [ -x "$DEST/$b" ] || have=0; done
 [ -s "$DEST/kwok-stages.yaml" ] || have=0
 if [ "$have" = 1 ]; then echo "kube binaries: $DEST (cached)"; exit 0; fi
-command -v go >/dev/null || { echo "make e2e needs Go (1.25+) to build the control plane once: apt-get install golang or see go.dev" >&2; exit 1; }
+command -v go >/dev/null || { echo "make e2e needs Go 1.25+ to build the Kubernetes control plane once (then cached in ${DEST%/*}): install Go, or put it on PATH" >&2; exit 1; }
 mkdir -p "$DEST.tmp"
 start=$(date +%s)
-echo "building kube-apiserver, kube-controller-manager, kube-scheduler ${KUBE_VERSION} and etcd (first run only; ~15-25 min on 2 cores)"
+echo "building kube-apiserver, kube-controller-manager, kube-scheduler ${KUBE_VERSION} and etcd (first run only; about 12 min on 2 cores)"
 # The version the binaries report (helm's kubeVersion check, feature gates' emulation version), as
 # Kubernetes' own build sets it.
 minor=${KUBE_VERSION#v1.}; minor=${minor%%.*}
