@@ -150,5 +150,6 @@ class Elector:
             if lease is not None and record(lease)[0] == self.me:
                 spec = {**lease["spec"], "holderIdentity": "", "leaseDurationSeconds": 1}
                 await self.kube.replace(self._path, {**lease, "spec": spec})
+                log.info("released the lease %s", self.name)
         except (KubeError, OSError, asyncio.TimeoutError) as e:
             log.warning("could not release the lease %s: %s", self.name, e)

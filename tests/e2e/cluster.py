@@ -233,7 +233,8 @@ class Cluster:
     def _stages(self, src: Path) -> Path:
         """kwok's stages, but a pod of ours turns Running *not* Ready: its readiness is the
         kubelet stand-in's, from its real readiness probe (kwok's pod-ready would call it Ready at
-        once, so `helm install --wait` would return before anything could serve)."""
+        once, so `helm install --wait` would return before anything could serve); and its deletion
+        is the stand-in's too (graceful)."""
         import yaml  # dev dependency, as the chart tests use
 
         ours = {"key": '.metadata.labels["app.kubernetes.io/name"]', "operator": "In", "values": ["keyward"]}
@@ -251,6 +252,10 @@ class Cluster:
                 running["spec"]["next"]["statusTemplate"] = t.replace("ready: true", "ready: false")
                 d["spec"]["selector"]["matchExpressions"].append({**ours, "operator": "NotIn"})
                 out.append(running)
+            if d["metadata"]["name"] == "pod-delete":
+                # Our pods end as the kubelet ends them (SIGTERM, grace period, then the final delete):
+                # kwok would delete them at once, and with them their bound ServiceAccount tokens.
+                d["spec"]["selector"]["matchExpressions"].append({**ours, "operator": "NotIn"})
             out.append(d)
         return _write(self.root / "kwok-stages.yaml", yaml.safe_dump_all(out).encode(), 0o644)
 

@@ -115,6 +115,7 @@ class Kubelet:
         self._made_dirs: list[Path] = []
         self._hosts = ""
         self.errors: list[str] = []
+        self._terminating: set[str] = set()
         self.hold: set[str] = set()
         """Image names (e.g. "postgres") whose pods are not started yet: a test orders starts."""
         self.paused: set[str] = set()
@@ -158,10 +159,16 @@ class Kubelet:
                 continue
             uid = meta["uid"]
             if meta.get("deletionTimestamp"):
+                r = self.pods.pop(uid, None)
+                if uid not in self._terminating and (r is not None or self._ours(p)):
+                    self._terminating.add(uid)
+                    # Graceful deletion, as the kubelet does it: SIGTERM, up to the grace period, then the
+                    # final delete (the pod, and with it its bound ServiceAccount token, lives until then).
+                    threading.Thread(target=self._terminate, args=(r, p), daemon=True).start()
                 continue
             if not spec.get("nodeName") or not status.get("podIP"):
                 continue
-            if any(entrypoint(c["image"]) is None for c in spec.get("containers", [])):
+            if not self._ours(p):
                 continue
             seen.add(uid)
             if uid not in self.pods:
@@ -182,6 +189,22 @@ class Kubelet:
             if now - r.last_probe >= 1.0:
                 r.last_probe = now
                 self._probe(r)
+
+    @staticmethod
+    def _ours(p: Obj) -> bool:
+        return all(entrypoint(c["image"]) is not None for c in (p.get("spec") or {}).get("containers", []))
+
+    def _terminate(self, r: Running | None, p: Obj) -> None:
+        if r is not None:
+            self._kill(r)
+        meta = p["metadata"]
+        try:
+            self.cluster.request("DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
+                                 {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0,
+                                  "preconditions": {"uid": meta["uid"]}})
+        except RuntimeError as e:
+            if "409" not in str(e):  # already replaced: nothing to do
+                self.errors.append(str(e))
 
     # -- storage: a local provisioner ------------------------------------------------------------------
     def _provision(self) -> None:
@@ -494,7 +517,7 @@ class Kubelet:
             grace = int(r.pod["spec"].get("terminationGracePeriodSeconds", 30))
             try:
                 os.killpg(r.proc.pid, signal.SIGTERM)
-                r.proc.wait(timeout=min(grace, 20))
+                r.proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 os.killpg(r.proc.pid, signal.SIGKILL)
                 r.proc.wait(timeout=10)
@@ -503,10 +526,12 @@ class Kubelet:
         subprocess.run(["ip", "netns", "del", r.netns], capture_output=True)
         shutil.rmtree(Path("/etc/netns") / r.netns, ignore_errors=True)
 
-    def kill_pod_process(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """A crash: the pod's process dies (the runner restarts it as restartPolicy Always says)."""
+    def kill_pod_process(self, name: str, sig: int = signal.SIGKILL, *, down_for: float = 0.0) -> None:
+        """A crash: the pod's process dies; restarted (restartPolicy Always) after ``down_for``
+        seconds at the earliest, as when its node is lost for a while."""
         for r in self.pods.values():
             if r.name == name and r.proc is not None:
+                r.next_start = time.monotonic() + down_for
                 os.killpg(r.proc.pid, sig)
 
 

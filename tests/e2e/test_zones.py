@@ -94,11 +94,17 @@ def test_only_the_lease_holder_acts_and_the_other_takes_over(install: dict[str, 
     logs = {r.name: r.log for r in kubelet.pods.values() if r.name in ops}
     assert "holds the lease" in logs[leader].read_text()
     assert "holds the lease" not in logs[follower].read_text()
-    # The leader stops (its pod deleted, as a rollout or a drain does): the follower takes over and acts.
-    kubectl("delete", "pod", "-n", NS, leader, "--wait=false")
+    # The leader dies without a word (SIGKILL, down for a while as with a lost node): the follower
+    # takes over once the Lease expires, and acts.
+    kubelet.kill_pod_process(leader, down_for=90)
     wait(lambda: kubectl.json("lease", "-n", NS, f"{RELEASE}-operator")["spec"]["holderIdentity"] == follower,
          60, "the follower to take the Lease")
     kubectl("scale", "-n", NS, "zenpool/public", "--replicas=1")
     wait(lambda: kubectl.json("deployment", "-n", NS, f"{RELEASE}-zen-public")["spec"]["replicas"] == 1, 60,
          "the new leader to apply the scale")
     assert "holds the lease" in logs[follower].read_text()
+    # The new leader stops cleanly (its pod deleted, as a rollout or a drain does): it hands the Lease back.
+    kubectl("delete", "pod", "-n", NS, follower, "--wait=false")
+    wait(lambda: kubectl.json("lease", "-n", NS, f"{RELEASE}-operator")["spec"]["holderIdentity"] not in
+         (follower, ""), 60, "another replica to take the released Lease")
+    assert "released the lease" in logs[follower].read_text()
