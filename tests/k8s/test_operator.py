@@ -106,6 +106,7 @@ def kubectl(api: KeywardApi, *args: str) -> str:
 
 async def test_pool_created_scaled_made_private_and_deleted(api: KeywardApi, operator_ca: Any) -> None:
     node(api, "shared-1")
+    node(api, "shared-2")  # two nodes the public pool may run on: a disruption budget protects something
     node(api, "bank-1", dedicated_to="edge")
     oc: OperatorCA = await operator_ca(start=False)
 
@@ -171,6 +172,9 @@ async def test_pool_created_scaled_made_private_and_deleted(api: KeywardApi, ope
     deployment_ready(api, "edge", 3)  # the Deployment controller: the rollout is done
     await until(lambda: status(api, "edge").get("registered") == {"visibility": "private", "organizations": ["bank"]},
                 30, "the pool registered as private")
+    # One dedicated node: no budget (it could only keep that node's drain from finishing).
+    await until(lambda: obj(api, "policy/v1/poddisruptionbudgets", "keyward-zen-edge") is None, 20,
+                "the PDB removed while the pool has a single node")
     tpl = obj(api, "apps/v1/deployments", "keyward-zen-edge")["spec"]["template"]["spec"]
     assert tpl["nodeSelector"] == {POOL_LABEL: "edge"}
     assert "affinity" not in tpl  # the public pool's "no dedicated node" affinity is gone (else: unschedulable)
