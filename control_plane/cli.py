@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import sys
+from pathlib import Path
 
 from control_plane import config, logs
 from control_plane.errors import KeywardError
@@ -47,8 +48,15 @@ def _audit_verify() -> int:
         print("keyward: set KEYWARD_DB_DSN", file=sys.stderr)
         return 2
 
+    pw_file = os.environ.get("KEYWARD_DB_PASSWORD_FILE", "")
+    try:
+        password = Path(pw_file).read_text().rstrip("\r\n") if pw_file else None
+    except OSError as e:
+        print(f"keyward: cannot read KEYWARD_DB_PASSWORD_FILE {pw_file!r}: {e.strerror}", file=sys.stderr)
+        return 2
+
     async def run() -> int:
-        store = await Store.open(dsn, max_size=1)
+        store = await Store.open(dsn, max_size=1, password=password)
         try:
             v = await store.verify_audit()
         finally:

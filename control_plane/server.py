@@ -102,7 +102,7 @@ async def _health_loop(store: Store, hs: HealthServicer) -> None:
     NOT: int = health_pb2.HealthCheckResponse.NOT_SERVING
     last: tuple[int, int] | None = None
     schema = False
-    await hs.set(LIVENESS, SERVING)
+    why = ""
 
     async def probe(ping: Callable[[], Awaitable[None]]) -> int:
         try:
@@ -119,12 +119,14 @@ async def _health_loop(store: Store, hs: HealthServicer) -> None:
                     await store.migrate()
                 schema = True
                 log.info("schema ensured")
-            except (KeywardError, TimeoutError):
+            except (KeywardError, TimeoutError) as e:
                 # No primary yet: serve keys from the standbys if they hold the schema; writes fail
-                # UNAVAILABLE; try again next period.
-                if last is None:
-                    log.warning("could not ensure the schema (no primary reachable); retrying every %gs",
-                                HEALTH_PERIOD)
+                # UNAVAILABLE; try again next period. Each new reason is logged once (a wrong password
+                # is not "no primary"); KeywardError messages carry no secret.
+                reason = str(e) if isinstance(e, KeywardError) else "no primary answered in 8 s"
+                if reason != why:
+                    why = reason
+                    log.warning("could not ensure the schema (%s); retrying every %gs", reason, HEALTH_PERIOD)
         admin, keys = await probe(store.ping), await probe(store.ping_any)
         metrics.DB_UP.set(1 if admin == SERVING else 0)
         if (admin, keys) != last:
@@ -159,6 +161,10 @@ async def start(cfg: CAConfig, master: MasterSecret) -> RunningCA:
         KeyDistributionService(store, hub, auditor, cfg.trust_domain, cfg.max_call_seconds,
                                cfg.max_stream_seconds), server)
     hs = HealthServicer()
+    # Alive at once; ready only once the database says so (grpc's default for "" is SERVING).
+    await hs.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+    for svc in ("", "keyward.v1.Admin", "keyward.v1.KeyDistribution"):
+        await hs.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     names = (
         pb.DESCRIPTOR.services_by_name["Admin"].full_name,

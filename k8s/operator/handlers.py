@@ -296,9 +296,12 @@ async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: Obj, sp:
     ca_ready = await _ca_ready(st)
     serves_fc = True if fail_closed is None else bool(fail_closed)
     want_bypass = rc.bypass_wanted(ca_ready=ca_ready, pool_ready=ready > 0, serves_fail_closed_org=serves_fc)
-    sp["bypass"] = want_bypass  # always written: `kubectl get zenpools` shows false, not a blank
+    # Always written (`kubectl get zenpools` shows false, not a blank), and only what the Service
+    # really does: if switching it fails, the status keeps the old value and the next pass retries.
+    sp["bypass"] = bool(status.get("bypass"))
     if want_bypass != bool(status.get("bypass")):
         await _apply_service(st, name, want_bypass)
+        sp["bypass"] = want_bypass
         if want_bypass:
             await st.kube.event(body, type="Warning", reason="BypassOn",
                        message=f"the CA has no ready endpoint and pool {name} has no ready ZEN: its Service now "
@@ -346,15 +349,36 @@ async def sweep_registrations(st: State) -> list[str]:
     and the operator leave with the ZenPools) and the namespace with it. Their objects go with
     them through ownerReferences; their CA registration goes here, on the next check after the
     deletion (or, if the CA was down then, once it is back). In a cluster the operator owns pool
-    registrations: a pool registered by hand, with no ZenPool, is deregistered too."""
-    pools = await st.kube.list(path(f"{GROUP}/{VERSION}", PLURAL, st.cfg.namespace))
-    live = {p["metadata"]["name"] for p in pools}
-    gone = sorted(set(await st.ca.pools()) - live)
-    for name in gone:
-        await st.ca.deregister(name)
+    registrations: a pool registered by hand, with no ZenPool, is deregistered too.
+
+    The CA is read first and the ZenPools after, so a pool created in between is seen; a list the
+    API cannot serve raises (never "none"); and each candidate is read again under its pool's lock
+    just before it is deregistered."""
+    known = set(await st.ca.pools())
+    live = {p["metadata"]["name"] for p in await st.kube.list(path(f"{GROUP}/{VERSION}", PLURAL, st.cfg.namespace))}
+    gone = []
+    for name in sorted(known - live):
+        async with st.lock(name):
+            if await st.kube.get(path(f"{GROUP}/{VERSION}", PLURAL, st.cfg.namespace, name)) is not None:
+                continue
+            await st.ca.deregister(name)
+            gone.append(name)
     if gone:
         st.forget_pools()
     return gone
+
+
+async def maintain(st: State, logger: logging.Logger) -> None:
+    """Every interval, beside the pool checks and the database watch (a slow CA delays neither):
+    the platform identities, then stale registrations."""
+    while True:
+        try:
+            await st.tick()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # one failed pass must not end the loop
+            logger.warning("maintenance: %s: %s", type(e).__name__, str(e)[:300])
+        await asyncio.sleep(st.cfg.interval)
 
 
 async def check_pools(st: State, logger: logging.Logger) -> None:
@@ -411,13 +435,13 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
                                                               cfg.trust_domain, cfg.instance, cfg.secrets))
         memo.state = st
         # The database watch, and the platform identities' renewal even with no ZenPool.
-        memo.db_task = asyncio.create_task(dbwatch.run(st.db, cfg, kube, logging.getLogger("keyward.dbwatch"),
-                                                       tick=st.tick))
+        memo.db_task = asyncio.create_task(dbwatch.run(st.db, cfg, kube, logging.getLogger("keyward.dbwatch")))
+        memo.maint_task = asyncio.create_task(maintain(st, logging.getLogger("keyward.maintenance")))
         memo.pool_task = asyncio.create_task(check_pools(st, logging.getLogger("keyward.pools")))
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-        for attr in ("db_task", "pool_task"):
+        for attr in ("db_task", "pool_task", "maint_task"):
             task: asyncio.Task[None] | None = getattr(memo, attr, None)
             if task is not None:
                 task.cancel()

@@ -8,6 +8,7 @@ applied again here, so a list never returns objects outside the selector.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import ssl
 import time
@@ -122,8 +123,13 @@ class Kube:
         return await self._call("GET", p)
 
     async def list(self, p: str, selector: dict[str, str] | None = None) -> list[Obj]:
+        """A 404 is an error here, never an empty list: a kind the server does not serve (a CRD not
+        yet synced after a restart) must not read as "there are none" (the registration sweep would
+        deregister every pool)."""
         params = {"labelSelector": selector_string(selector)} if selector else None
-        data = await self._call("GET", p, params=params) or {}
+        data = await self._call("GET", p, params=params)
+        if data is None:
+            raise KubeError(404, f"GET {p}: the server does not serve this kind (yet)")
         items: list[Obj] = data.get("items") or []
         return [i for i in items if matches(i, selector or {})]
 
@@ -176,5 +182,7 @@ class Kube:
               "count": 1, "source": {"component": "keyward-operator"}, "reportingComponent": "keyward-operator"}
         try:
             await self.create(path("v1", "events", meta.get("namespace")), ev)
-        except (KubeError, aiohttp.ClientError):
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - an Event lost must not cut a reconciliation short
             pass

@@ -7,9 +7,10 @@ clock, so clock skew between nodes cannot make a live leader look expired),
 and who it is. The shell (:class:`Elector`) reads, writes with the Lease's
 resourceVersion (a lost race is a 409, never two leaders), and renews.
 
-A leader that cannot renew within ``renew_deadline`` gives up leadership;
-the caller then stops acting at once (the process exits and is restarted as
-a follower). A leader that stops cleanly releases the Lease, so a follower
+A leader that cannot renew within ``renew_deadline`` (10 s, well inside the
+15 s Lease) gives up leadership; the caller then stops acting at once: the
+process exits on the spot (a failover running in a thread cannot be
+cancelled any other way) and is restarted as a follower. A leader that stops cleanly releases the Lease, so a follower
 takes over within one retry period instead of a whole lease duration.
 """
 
@@ -118,30 +119,38 @@ class Elector:
         return True
 
     async def acquire(self) -> None:
-        """Wait until this replica is the leader."""
+        """Wait until this replica is the leader. Any failure to read or write the Lease (an API
+        server restarting drops connections in many ways) means "not leader yet"."""
         while True:
             try:
-                if await self.try_once():
+                if await asyncio.wait_for(self.try_once(), timeout=self.timing.renew_deadline):
                     return
-            except (KubeError, OSError, asyncio.TimeoutError) as e:
-                log.warning("leader election: %s", e)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - never leader by accident
+                log.warning("leader election: %s: %s", type(e).__name__, e)
             await asyncio.sleep(self.timing.retry)
 
     async def hold(self) -> None:
-        """Renew until a renewal fails for ``renew_deadline``; then return (leadership lost)."""
+        """Renew every ``retry`` seconds; return (leadership lost) as soon as another replica holds the
+        Lease, or ``renew_deadline`` after the last renewal at the latest, however slow the API is:
+        each attempt is cut off at the deadline, which stays well inside the Lease's duration, so
+        this replica has stopped before any other may take over."""
         while True:
             await asyncio.sleep(self.timing.retry)
+            left = self.renewed_at + self.timing.renew_deadline - time.monotonic()
+            if left <= 0:
+                break
             try:
-                if await self.try_once():
+                if await asyncio.wait_for(self.try_once(), timeout=left):
                     continue
                 log.error("lost the lease %s to %r", self.name, self._seen.record[0] if self._seen else "?")
                 return
-            except (KubeError, OSError, asyncio.TimeoutError) as e:
-                log.warning("could not renew the lease %s: %s", self.name, e)
-            if time.monotonic() - self.renewed_at >= self.timing.renew_deadline:
-                log.error("could not renew the lease %s for %.0f s: stepping down", self.name,
-                          self.timing.renew_deadline)
-                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a failed renewal; the deadline decides
+                log.warning("could not renew the lease %s: %s: %s", self.name, type(e).__name__, e)
+        log.error("could not renew the lease %s for %.0f s: stepping down", self.name, self.timing.renew_deadline)
 
     async def release(self) -> None:
         """Hand the Lease back (a clean stop), so a follower need not wait for it to expire."""
@@ -151,5 +160,5 @@ class Elector:
                 spec = {**lease["spec"], "holderIdentity": "", "leaseDurationSeconds": 1}
                 await self.kube.replace(self._path, {**lease, "spec": spec})
                 log.info("released the lease %s", self.name)
-        except (KubeError, OSError, asyncio.TimeoutError) as e:
+        except Exception as e:  # noqa: BLE001 - it expires by itself then
             log.warning("could not release the lease %s: %s", self.name, e)

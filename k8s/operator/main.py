@@ -57,9 +57,9 @@ async def run(cfg: OperatorConfig) -> int:
         waiting = asyncio.create_task(elector.acquire())
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if not waiting.done():
+        if not waiting.done() or waiting.cancelled() or waiting.exception() is not None:
             waiting.cancel()
-            return 0
+            return 0 if stop.is_set() else 1  # never leader unless acquire() said so
         stopping.cancel()
         log.info("leader: %s holds the lease %s-operator", me, cfg.release)
         metrics.LEADER.set(1)
@@ -71,12 +71,17 @@ async def run(cfg: OperatorConfig) -> int:
         holding = asyncio.create_task(elector.hold())
         stopping = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({op, holding, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        kopf_stop.set()
+        if holding in done:
+            # Lost the lease: another replica may act within seconds. Stop acting now, not after a
+            # graceful stop (kopf handlers, a failover in a thread): exit on the spot; the kubelet
+            # restarts this replica as a follower.
+            log.error("leadership lost: exiting at once")
+            logging.shutdown()
+            os._exit(1)
+        kopf_stop.set()  # asked to stop, or kopf ended: keep renewing while kopf winds down
         with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(op, timeout=20)
         metrics.LEADER.set(0)
-        if holding in done:
-            return 1  # lost the lease: exit, come back as a follower
         holding.cancel()
         await elector.release()
         if op in done and op.exception() is not None:

@@ -119,7 +119,8 @@ def pool_pdb(rel: Release, pool: str) -> Obj:
 
 
 def eligible_nodes(pool: str, spec: Obj, nodes: list[Obj]) -> list[str]:
-    """The nodes the pool's pods may run on (cordoned ones included: a cordon is temporary)."""
+    """The nodes the pool's pods may run on (cordoned ones included: a cordon is temporary;
+    tainted ones not, unless the taint is the private pool's own)."""
     private = spec.get("visibility") == "private"
     sel = spec.get("nodeSelector") or {}
 
@@ -127,6 +128,12 @@ def eligible_nodes(pool: str, spec: Obj, nodes: list[Obj]) -> list[str]:
         labels = n.get("metadata", {}).get("labels") or {}
         if any(labels.get(k) != v for k, v in sel.items() if k != POOL_LABEL):
             return False
+        # Taints that keep the pool's pods off (a control-plane node's, for one): a private pool
+        # tolerates only its own.
+        for t in (n.get("spec") or {}).get("taints") or []:
+            if t.get("effect") in ("NoSchedule", "NoExecute") and not (
+                    private and t.get("key") == POOL_LABEL and t.get("value") == pool):
+                return False
         return _dedicated_to(n) == pool if private else POOL_LABEL not in labels
     return [n["metadata"]["name"] for n in nodes if fits(n)]
 

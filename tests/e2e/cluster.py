@@ -17,6 +17,7 @@ default admission chain (PodSecurity included). Its data lives on tmpfs.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import ipaddress
 import json
 import os
@@ -343,6 +344,9 @@ def _network() -> None:
 
 
 NETNS = "keyward-e2e"
+LOCK = Path("/run/keyward-e2e.lock")
+MOUNTPOINTS = Path("/run/keyward-e2e-mountpoints")
+"""Folders the kubelet stand-in made on the host as mount points, one a line: removed after the run."""
 
 
 def _kill_tagged(tag: str) -> None:
@@ -369,14 +373,33 @@ def run(argv: list[str]) -> int:
     if os.geteuid() != 0:
         print("make e2e needs root: network namespaces for the pods (CI runs as root)", file=sys.stderr)
         return 2
+    lock = open(LOCK, "w")  # noqa: SIM115 - held for the whole run
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("another make e2e is running on this machine; wait for it to end", file=sys.stderr)
+        return 2
     _sh("ip", "netns", "del", NETNS, check=False)  # a previous run killed before its cleanup
     _sh("ip", "netns", "add", NETNS)
     tag = f"{os.getpid()}-{time.time_ns()}"
+    before = set(Path("/dev/shm").glob("keyward-e2e-*"))
     try:
         env = {**os.environ, "KEYWARD_E2E_NETNS": NETNS, "KEYWARD_E2E_RUN": tag}
         return subprocess.call(["ip", "netns", "exec", NETNS, *argv], env=env)
     finally:
         _kill_tagged(tag)
+        for d in Path("/etc/netns").glob("kwp-*"):
+            shutil.rmtree(d, ignore_errors=True)
+        if MOUNTPOINTS.exists():
+            for line in reversed(MOUNTPOINTS.read_text().splitlines()):
+                try:
+                    Path(line).rmdir()  # only if empty: never anything a pod did not make
+                except OSError:
+                    pass
+            MOUNTPOINTS.unlink()
+        if not os.environ.get("KEYWARD_E2E_KEEP"):
+            for d in set(Path("/dev/shm").glob("keyward-e2e-*")) - before:
+                shutil.rmtree(d, ignore_errors=True)
         for ns in _sh("ip", "netns", "list", check=False).stdout.split("\n"):
             name = ns.split(" ")[0]
             if name == NETNS or name.startswith("kwp-"):

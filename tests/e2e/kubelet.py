@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.cluster import API_PORT, BRIDGE, BRIDGE_IP, ROOT, Cluster
+from tests.e2e.cluster import API_PORT, BRIDGE, BRIDGE_IP, MOUNTPOINTS, ROOT, Cluster
 
 VENV_BIN = ROOT / ".venv" / "bin"
 IMAGE_DIR = Path(__file__).parent / "image"
@@ -101,6 +101,8 @@ class Running:
     ready: bool | None = None
     last_probe: float = 0.0
     log: Path = field(default_factory=Path)
+    hosts: str = ""
+    """What its /etc/hosts says now (each pod's is written when it differs: a new pod gets it at once)."""
 
 
 class Kubelet:
@@ -113,7 +115,6 @@ class Kubelet:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._made_dirs: list[Path] = []
-        self._hosts = ""
         self.errors: list[str] = []
         self._terminating: set[str] = set()
         self.hold: set[str] = set()
@@ -173,8 +174,8 @@ class Kubelet:
             seen.add(uid)
             if uid not in self.pods:
                 self.pods[uid] = self._setup(p)
-        for uid in [u for u in self.pods if u not in seen]:
-            self._kill(self.pods.pop(uid))
+        for uid in [u for u in self.pods if u not in seen]:  # gone without a graceful deletion
+            threading.Thread(target=self._kill, args=(self.pods.pop(uid),), daemon=True).start()
         self._write_hosts()
         now = time.monotonic()
         for r in self.pods.values():
@@ -370,7 +371,7 @@ class Kubelet:
             self._mkdirs(sa)
             lines.append(f"mount --bind {shlex.quote(str(vols['kube-api-access']))} {sa}")
         if csc.get("readOnlyRootFilesystem"):
-            lines.append("mount -o remount,bind,ro / 2>/dev/null || true")
+            lines.append("mount -o remount,bind,ro /")  # strict: a pod that could write there must not start
         priv = ["setpriv", f"--reuid={uid}", f"--regid={gid}",
                 f"--groups={','.join(str(g) for g in groups)}" if groups else "--clear-groups"]
         if csc.get("allowPrivilegeEscalation") is False:
@@ -396,6 +397,8 @@ class Kubelet:
         for d in reversed(missing):
             d.mkdir()
             self._made_dirs.append(d)
+            with open(MOUNTPOINTS, "a") as f:  # make e2e removes them even if this process is killed
+                f.write(f"{d}\n")
 
     def _env(self, r: Running, c: Obj) -> dict[str, str]:
         path = ":".join([str(IMAGE_DIR), str(VENV_BIN), str(PG_BIN), "/usr/local/bin", "/usr/bin", "/bin",
@@ -500,21 +503,22 @@ class Kubelet:
                     if ready or publish:
                         lines.append(f"{ip} " + " ".join(names))
         text = "\n".join(lines) + "\n"
-        if text == self._hosts:
-            return
-        self._hosts = text
-        for r in self.pods.values():
-            own = f"{r.ip} {r.pod['spec'].get('hostname') or r.name}\n"
+        for r in list(self.pods.values()):
+            full = f"{r.ip} {r.pod['spec'].get('hostname') or r.name}\n" + text
+            if r.hosts == full:
+                continue
             f = Path("/etc/netns") / r.netns / "hosts"
             with open(f, "r+" if f.exists() else "w") as fh:  # in place: the pod's bind mount sees it
                 fh.seek(0)
-                fh.write(own + text)
+                fh.write(full)
                 fh.truncate()
+            r.hosts = full
 
     # -- teardown ----------------------------------------------------------------------------------------
     def _kill(self, r: Running) -> None:
         if r.proc is not None and r.proc.poll() is None:
-            grace = int(r.pod["spec"].get("terminationGracePeriodSeconds", 30))
+            grace = int(r.pod["metadata"].get("deletionGracePeriodSeconds")
+                        or r.pod["spec"].get("terminationGracePeriodSeconds", 30))
             try:
                 os.killpg(r.proc.pid, signal.SIGTERM)
                 r.proc.wait(timeout=grace)
@@ -529,7 +533,7 @@ class Kubelet:
     def kill_pod_process(self, name: str, sig: int = signal.SIGKILL, *, down_for: float = 0.0) -> None:
         """A crash: the pod's process dies; restarted (restartPolicy Always) after ``down_for``
         seconds at the earliest, as when its node is lost for a while."""
-        for r in self.pods.values():
+        for r in list(self.pods.values()):
             if r.name == name and r.proc is not None:
                 r.next_start = time.monotonic() + down_for
                 os.killpg(r.proc.pid, sig)

@@ -20,7 +20,8 @@ from typing import Any
 # group/version -> [(plural, kind, namespaced)]
 RESOURCES: dict[str, list[tuple[str, str, bool]]] = {
     "v1": [("secrets", "Secret", True), ("configmaps", "ConfigMap", True), ("services", "Service", True),
-           ("serviceaccounts", "ServiceAccount", True), ("namespaces", "Namespace", False)],
+           ("serviceaccounts", "ServiceAccount", True), ("namespaces", "Namespace", False),
+           ("nodes", "Node", False)],
     "keyward.io/v1alpha1": [("zenpools", "ZenPool", True)],
     "apps/v1": [("deployments", "Deployment", True), ("statefulsets", "StatefulSet", True)],
     "policy/v1": [("poddisruptionbudgets", "PodDisruptionBudget", True)],
@@ -33,9 +34,9 @@ RESOURCES: dict[str, list[tuple[str, str, bool]]] = {
 }
 
 
-def _url(api_version: str, plural: str, ns: str, name: str) -> str:
+def _url(api_version: str, plural: str, ns: str | None, name: str) -> str:
     base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-    return f"{base}/namespaces/{ns}/{plural}/{name}"
+    return f"{base}/namespaces/{ns}/{plural}/{name}" if ns else f"{base}/{plural}/{name}"
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -74,6 +75,9 @@ class _Handler(BaseHTTPRequestHandler):
                 for plural, kind, namespaced in RESOURCES[gv]]})
         if p in self.objects:
             return self._send(200, self.objects[p])
+        if p == "/api/v1/nodes":  # the one list the chart looks up
+            return self._send(200, {"kind": "NodeList", "apiVersion": "v1", "metadata": {},
+                                    "items": [o for o in self.objects.values() if o["kind"] == "Node"]})
         return self._send(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
                                 "message": f"{p} not found", "code": 404})
 
@@ -82,7 +86,7 @@ class _Handler(BaseHTTPRequestHandler):
 def serving(objects: list[dict[str, Any]], tmp: Path) -> Iterator[Path]:
     """Serve ``objects``; yields a kubeconfig file pointing at them."""
     table = {_url(o["apiVersion"], next(pl for pl, k, _ in RESOURCES[o["apiVersion"]] if k == o["kind"]),
-                  o["metadata"]["namespace"], o["metadata"]["name"]): o for o in objects}
+                  o["metadata"].get("namespace"), o["metadata"]["name"]): o for o in objects}
     handler = type("Handler", (_Handler,), {"objects": table})
     srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     t = threading.Thread(target=srv.serve_forever, daemon=True)

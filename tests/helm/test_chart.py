@@ -563,3 +563,24 @@ def test_generated_secret_is_new_on_every_template_and_kept_on_upgrade(tmp_path:
     assert secret(render())["master-secret"] != secret(render())["master-secret"]
     live = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "kw-keyward-secrets"}, "data": secret(render())}
     assert secret(render_against([live], tmp_path)) == live["data"]  # install/upgrade keeps the live one
+
+
+def _node(name: str, *taints: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+            "spec": {"taints": [{"key": t, "effect": "NoSchedule"} for t in taints]}}
+
+
+def test_disruption_budgets_only_where_a_drain_can_finish(tmp_path: Path) -> None:
+    def budgets(nodes: list[dict[str, Any]], *extra: str) -> list[str]:
+        docs = render_against(nodes, tmp_path, *extra) if nodes else render(*extra)
+        return sorted(d["metadata"]["name"] for d in _by_kind(docs, "PodDisruptionBudget"))
+    both = ["kw-keyward-ca", "kw-keyward-postgres"]
+    # helm template (no cluster to ask): rendered, as production wants.
+    assert budgets([]) == both
+    # One node (kind, minikube), or kind's tainted control-plane plus one worker: none, since a budget
+    # would keep `kubectl drain` of that node from ever finishing.
+    assert budgets([_node("kind-control-plane")]) == []
+    assert budgets([_node("cp", "node-role.kubernetes.io/control-plane"), _node("worker")]) == []
+    assert budgets([_node("a"), _node("b")]) == both
+    assert budgets([_node("a")], "--set", "podDisruptionBudgets.mode=always") == both
+    assert budgets([_node("a"), _node("b")], "--set", "podDisruptionBudgets.mode=never") == []

@@ -72,6 +72,10 @@ def test_a_budget_only_where_it_can_protect_something() -> None:
     assert pdb_wanted("bank", bank, nodes) and not pdb_wanted("public", public, nodes)
     assert eligible_nodes("bank", bank, nodes) == ["bank-1", "bank-2"]
     assert not pdb_wanted("bank", bank, [_n("a"), _n("b"), _n("bank-1", "bank")])
+    # kind with a control-plane and one worker: the control-plane's taint keeps ZENs off it.
+    cp = _n("cp")
+    cp["spec"]["taints"] = [{"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}]
+    assert not pdb_wanted("public", public, [cp, _n("worker")])
     # A nodeSelector narrows the nodes.
     sel = {"visibility": "public", "nodeSelector": {"tier": "edge"}}
     assert not pdb_wanted("public", sel, [_n("a", tier="edge"), _n("b", tier="core")])

@@ -44,12 +44,21 @@ capabilities:
   {{- end }}
 {{- end -}}
 
-{{/* "true" when the chart's PodDisruptionBudgets (CA, Postgres) are rendered: see values podDisruptionBudgets. */}}
+{{/* "true" when the chart's PodDisruptionBudgets (CA, Postgres) are rendered: see values podDisruptionBudgets.
+Counted: nodes with no NoSchedule/NoExecute taint (kind's control-plane node is tainted). */}}
 {{- define "keyward.pdbWanted" -}}
 {{- $mode := .Values.podDisruptionBudgets.mode -}}
 {{- if eq $mode "always" -}}true
 {{- else if eq $mode "auto" -}}
 {{- $nodes := lookup "v1" "Node" "" "" -}}
-{{- if or (not $nodes) (gt (len (get $nodes "items" | default list)) 1) -}}true{{- end -}}
+{{- $usable := 0 -}}
+{{- range (get ($nodes | default dict) "items" | default list) -}}
+{{- $blocked := false -}}
+{{- range (.spec.taints | default list) -}}
+{{- if has .effect (list "NoSchedule" "NoExecute") -}}{{- $blocked = true -}}{{- end -}}
+{{- end -}}
+{{- if not $blocked -}}{{- $usable = add1 $usable -}}{{- end -}}
+{{- end -}}
+{{- if or (not $nodes) (gt $usable 1) -}}true{{- end -}}
 {{- end -}}
 {{- end -}}
