@@ -256,7 +256,10 @@ class Kubelet:
             subprocess.run(argv, check=True, capture_output=True)
         etc = Path("/etc/netns") / r.netns
         etc.mkdir(parents=True, exist_ok=True)
-        (etc / "resolv.conf").write_text("# cluster DNS stand-in: names are in /etc/hosts\noptions attempts:1\n")
+        # What the kubelet writes for ClusterFirst (the search path makes "keyward-ca" a Service name);
+        # no nameserver: the names are in /etc/hosts, the cluster DNS stand-in.
+        (etc / "resolv.conf").write_text(f"search {r.ns}.svc.cluster.local svc.cluster.local cluster.local\n"
+                                         "options ndots:5 attempts:1 timeout:1\n")
         (etc / "hosts").write_text("")
         passwd = r.dir / "passwd"
         passwd.write_text(Path("/etc/passwd").read_text() + PASSWD_EXTRA)
