@@ -50,6 +50,8 @@ from typing import Any
 from tests.e2e.cluster import API_PORT, BRIDGE, BRIDGE_IP, MOUNTPOINTS, ROOT, Cluster
 
 VENV_BIN = ROOT / ".venv" / "bin"
+SRC_STAGE = Path("/run/keyward-e2e-src")
+"""Where a pod's mount namespace keeps this checkout while its volumes are mounted."""
 IMAGE_DIR = Path(__file__).parent / "image"
 PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)), Path("/usr/bin"))
 PASSWD_EXTRA = "postgres:x:999:999:postgres:/var/lib/postgresql:/bin/sh\nkeyward:x:10001:10001::/nonexistent:/usr/sbin/nologin\n"
@@ -357,7 +359,11 @@ class Kubelet:
         uid = csc.get("runAsUser", psc.get("runAsUser", 0))
         gid = csc.get("runAsGroup", psc.get("runAsGroup", uid))
         groups = [g for g in [psc.get("fsGroup"), *psc.get("supplementalGroups", [])] if g is not None]
-        lines = ["set -e"]
+        # This checkout (the "image"'s programs) must stay visible whatever the pod mounts: a clone
+        # under /tmp would vanish under the pod's /tmp emptyDir. Kept aside first, put back after.
+        stage = SRC_STAGE
+        self._mkdirs(stage)
+        lines = ["set -e", f"mount --bind {shlex.quote(str(ROOT))} {stage}"]
         for m in c.get("volumeMounts") or []:
             if m["name"] not in vols:
                 continue
@@ -367,6 +373,8 @@ class Kubelet:
             lines.append(f"mount --bind {shlex.quote(str(vols[m['name']]))} {shlex.quote(str(target))}")
             if m.get("readOnly"):
                 lines.append(f"mount -o remount,bind,ro {shlex.quote(str(target))}")
+        lines.append(f"[ -e {shlex.quote(str(ROOT / '.venv'))} ] || {{ mkdir -p {shlex.quote(str(ROOT))} && "
+                     f"mount --bind {stage} {shlex.quote(str(ROOT))}; }}")
         lines.append(f"mount --bind {shlex.quote(str(r.dir / 'passwd'))} /etc/passwd")
         lines.append(f"mount --bind {shlex.quote(str(r.dir / 'group'))} /etc/group")
         sa = Path("/var/run/secrets/kubernetes.io/serviceaccount")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.cluster import ROOT, Cluster
-from tests.e2e.conftest import CHART, NS, RELEASE, Kubectl, set_layout, wait
+from tests.e2e.conftest import CHART, NS, RELEASE, TOOLS, Kubectl, set_layout, wait
 from tests.e2e.kubelet import Kubelet
 
 GRPCURL = ROOT / ".venv" / "bin" / "grpcurl"
@@ -64,23 +63,23 @@ def install(cluster: Cluster, kubelet: Kubelet, kubectl: Kubectl) -> dict[str, A
     # when Postgres comes, without a restart.
     kubelet.hold.add("postgres")
     started = time.monotonic()
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        out["helm"] = kubectl.helm("install", RELEASE, str(CHART), "-n", NS, "--create-namespace",
-                                   "--wait", "--timeout", "6m", check=False, timeout=420)
-    t = threading.Thread(target=run)
-    t.start()
-
-    def ca_waited_for_db() -> bool:
-        cas = [r for r in kubelet.pods.values() if r.name.startswith(f"{RELEASE}-ca-")]
-        return len(cas) == 2 and all(r.log.exists() and "could not ensure the schema" in r.log.read_text(
-            errors="replace") for r in cas)
-    wait(ca_waited_for_db, 180, "the CA pods to start and find no database")
-    kubelet.hold.discard("postgres")
-    t.join(timeout=430)
-    out["seconds"] = time.monotonic() - started
-    return out
+    proc = subprocess.Popen([str(TOOLS / "helm"), "install", RELEASE, str(CHART), "-n", NS, "--create-namespace",
+                             "--wait", "--timeout", "6m"], env=kubectl.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        def ca_waited_for_db() -> bool:
+            cas = [r for r in list(kubelet.pods.values()) if r.name.startswith(f"{RELEASE}-ca-")]
+            return len(cas) == 2 and all(r.log.exists() and "could not ensure the schema" in r.log.read_text(
+                errors="replace") for r in cas)
+        wait(ca_waited_for_db, 180, "the CA pods to start and find no database")
+        kubelet.hold.discard("postgres")
+        stdout, stderr = proc.communicate(timeout=430)
+    finally:
+        if proc.poll() is None:  # a failed wait above: no helm left behind the test
+            proc.kill()
+            proc.communicate()
+    return {"helm": subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr),
+            "seconds": time.monotonic() - started}
 
 
 def test_install_with_default_values(install: dict[str, Any], kubectl: Kubectl, kubelet: Kubelet) -> None:
