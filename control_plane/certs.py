@@ -8,8 +8,11 @@ Upload rule: an org's signed intermediate is accepted only if
    keyCertSign, and pathLenConstraint is 0 (no sub-CAs: a ZEN mints leaves
    only; an absent or larger path length is refused),
 4. it is valid now,
-5. the chain given, if any, verifies link by link (each issuer a CA whose
-   key signed the certificate below it, each valid now).
+5. a chain is given up to the org's self-signed root, and it verifies link by
+   link (each issuer a CA whose key signed the certificate below it, each
+   valid now; the root's own signature too). Without it a certificate that
+   merely carries the pending public key, under a bogus signature, would
+   rotate the good key out and break interception.
 """
 
 from __future__ import annotations
@@ -175,6 +178,9 @@ def validate_intermediate(
     except x509.ExtensionNotFound:
         raise InvalidArgument("certificate has no keyUsage extension; keyCertSign is required") from None
     _valid_now(cert, "certificate", now)
+    if not chain:
+        raise InvalidArgument("chain_pem is required: give the certificates from the intermediate's issuer up to "
+                              "your org's self-signed root, nearest issuer first")
     below = cert
     for i, issuer in enumerate(chain):
         what = f"chain certificate {i + 1}"
@@ -202,11 +208,14 @@ def validate_intermediate(
                 f"({issuer.subject.rfc4514_string()}); give the chain nearest issuer first"
             ) from None
         below = issuer
-    if chain and below.issuer == below.subject:
-        try:
-            below.verify_directly_issued_by(below)
-        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-            raise InvalidArgument("chain's self-signed root does not verify") from None
+    if below.issuer != below.subject:
+        raise InvalidArgument(
+            f"chain_pem ends at {below.subject.rfc4514_string()}, issued by {below.issuer.rfc4514_string()}: "
+            "it must end with your org's self-signed root")
+    try:
+        below.verify_directly_issued_by(below)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        raise InvalidArgument("chain's self-signed root does not verify") from None
     pem = cert.public_bytes(serialization.Encoding.PEM).decode()
     chain_out = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in chain)
     return ci, pem, chain_out

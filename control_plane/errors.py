@@ -63,6 +63,10 @@ class DeadlineExceeded(KeywardError):
     """The call ran past its deadline or the server's cap."""
 
 
+class ResourceExhausted(KeywardError):
+    """The caller is over one of its limits (e.g. concurrent writes); retry later."""
+
+
 class ConfigError(KeywardError):
     """The CA's own configuration is wrong; it refuses to start."""
 

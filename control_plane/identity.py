@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from control_plane.errors import InvalidArgument, Unauthenticated, show
 
@@ -98,3 +99,20 @@ def check_id(value: str, what: str) -> str:
             "starting with a letter and not ending with '-'"
         )
     return value
+
+
+def describe_certificate(pem: bytes) -> str:
+    """What an audit row says of a refused client certificate: its SHA-256 fingerprint and URI SANs
+    (so a refusal points at one certificate), never more than a line."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        return "an unparseable certificate"
+    fp = cert.fingerprint(hashes.SHA256()).hex()
+    try:
+        uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    shown = ", ".join(show(u)[:120] for u in uris[:4]) or "none"
+    return f"certificate sha256:{fp}, URI SANs: {shown}"

@@ -1,7 +1,10 @@
 """Organization policy: a plain value with validation (pure).
 
 A policy that contradicts itself is refused with a message naming the
-conflicting entries, so a person can fix it.
+conflicting entries, so a person can fix it. Validation is linear in the
+policy's size (sets and sorted sweeps, never entry against entry: a
+1,000-entry policy once cost 0.88 s of the CA's event loop), and bounded:
+MAX_ENTRIES per list and MAX_TOTAL_BYTES in all.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ DEFAULT_IDLE_SECONDS = 600
 MIN_IDLE_SECONDS = 10
 MAX_IDLE_SECONDS = 86400
 MAX_ENTRIES = 1000
+MAX_TOTAL_BYTES = 256 * 1024
+"""All list entries of a policy together, in bytes (each event carries the policy)."""
 
 _HOST_RE = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -70,6 +75,35 @@ def _matches(pattern: str, host: str) -> bool:
     return host == pattern
 
 
+class _Names:
+    """Exact names and wildcard suffixes of one list, for linear matching."""
+
+    def __init__(self, patterns: list[str]) -> None:
+        self.exact = {p: p for p in patterns if not p.startswith("*.")}
+        self.wild = {p[2:]: p for p in patterns if p.startswith("*.")}
+
+    def match(self, host: str) -> str | None:
+        """The pattern of this list that ``host`` matches (``_matches``), if any: the exact name,
+        or a wildcard on the host itself or one of its parent domains."""
+        if host in self.exact:
+            return self.exact[host]
+        labels = host.split(".")
+        for i in range(len(labels)):
+            hit = self.wild.get(".".join(labels[i:]))
+            if hit is not None:
+                return hit
+        return None
+
+
+def _overlap(nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> tuple[object, object] | None:
+    """Two networks that overlap, if any (a sorted sweep: O(n log n))."""
+    ordered = sorted(nets, key=lambda n: (n.version, int(n.network_address), -n.prefixlen))
+    for a, b in zip(ordered, ordered[1:]):
+        if a.version == b.version and int(b.network_address) <= int(a.broadcast_address):
+            return a, b
+    return None
+
+
 def validate(
     *,
     private_zen_only: bool,
@@ -87,11 +121,16 @@ def validate(
             f"policy.key_idle_timeout_seconds={idle} is out of range "
             f"{MIN_IDLE_SECONDS}..{MAX_IDLE_SECONDS} (0 means the default {DEFAULT_IDLE_SECONDS})"
         )
+    total = 0
     for name, seq in (("location_cidrs", location_cidrs), ("blocked_hosts", blocked_hosts),
                       ("blocked_url_prefixes", blocked_url_prefixes),
                       ("do_not_inspect_hosts", do_not_inspect_hosts)):
         if len(seq) > MAX_ENTRIES:
             raise InvalidArgument(f"policy.{name} has {len(seq)} entries; at most {MAX_ENTRIES}")
+        total += sum(len(x) for x in seq)
+    if total > MAX_TOTAL_BYTES:
+        raise InvalidArgument(f"policy lists hold {total} bytes in all; at most {MAX_TOTAL_BYTES}: "
+                              "use wildcards (*.example.com) or shorter prefixes")
     nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     for c in location_cidrs:
         try:
@@ -101,11 +140,9 @@ def validate(
                 f"policy.location_cidrs: {show(c)} is not a network in CIDR form with host bits zero "
                 "(e.g. 10.1.0.0/16)"
             ) from None
-    for i, net_a in enumerate(nets):
-        for net_b in nets[i + 1:]:
-            if net_a.version == net_b.version and net_a.overlaps(net_b):
-                raise InvalidArgument(
-                    f"policy.location_cidrs: {net_a} and {net_b} overlap; list each network once")
+    pair = _overlap(nets)
+    if pair is not None:
+        raise InvalidArgument(f"policy.location_cidrs: {pair[0]} and {pair[1]} overlap; list each network once")
     blocked = sorted({_host(h, "policy.blocked_hosts") for h in blocked_hosts})
     dni = sorted({_host(h, "policy.do_not_inspect_hosts") for h in do_not_inspect_hosts})
     prefixes: list[str] = []
@@ -116,20 +153,28 @@ def validate(
         if any(ch.isspace() for ch in v) or len(v) > 2048:
             raise InvalidArgument(f"policy.blocked_url_prefixes: {show(p)} is not a host/path prefix")
         prefixes.append(host.lower() + ("/" + path if path or v.endswith("/") else ""))
+    # The same rule as entry against entry (a do-not-inspect pattern and a blocked one that match
+    # each other's names), through sets of exact names and wildcard suffixes.
+    blocked_names, dni_names = _Names(blocked), _Names(dni)
     for d in dni:
-        for b in blocked:
-            if _matches(b, d.lstrip("*.")) or _matches(d, b.lstrip("*.")):
-                raise InvalidArgument(
-                    f"policy contradicts itself: {d!r} is do-not-inspect and {b!r} is blocked; "
-                    "a host cannot be both tunnelled uninspected and blocked"
-                )
-        for p in prefixes:
-            ph = p.split("/", 1)[0]
-            if _matches(d, ph):
-                raise InvalidArgument(
-                    f"policy contradicts itself: URL prefix {show(p)} is blocked but its host is "
-                    f"do-not-inspect ({d!r}); URLs of uninspected hosts cannot be seen"
-                )
+        b = blocked_names.match(d.removeprefix("*."))
+        if b is None:
+            continue  # a blocked name under a do-not-inspect wildcard is found from the other side below
+        raise InvalidArgument(
+            f"policy contradicts itself: {d!r} is do-not-inspect and {b!r} is blocked; "
+            "a host cannot be both tunnelled uninspected and blocked")
+    for b in blocked:
+        d2 = dni_names.match(b.removeprefix("*."))
+        if d2 is not None:
+            raise InvalidArgument(
+                f"policy contradicts itself: {d2!r} is do-not-inspect and {b!r} is blocked; "
+                "a host cannot be both tunnelled uninspected and blocked")
+    for p in prefixes:
+        d3 = dni_names.match(p.split("/", 1)[0])
+        if d3 is not None:
+            raise InvalidArgument(
+                f"policy contradicts itself: URL prefix {show(p)} is blocked but its host is "
+                f"do-not-inspect ({d3!r}); URLs of uninspected hosts cannot be seen")
     return Policy(
         private_zen_only=private_zen_only,
         fail_mode=fail_mode,

@@ -25,7 +25,7 @@ from control_plane.config import CAConfig
 from control_plane.errors import ConfigError, KeywardError
 from control_plane.events import EventHub
 from control_plane.interceptors import IdentityInterceptor
-from control_plane.service import AdminService, KeyDistributionService
+from control_plane.service import AdminService, KeyDistributionService, run_refusal_flusher
 from control_plane.spool import KeySentAuditor
 from control_plane.store import Store
 from keylib.guard import forbid_unwrap
@@ -187,7 +187,8 @@ async def start(cfg: CAConfig, master: MasterSecret) -> RunningCA:
         extra.append(hsrv)
         log.info("health listening", extra={"port": hport})
     tasks = [asyncio.create_task(_health_loop(store, hs), name="keyward-health"),
-             asyncio.create_task(auditor.run(), name="keyward-audit-spool")]
+             asyncio.create_task(auditor.run(), name="keyward-audit-spool"),
+             asyncio.create_task(run_refusal_flusher(store), name="keyward-refusal-rows")]
     log.info("CA listening", extra={"port": port})
     return RunningCA(server, port, store, hub, hs, master, tasks, extra)
 

@@ -11,6 +11,7 @@ their outcome; key-distribution refusals are audited too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import functools
 import hashlib
@@ -23,7 +24,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from control_plane import authz, certs, metrics
+from control_plane import authz, certs, metrics, refusals
 from control_plane.custody import PendingKey, new_pending_key
 from control_plane.errors import (
     Aborted,
@@ -34,6 +35,7 @@ from control_plane.errors import (
     KeywardError,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     show,
     Unauthenticated,
     Unavailable,
@@ -41,7 +43,7 @@ from control_plane.errors import (
 from control_plane.deadline import CALL_DEADLINE
 from control_plane.events import EventHub, Overflow
 from control_plane.spool import KeySentAuditor
-from control_plane.identity import Identity, Role, check_id, from_certificate
+from control_plane.identity import Identity, Role, check_id, describe_certificate, from_certificate
 from control_plane.policy import FailMode, Policy, validate
 from control_plane.store import NO_REQUEST, Actor, RequestKey, IntermediateRow, KeyEventRow, OrgRow, PoolRow, Store
 from keylib.master import MasterSecret
@@ -60,6 +62,7 @@ STATUS: dict[type[KeywardError], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -196,7 +199,12 @@ class _Base:
         return from_certificate(pems[0], trust_domain=self.trust_domain)
 
     async def _audit_failure(self, action: str, ident: Identity | None, request: Any,
-                             code: grpc.StatusCode, message: str) -> None:
+                             code: grpc.StatusCode, message: str,
+                             context: grpc.aio.ServicerContext[Any, Any] | None = None) -> None:
+        if ident is None and context is not None:
+            # Who was refused: the certificate itself (fingerprint, URI SANs), not just "unauthenticated".
+            pems = list(context.auth_context().get("x509_pem_cert") or [])
+            message = f"{message} [{describe_certificate(pems[0]) if pems else 'no client certificate'}]"
         await _audit_failure_impl(self.store, action, ident, request, code, message)
 
     def budget(self, context: grpc.aio.ServicerContext[Any, Any]) -> float:
@@ -204,6 +212,32 @@ class _Base:
         if remaining is None:
             return self.max_call_seconds
         return max(0.0, min(remaining, self.max_call_seconds))
+
+
+MAX_CONCURRENT_WRITES = 2
+"""Admin writes one identity may have in flight at once: one org admin's burst of writes cannot
+occupy the CA (or its write lock) that every tenant shares."""
+
+
+class _Writes:
+    def __init__(self) -> None:
+        self.n: dict[str, int] = {}
+
+    def take(self, who: str) -> str:
+        if self.n.get(who, 0) >= MAX_CONCURRENT_WRITES:
+            raise ResourceExhausted(f"{who} already has {MAX_CONCURRENT_WRITES} writes in progress; "
+                                    "retry when one has finished")
+        self.n[who] = self.n.get(who, 0) + 1
+        return who
+
+    def give(self, who: str) -> None:
+        if who:
+            self.n[who] -= 1
+            if not self.n[who]:
+                del self.n[who]
+
+
+_writes = _Writes()
 
 
 def unary(action: str, *, audited: bool) -> Callable[[Handler[Req, Resp]], Callable[..., Awaitable[Resp]]]:
@@ -216,8 +250,11 @@ def unary(action: str, *, audited: bool) -> Callable[[Handler[Req, Resp]], Calla
             code = grpc.StatusCode.OK
             ident: Identity | None = None
             message = ""
+            held = ""
             try:
                 ident = self.identify(context)
+                if audited:  # a write: at most MAX_CONCURRENT_WRITES at once per identity
+                    held = _writes.take(ident.spiffe_id)
                 budget = self.budget(context)
                 CALL_DEADLINE.set(time.monotonic() + budget)
                 async with asyncio.timeout(budget):
@@ -234,10 +271,11 @@ def unary(action: str, *, audited: bool) -> Callable[[Handler[Req, Resp]], Calla
                 log.exception("unexpected error in %s (ref %s)", action, ref, extra={"method": action})
                 code, message = grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); the request was not applied"
             finally:
+                _writes.give(held)
                 metrics.RPCS.labels(action, code.name).inc()
                 metrics.LATENCY.labels(action).observe(time.monotonic() - start)
             if audited or code is grpc.StatusCode.PERMISSION_DENIED or code is grpc.StatusCode.UNAUTHENTICATED:
-                await self._audit_failure(action, ident, request, code, message)
+                await self._audit_failure(action, ident, request, code, message, context)
             log.info("%s refused: %s", action, code.name,
                      extra={"method": action, "code": code.name, "actor": str(ident or "-")})
             await context.abort(code, message)
@@ -252,34 +290,31 @@ _background: set[asyncio.Task[None]] = set()
 AUDIT_WAIT_SECONDS = 2.0
 
 
-class _RefusalBudget:
-    """Failed calls are audited one by one up to RATE per second (burst
-    BURST); beyond that they are counted, and the next audited refusal
-    carries the count. A flood of refusals then cannot monopolize the write
-    lock that admin writes need, and still leaves its size in the chain."""
-
-    RATE, BURST = 20.0, 100.0
-
-    def __init__(self) -> None:
-        self.tokens = self.BURST
-        self.last = time.monotonic()
-        self.suppressed = 0
-
-    def take(self) -> int | None:
-        """None: do not audit this one. Else: how many were skipped before it."""
-        now = time.monotonic()
-        self.tokens = min(self.BURST, self.tokens + (now - self.last) * self.RATE)
-        self.last = now
-        if self.tokens < 1:
-            self.suppressed += 1
-            metrics.AUDIT_SUPPRESSED.inc()
-            return None
-        self.tokens -= 1
-        skipped, self.suppressed = self.suppressed, 0
-        return skipped
+REFUSALS = refusals.RefusalLedger()
+"""Which refusals are audited one by one; the rest become aggregate rows (see ``refusals``)."""
 
 
-_refusals = _RefusalBudget()
+async def flush_refusals(store: Store, *, final: bool = False) -> None:
+    """Write the aggregate rows whose window has passed (every second, from the server)."""
+    for agg in REFUSALS.due(time.monotonic(), force=final):
+        metrics.AUDIT_SUPPRESSED.inc(agg.count)
+        try:
+            async with asyncio.timeout(30):
+                await store.audit(Actor(agg.caller), agg.action, org_id=agg.org_id if agg.org_id != "*" else "",
+                                  key_id="", outcome=agg.outcome, detail=agg.detail())
+        except (KeywardError, TimeoutError):
+            log.warning("could not write an aggregate refusal row (database unavailable)",
+                        extra={"method": agg.action})
+
+
+async def run_refusal_flusher(store: Store) -> None:
+    try:
+        while True:
+            await asyncio.sleep(1.0)
+            await flush_refusals(store)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(flush_refusals(store, final=True))
 
 
 async def _audit_failure_impl(store: Store, action: str, ident: Identity | None, request: Any,
@@ -289,16 +324,14 @@ async def _audit_failure_impl(store: Store, action: str, ident: Identity | None,
     call may have failed) cannot hold the caller's answer back."""
     org_id = (org_id or str(getattr(request, "org_id", "")))[:64]
     key_id = str(getattr(request, "key_id", ""))[:64]
-    skipped = _refusals.take()
-    if skipped is None:
-        return
-    if skipped:
-        message = f"{message} (+{skipped} earlier refusals not individually audited: rate limit)"
+    caller = ident.spiffe_id if ident else "unauthenticated"
+    if not REFUSALS.admit(caller, action, org_id, code.name, time.monotonic()):
+        return  # counted: written as an aggregate row for (caller, action, org, outcome) within seconds
 
     async def write() -> None:
         try:
             async with asyncio.timeout(30):
-                await store.audit(Actor(ident.spiffe_id if ident else "unauthenticated"), action,
+                await store.audit(Actor(caller), action,
                                   org_id=org_id, key_id=key_id, outcome=code.name, detail=message)
         except (KeywardError, TimeoutError):
             log.warning("could not audit a refused %s (database unavailable)", action, extra={"method": action})
@@ -343,7 +376,7 @@ class AdminService(_Base, pb_grpc.AdminServicer):
     async def CreateOrganization(self, request: pb.CreateOrganizationRequest, context: Any, ident: Identity) -> pb.Organization:
         authz.require_platform_admin(ident, "create organizations")
         check_id(request.org_id, "org_id")
-        policy = policy_from_pb(request.policy)
+        policy = await asyncio.to_thread(policy_from_pb, request.policy)  # off the event loop
         org = await self.store.create_org(Actor(ident.spiffe_id), request.org_id,
                                           _display_name(request.display_name) or request.org_id, policy,
                                           _request_key(request))
@@ -359,7 +392,7 @@ class AdminService(_Base, pb_grpc.AdminServicer):
         authz.require_admin_of(ident, request.org_id)
         if not request.HasField("policy"):
             raise InvalidArgument("policy is required (send the whole policy; absent fields take their defaults)")
-        policy = policy_from_pb(request.policy)
+        policy = await asyncio.to_thread(policy_from_pb, request.policy)  # off the event loop
         org = await self.store.update_policy(Actor(ident.spiffe_id), request.org_id, policy,
                                              request.expected_policy_version, _request_key(request))
         return org_to_pb(org)

@@ -31,9 +31,10 @@ async def run(cfg: config.ZenConfig) -> None:
     master = MasterSecret.load(path=cfg.master_secret_file, require_lock=cfg.require_mlock)
     with open(cfg.ca_trust_file, "rb") as t, open(cfg.tls_cert_file, "rb") as c, open(cfg.tls_key_file, "rb") as k:
         client = CAClient(cfg.ca_addr, trust_pem=t.read(), cert_pem=c.read(), key_pem=k.read())
-    km = KeyManager(client, master)
+    km = KeyManager(client, master, require_lock=cfg.require_mlock)
     km.start()
     minter = Minter(leaf_hours=cfg.leaf_hours, cache_size=cfg.leaf_cache_size)
+    km.on_key_gone.append(minter.forget)  # leaves minted under a key that is gone are forgotten with it
     host, _, port = cfg.listen.rpartition(":")
     proxy = Proxy(km, minter, origin_context(cfg.extra_roots_file),
                   origin_h1_ctx=origin_context(cfg.extra_roots_file, ("http/1.1",)), resolve=dict(cfg.resolve),

@@ -17,13 +17,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from data_plane import metrics
 from data_plane.ca_client import CAClient, CAError, CAUnavailable, KeyMaterial
 from data_plane.keyopen import open_org_key
 from data_plane.policy import OrgPolicy
-from data_plane.signer import Signer
+from data_plane.signer import Signer, SignerError
 from keylib.master import MasterSecret
 
 log = logging.getLogger("keyward.zen.keys")
@@ -41,9 +42,11 @@ class OrgKey:
 
 
 class KeyManager:
-    def __init__(self, client: CAClient, master: MasterSecret) -> None:
+    def __init__(self, client: CAClient, master: MasterSecret, *, require_lock: bool = False) -> None:
         self._client = client
         self._master = master
+        self._require_lock = require_lock
+        """KEYWARD_REQUIRE_MLOCK: an org key whose memory cannot be locked is not opened."""
         self.keys: dict[str, OrgKey] = {}
         self.policies: dict[str, OrgPolicy] = {}
         #: Intermediate certificates are kept until a new one arrives, even after the key is dropped.
@@ -52,6 +55,13 @@ class KeyManager:
         self.ca_reachable = False
         self._last_seq = 0
         self._tasks: list[asyncio.Task[None]] = []
+        #: Called with the org id whenever its key leaves (dropped, revoked, rotated out): whatever was
+        #: made with it (minted leaves and their keys) must go too.
+        self.on_key_gone: list[Callable[[str], None]] = []
+
+    def _gone(self, org_id: str) -> None:
+        for f in self.on_key_gone:
+            f(org_id)
 
     def _reachable(self, up: bool) -> None:
         self.ca_reachable = up
@@ -73,6 +83,7 @@ class KeyManager:
         k = self.keys.pop(org_id, None)
         if k is not None:
             k.signer.stop()
+            self._gone(org_id)
             metrics.KEYS_HELD.set(len(self.keys))
             log.info("dropped key of %s (%s)", org_id, reason)
 
@@ -80,7 +91,7 @@ class KeyManager:
         buf = open_org_key(self._master, org_id=km.org_id, key_id=km.key_id, keylib_format=km.keylib_format,
                            sealed=km.sealed, certificate_pem=km.certificate_pem)
         try:
-            signer = await asyncio.to_thread(Signer.start, buf, km.certificate_pem)
+            signer = await asyncio.to_thread(Signer.start, buf, km.certificate_pem, require_lock=self._require_lock)
         finally:
             buf.wipe()
         new = OrgKey(km.org_id, km.key_id, km.version, km.certificate_pem, km.chain_pem, signer)
@@ -90,6 +101,7 @@ class KeyManager:
         self.policies[km.org_id] = km.policy
         if old is not None and old.signer is not signer:
             old.signer.stop()
+            self._gone(km.org_id)
         metrics.KEYS_HELD.set(len(self.keys))
         return new
 
@@ -114,7 +126,15 @@ class KeyManager:
                 return None
             if have is not None and have.key_id == km.key_id:
                 return have
-            return await self._install(km)
+            try:
+                return await self._install(km)
+            except SignerError as e:
+                # Not opened (e.g. its memory cannot be locked and KEYWARD_REQUIRE_MLOCK says it must be):
+                # the org's policy still applies, with no key: its fail mode decides.
+                self.policies[org_id] = km.policy
+                metrics.KEY_FETCHES.labels("not_opened").inc()
+                log.error("key of %s not opened: %s", org_id, e)
+                return have
 
     async def signer_for(self, org_id: str) -> OrgKey | None:
         k = self.keys.get(org_id)

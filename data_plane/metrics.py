@@ -17,6 +17,8 @@ CERT_CACHE = Counter("keyward_zen_cert_cache_total", "Minted-certificate cache l
 KEY_FETCHES = Counter("keyward_zen_key_fetches_total", "Key fetches from the CA, by result", ["result"],
                       registry=REGISTRY)
 KEYS_HELD = Gauge("keyward_zen_keys_held", "Org keys held (one signer process each)", registry=REGISTRY)
+SIGNER_LOCKED = Gauge("keyward_zen_signer_memory_locked",
+                      "1 if the last signer started could lock the memory holding its key", registry=REGISTRY)
 CA_REACHABLE = Gauge("keyward_zen_ca_reachable", "1 if the CA answered last time", registry=REGISTRY)
 
 

@@ -21,7 +21,7 @@ import ssl
 
 from data_plane import metrics
 from data_plane.http1 import Head, HttpError, copy_body, read_head, splice
-from data_plane.keys import KeyManager
+from data_plane.keys import KeyManager, OrgKey
 from data_plane.mint import Minter
 from data_plane.policy import Action, connect_action, org_for, url_blocked
 
@@ -126,8 +126,8 @@ class Proxy:
                        target: str) -> None:
         host, _, port_s = target.rpartition(":")
         host = host.strip("[]").lower()
-        if not host or not port_s.isdigit():
-            raise HttpError("CONNECT target must be host:port")
+        if not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
+            raise HttpError("CONNECT target must be host:port, with a port from 1 to 65535")
         port = int(port_s)
         policy = self.km.policies[org]
         action = connect_action(policy, host, have_key=True)
@@ -174,6 +174,17 @@ class Proxy:
             writer.write(page(502, "Bad Gateway", f"cannot reach {_html(host)}: {_html(str(e))}"))
             await writer.drain()
             return
+        try:
+            await self._intercept(reader, writer, o_reader, o_writer, org, host, port, key)
+        finally:
+            # Whatever happens from here on (a client that never completes its handshake, sends
+            # no TLS at all, or hangs up), the origin connection goes with the client's.
+            with contextlib.suppress(Exception):
+                o_writer.close()
+
+    async def _intercept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         o_reader: asyncio.StreamReader, o_writer: asyncio.StreamWriter, org: str, host: str,
+                         port: int, key: OrgKey) -> None:
         sslobj = o_writer.get_extra_info("ssl_object")
         peer = sslobj.getpeercert() if sslobj else None
         sans = [v for k, v in (peer or {}).get("subjectAltName", ()) if k in ("DNS", "IP Address")]
@@ -210,7 +221,7 @@ class Proxy:
             await self._inspect(reader, writer, o_reader, o_writer, org, host)
         finally:
             with contextlib.suppress(Exception):
-                o_writer.close()
+                o_writer.close()  # the HTTP/1.1 one, when it replaced the first
 
     async def _inspect(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter,
                        o_reader: asyncio.StreamReader, o_writer: asyncio.StreamWriter, org: str, host: str) -> None:

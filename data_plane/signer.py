@@ -31,6 +31,7 @@ import sys
 import threading
 from dataclasses import dataclass
 
+from data_plane import metrics
 from keylib.securemem import LockedBuffer
 
 MCL_CURRENT, MCL_FUTURE = 1, 2
@@ -84,8 +85,11 @@ class Signer:
         return self._proc.pid
 
     @classmethod
-    def start(cls, der: LockedBuffer, intermediate_pem: str) -> Signer:
-        """Start a signer holding ``der``'s key. ``der`` is not kept; wipe it after."""
+    def start(cls, der: LockedBuffer, intermediate_pem: str, *, require_lock: bool = False) -> Signer:
+        """Start a signer holding ``der``'s key. ``der`` is not kept; wipe it after.
+
+        ``require_lock`` (the ZEN's KEYWARD_REQUIRE_MLOCK): a signer that cannot lock the memory
+        holding the key is stopped, and the key not opened (SignerError), instead of a warning."""
         proc = subprocess.Popen([sys.executable, "-m", "data_plane.signer"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, close_fds=True, env={"PYTHONPATH": os.pathsep.join(sys.path)})
         assert proc.stdin is not None and proc.stdout is not None
@@ -101,7 +105,14 @@ class Signer:
         if ready.get("error"):
             s.stop()
             raise SignerError(f"signer refused the key: {ready['error']}")
-        if not ready.get("locked"):
+        locked = bool(ready.get("locked"))
+        metrics.SIGNER_LOCKED.set(1 if locked else 0)
+        if not locked:
+            if require_lock:
+                s.stop()
+                raise SignerError("the memory holding the key cannot be locked (RLIMIT_MEMLOCK too small): the key "
+                                  "was not opened; raise the limit, or set KEYWARD_REQUIRE_MLOCK=false to accept "
+                                  "that it could be swapped out")
             log.warning("signer %d: the memory holding the key is not locked (RLIMIT_MEMLOCK too small); "
                         "it could be swapped out on a node with swap", proc.pid)
         return s

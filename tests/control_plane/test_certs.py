@@ -99,3 +99,33 @@ def test_issuer_constraints_are_enforced(key: object) -> None:
         chain = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in (mid, rc))
         with pytest.raises(InvalidArgument, match=msg):
             validate_intermediate(leaf, chain, pending_spki_sha256=spki_sha256(key.public_key()))  # type: ignore[attr-defined]
+
+
+def test_a_bogus_signature_is_refused_with_or_without_a_chain(key: object) -> None:
+    """The adversarial upload: the pending public key, the org root's name as issuer, but signed by
+    an attacker's key. Without a chain it used to be accepted (and rotated the good key out)."""
+    root = _root()
+    attacker = _root("root")  # same name, other key
+    bogus = _issue(key.public_key(), (root[0], attacker[1]))  # type: ignore[attr-defined]
+    fp = spki_sha256(key.public_key())  # type: ignore[attr-defined]
+    with pytest.raises(InvalidArgument, match="chain_pem is required"):
+        validate_intermediate(bogus, "", pending_spki_sha256=fp)
+    with pytest.raises(InvalidArgument, match="chain does not verify"):
+        validate_intermediate(bogus, root[0].public_bytes(serialization.Encoding.PEM).decode(), pending_spki_sha256=fp)
+
+
+def test_the_chain_must_end_at_a_self_signed_root(key: object) -> None:
+    rc, rk = _root()
+    mid_key = ec.generate_private_key(ec.SECP256R1())
+    mid = (x509.CertificateBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "mid")]))
+           .issuer_name(rc.subject).public_key(mid_key.public_key()).serial_number(9)
+           .not_valid_before(NOW - dt.timedelta(hours=1)).not_valid_after(NOW + dt.timedelta(days=30))
+           .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+           .sign(rk, hashes.SHA256()))
+    leaf = _issue(key.public_key(), (mid, mid_key))  # type: ignore[attr-defined]
+    fp = spki_sha256(key.public_key())  # type: ignore[attr-defined]
+    with pytest.raises(InvalidArgument, match="must end with your org's self-signed root"):
+        validate_intermediate(leaf, mid.public_bytes(serialization.Encoding.PEM).decode(), pending_spki_sha256=fp)
+    full = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in (mid, rc))
+    assert validate_intermediate(leaf, full, pending_spki_sha256=fp)[2] == full

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 
-def test_refusal_audit_budget_counts_what_it_skips() -> None:
-    from control_plane.service import _RefusalBudget
 
-    b = _RefusalBudget()
-    b.RATE = 0.0  # no refill: exactly BURST audits, then counting
-    taken = [b.take() for _ in range(int(b.BURST) + 5)]
-    assert taken[: int(b.BURST)] == [0] * int(b.BURST) and taken[int(b.BURST):] == [None] * 5
-    b.tokens = 1
-    assert b.take() == 5  # the next audited refusal carries the count
+def test_one_identity_has_at_most_two_writes_in_flight() -> None:
+    from control_plane.errors import ResourceExhausted
+    from control_plane.service import MAX_CONCURRENT_WRITES, _Writes
+
+    w = _Writes()
+    held = [w.take("spiffe://keyward/org-admin/acme") for _ in range(MAX_CONCURRENT_WRITES)]
+    with pytest.raises(ResourceExhausted, match="retry when one has finished"):
+        w.take("spiffe://keyward/org-admin/acme")
+    assert w.take("spiffe://keyward/org-admin/globex")  # another tenant is not affected
+    w.give(held[0])
+    assert w.take("spiffe://keyward/org-admin/acme")  # one finished: room again

@@ -114,3 +114,23 @@ def test_signer_works_under_a_tiny_limit_and_says_the_key_is_not_locked(
         assert any("not locked" in r.getMessage() for r in caplog.records)
     finally:
         signer.stop()
+
+
+def test_a_key_that_cannot_be_locked_is_not_opened_when_locking_is_required(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KEYWARD_REQUIRE_MLOCK=true (the default) is honoured: under a 64 KiB limit the signer is stopped
+    and the key not opened, with a message saying what to change (it used to start, unlocked)."""
+    from data_plane import metrics
+    from data_plane.signer import SignerError
+
+    key, issuer = _org()
+    der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    monkeypatch.setattr(sys, "executable", _pod_like_python(tmp_path, 64))
+    buf = from_bytes(der)
+    try:
+        with pytest.raises(SignerError, match="cannot be locked.*KEYWARD_REQUIRE_MLOCK"):
+            Signer.start(buf, issuer.public_bytes(serialization.Encoding.PEM).decode(), require_lock=True)
+    finally:
+        buf.wipe()
+        monkeypatch.undo()
+    assert metrics.SIGNER_LOCKED._value.get() == 0  # the state is in the metrics

@@ -76,3 +76,30 @@ def test_metrics_endpoint(ca: CAProcess, platform: Clients, pki_dir: Path, tmp_p
     assert f'keyward_ca_keys_refused_total{{org="{new_org_id}"}} 1.0' in m  # an existing org: labelled
     assert 'keyward_ca_rpc_duration_seconds_bucket{le="0.1",method="GetKeyPair"}' in m
     assert "keyward_ca_db_errors_total" in m and "keyward_ca_db_up 1.0" in m
+
+
+def test_a_flood_of_refusals_hides_no_orgs_refusal_from_its_admin(
+    ca: CAProcess, platform: Clients, pki_dir: Path, new_org_id: str,
+) -> None:
+    """Adversarial: as zen-public, 150 GetKeyPair calls for made-up orgs, then one for a private-only
+    org. The budget used to be global: that org's admin saw nothing. Now its refusal is audited on its
+    own or counted in an aggregate row under the org, within seconds."""
+    import grpc
+
+    from tests.helpers import wait_for
+
+    create_org(platform, new_org_id, private_zen_only=True)
+    admin = org_admin(ca.addr, pki_dir, new_org_id)
+    zen = clients(ca.addr, pki_dir, "zen-public")
+    for i in range(150):
+        code, _ = code_of(zen.keys.GetKeyPair, pb.GetKeyPairRequest(org_id=f"made-up-{i:03d}"))
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+    code, _ = code_of(zen.keys.GetKeyPair, pb.GetKeyPairRequest(org_id=new_org_id))
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+
+    def refusal_seen() -> list[pb.AuditEvent]:
+        ev = admin.admin.ListAuditEvents(pb.ListAuditEventsRequest(org_id=new_org_id, limit=1000), timeout=30).events
+        return [e for e in ev if e.action == "GetKeyPair" and e.outcome == "PERMISSION_DENIED"
+                and e.actor.endswith("/zen-pool/public")]
+    rows = wait_for(refusal_seen, 20, "the org's admin to see the refusal in the audit", interval=0.5)
+    assert rows[0].org_id == new_org_id

@@ -155,6 +155,25 @@ def test_malformed_identities_are_refused(ca: CAProcess, platform: Clients, pki_
     assert code == grpc.StatusCode.UNAUTHENTICATED and expect in msg
     # The server keeps serving everyone else.
     assert platform.admin.ListZenPools(pb.ListZenPoolsRequest(), timeout=30).pools
+    # The refusal's audit row names the certificate (fingerprint), not just "unauthenticated".
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    from tests.helpers import wait_for
+    fp = x509.load_pem_x509_certificate((pki_dir / f"{who}.crt").read_bytes()).fingerprint(hashes.SHA256()).hex()
+
+    def audited() -> bool:
+        after = 0
+        while True:
+            ev = platform.admin.ListAuditEvents(pb.ListAuditEventsRequest(after_seq=after, limit=1000),
+                                                timeout=30).events
+            if any(e.action == "ListZenPools" and e.outcome == "UNAUTHENTICATED" and f"sha256:{fp}" in e.detail
+                   for e in ev):
+                return True
+            if len(ev) < 1000:
+                return False
+            after = ev[-1].seq
+    wait_for(audited, 20, "an audit row naming the refused certificate", interval=0.5)
 
 
 def test_expired_client_certificate_is_refused(ca: CAProcess, pki_dir: Path) -> None:

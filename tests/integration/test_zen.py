@@ -8,9 +8,11 @@ certificate. The ZEN resolves those names to 127.0.0.1 (KEYWARD_ZEN_RESOLVE).
 
 from __future__ import annotations
 
+import base64
 import http.server
 import json
 import os
+import socket
 import ssl
 import subprocess
 import sys
@@ -457,3 +459,46 @@ def test_bypass_relay_decrypts_nothing(web: Web, workdir: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def _to_origin(port: int) -> int:
+    """ESTABLISHED TCP connections whose remote end is the origin's port (the ZEN's side of them)."""
+    n = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if int(f[2].split(":")[1], 16) == port and f[3] == "01":
+            n += 1
+    return n
+
+
+def test_a_failed_client_handshake_closes_the_origin_connection(
+    zen: Zen, web: Web, org: tuple[str, OrgRoot, Clients],
+) -> None:
+    """Adversarial: CONNECT, then bytes that are not TLS (or a hang-up after the ServerHello).
+    Each used to leave the origin connection open for good (+300 sockets per 500 CONNECTs)."""
+    org_id = org[0]
+    base = _to_origin(web.port)
+    auth = base64.b64encode(f"{org_id}:x".encode()).decode()
+    socks = []
+    for i in range(30):
+        s = socket.create_connection(("127.0.0.1", zen.port), timeout=10)
+        s.sendall(f"CONNECT good.test:{web.port} HTTP/1.1\r\nHost: good.test:{web.port}\r\n"
+                  f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode())
+        got = b""
+        while b"\r\n\r\n" not in got:
+            chunk = s.recv(4096)
+            assert chunk, got
+            got += chunk
+        assert got.startswith(b"HTTP/1.1 200"), got
+        if i % 2:
+            s.sendall(b"this is not TLS at all\r\n\r\n")
+        else:
+            s.close()  # a hang-up instead
+            continue
+        socks.append(s)
+    for s in socks:  # the ZEN drops each bad client...
+        while s.recv(4096):
+            pass
+        s.close()
+    # ...and each origin connection with it.
+    wait_for(lambda: _to_origin(web.port) <= base, 15, "the ZEN's connections to the origin to close")
