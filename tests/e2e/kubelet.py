@@ -80,12 +80,16 @@ def _repo(image: str) -> str:
     return "/".join(parts[-2:]) if len(parts) >= 2 and parts[-2] == "keyward" else parts[-1]
 
 
-def _local(argv0: str) -> str:
-    """An image's program, here: the virtualenv's python/keyward/kopf; anything else from PATH."""
-    for d in (VENV_BIN,):
-        if (d / argv0).exists():
-            return str(d / argv0)
-    return argv0
+def _local(argv: list[str]) -> list[str]:
+    """An image's program, here, as the pod sees this checkout (at SRC_STAGE): the virtualenv's python;
+    its console scripts (keyward, kopf) run by that python (their shebang names the checkout's own
+    path, which the pod's user may not reach); anything else from PATH."""
+    venv = SRC_STAGE / ".venv" / "bin"
+    if argv[0] in ("python", "python3"):
+        return [str(venv / "python"), *argv[1:]]
+    if (VENV_BIN / argv[0]).exists():
+        return [str(venv / "python"), str(venv / argv[0]), *argv[1:]]
+    return argv
 
 
 @dataclass
@@ -355,12 +359,13 @@ class Kubelet:
         env = self._env(r, c)
         argv = list(c.get("command") or entrypoint(c["image"]) or []) + list(c.get("args") or [])
         argv = [_expand(a, env) for a in argv]
-        argv[0] = _local(argv[0])
+        argv = _local(argv)
         uid = csc.get("runAsUser", psc.get("runAsUser", 0))
         gid = csc.get("runAsGroup", psc.get("runAsGroup", uid))
         groups = [g for g in [psc.get("fsGroup"), *psc.get("supplementalGroups", [])] if g is not None]
-        # This checkout (the "image"'s programs) must stay visible whatever the pod mounts: a clone
-        # under /tmp would vanish under the pod's /tmp emptyDir. Kept aside first, put back after.
+        # This checkout (the "image"'s programs) is seen by the pod at SRC_STAGE, bound before the
+        # volumes: a clone under /tmp would vanish under a /tmp emptyDir, and one under /root is out
+        # of reach of the pod's user (/root is 0700).
         stage = SRC_STAGE
         self._mkdirs(stage)
         lines = ["set -e", f"mount --bind {shlex.quote(str(ROOT))} {stage}"]
@@ -373,8 +378,6 @@ class Kubelet:
             lines.append(f"mount --bind {shlex.quote(str(vols[m['name']]))} {shlex.quote(str(target))}")
             if m.get("readOnly"):
                 lines.append(f"mount -o remount,bind,ro {shlex.quote(str(target))}")
-        lines.append(f"[ -e {shlex.quote(str(ROOT / '.venv'))} ] || {{ mkdir -p {shlex.quote(str(ROOT))} && "
-                     f"mount --bind {stage} {shlex.quote(str(ROOT))}; }}")
         lines.append(f"mount --bind {shlex.quote(str(r.dir / 'passwd'))} /etc/passwd")
         lines.append(f"mount --bind {shlex.quote(str(r.dir / 'group'))} /etc/group")
         sa = Path("/var/run/secrets/kubernetes.io/serviceaccount")
@@ -412,11 +415,13 @@ class Kubelet:
                 f.write(f"{d}\n")
 
     def _env(self, r: Running, c: Obj) -> dict[str, str]:
-        path = ":".join([str(IMAGE_DIR), str(VENV_BIN), str(PG_BIN), "/usr/local/bin", "/usr/bin", "/bin",
+        staged_image = SRC_STAGE / IMAGE_DIR.relative_to(ROOT)
+        path = ":".join([str(staged_image), str(SRC_STAGE / ".venv" / "bin"), str(PG_BIN), "/usr/local/bin", "/usr/bin", "/bin",
                          "/usr/sbin", "/sbin"])
         env = {"PATH": path, "HOSTNAME": r.pod["spec"].get("hostname") or r.name, "HOME": "/tmp",
                "KUBERNETES_SERVICE_HOST": BRIDGE_IP, "KUBERNETES_SERVICE_PORT": str(API_PORT),
-               "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"}
+               "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": str(SRC_STAGE)}  # our packages from the staged checkout (the editable install names ROOT)
         if os.environ.get("KEYWARD_E2E_RUN"):  # not the pod's: how make e2e finds what to stop, whatever happened
             env["KEYWARD_E2E_RUN"] = os.environ["KEYWARD_E2E_RUN"]
         for e in c.get("env") or []:
