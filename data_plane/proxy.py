@@ -16,10 +16,13 @@ import base64
 import contextlib
 import json
 import logging
+import os
 import re
+import socket
 import ssl
 
 from data_plane import metrics
+from data_plane.clienthello import MAX_HELLO, ClientHello, NotTls, decide, needed, parse
 from data_plane.http1 import Head, HttpError, copy_body, read_head, splice
 from data_plane.keys import KeyManager, OrgKey
 from data_plane.mint import Minter
@@ -124,67 +127,151 @@ class Proxy:
 
     async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, org: str,
                        target: str) -> None:
+        """CONNECT, in mitmproxy's order: decide what can be decided on the CONNECT host (block,
+        fail-closed, an unreachable origin: answered with a page), say 200, read the client's
+        ClientHello from the socket without consuming it, decide on the name the leaf will carry
+        (``clienthello.decide``: the SNI, else the CONNECT host), then verify the origin under
+        that same name and mint the leaf for it."""
         host, _, port_s = target.rpartition(":")
         host = host.strip("[]").lower()
         if not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
             raise HttpError("CONNECT target must be host:port, with a port from 1 to 65535")
         port = int(port_s)
         policy = self.km.policies[org]
-        action = connect_action(policy, host, have_key=True)
+        first = connect_action(policy, host, have_key=True)
         key = None
-        if action is Action.INTERCEPT:
+        if first is Action.INTERCEPT:
             key = await self.km.signer_for(org)
-            action = connect_action(policy, host, have_key=key is not None)
-        metrics.DECISIONS.labels(org, {Action.INTERCEPT: "intercepted", Action.TUNNEL: "tunnelled",
-                                       Action.BLOCK: "blocked", Action.REFUSE: "refused"}[action]).inc()
-        access.info(json.dumps({"org": org, "connect": f"{host}:{port}", "action": action.value}))
-        if action is Action.BLOCK:
-            writer.write(page(403, "Forbidden", f"{_html(host)} is blocked by your organization's policy."))
+            first = connect_action(policy, host, have_key=key is not None)
+        if first is Action.BLOCK or first is Action.REFUSE:
+            self._decided(org, host, port, None, first, host, f"policy for {host}")
+            if first is Action.BLOCK:
+                writer.write(page(403, "Forbidden", f"{_html(host)} is blocked by your organization's policy."))
+            else:
+                writer.write(page(503, "Service Unavailable",
+                                  "Your organization's traffic cannot be inspected right now and its policy is "
+                                  "fail-closed."))
             await writer.drain()
             return
-        if action is Action.REFUSE:
-            writer.write(page(503, "Service Unavailable",
-                              "Your organization's traffic cannot be inspected right now and its policy is "
-                              "fail-closed."))
-            await writer.drain()
-            return
-        if action is Action.TUNNEL:
-            try:
-                o_reader, o_writer = await asyncio.wait_for(
-                    asyncio.open_connection(self._addr(host), port), CONNECT_TIMEOUT)
-            except (OSError, asyncio.TimeoutError) as e:
-                writer.write(page(502, "Bad Gateway", f"cannot reach {_html(host)}: {_html(str(e))}"))
-                await writer.drain()
-                return
-            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            await writer.drain()
-            await self._splice(reader, writer, o_reader, o_writer)
-            return
-        assert key is not None
-        try:
-            o_reader, o_writer = await asyncio.wait_for(asyncio.open_connection(
-                self._addr(host), port, ssl=self.origin_ctx, server_hostname=host), CONNECT_TIMEOUT)
-        except ssl.SSLCertVerificationError as e:
-            writer.write(page(502, "Bad Gateway",
-                              f"The certificate of {_html(host)} is not trusted ({_html(e.verify_message or str(e))}); "
-                              "the connection was refused."))
-            await writer.drain()
-            return
-        except (OSError, asyncio.TimeoutError, ssl.SSLError) as e:
+        try:  # TCP to the CONNECT host's address; TLS comes once the name is known
+            o_reader, o_writer = await asyncio.wait_for(asyncio.open_connection(self._addr(host), port),
+                                                        CONNECT_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as e:
             writer.write(page(502, "Bad Gateway", f"cannot reach {_html(host)}: {_html(str(e))}"))
             await writer.drain()
             return
         try:
-            await self._intercept(reader, writer, o_reader, o_writer, org, host, port, key)
+            await self._after_connect(reader, writer, o_reader, o_writer, org, host, port, first, key)
         finally:
             # Whatever happens from here on (a client that never completes its handshake, sends
             # no TLS at all, or hangs up), the origin connection goes with the client's.
             with contextlib.suppress(Exception):
                 o_writer.close()
 
+    def _decided(self, org: str, host: str, port: int, sni: str | None, action: Action, name: str, why: str) -> None:
+        metrics.DECISIONS.labels(org, {Action.INTERCEPT: "intercepted", Action.TUNNEL: "tunnelled",
+                                       Action.BLOCK: "blocked", Action.REFUSE: "refused"}[action]).inc()
+        access.info(json.dumps({"org": org, "connect": f"{host}:{port}", "sni": sni, "name": name,
+                                "action": action.value, "why": why}))
+
+    async def _after_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                             o_reader: asyncio.StreamReader, o_writer: asyncio.StreamWriter, org: str, host: str,
+                             port: int, first: Action, key: OrgKey | None) -> None:
+        # Keep the ClientHello in the socket, for the TLS layer, while it is read for the decision.
+        transport = writer.transport
+        assert isinstance(transport, asyncio.Transport)  # a TCP connection's: it reads too
+        transport.pause_reading()
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await writer.drain()
+        try:
+            if getattr(reader, "_buffer", b""):  # bytes sent before our 200: not a TLS client we can serve
+                raise NotTls("data before the tunnel was established")
+            hello = await self._client_hello(writer)
+        except (NotTls, TimeoutError, OSError) as e:
+            if first is Action.TUNNEL:  # a do-not-inspect host: whatever it speaks, tunnelled as before
+                self._decided(org, host, port, None, first, host, f"policy for {host}; not TLS ({e})")
+                transport.resume_reading()
+                await self._splice(reader, writer, o_reader, o_writer)
+            return
+        policy = self.km.policies[org]
+        verdicts = {host: first}
+        if hello.sni and hello.sni != host:
+            second = connect_action(policy, hello.sni, have_key=True)
+            if second is Action.INTERCEPT and key is None:
+                key = await self.km.signer_for(org)
+            verdicts = {host: connect_action(policy, host, have_key=key is not None),
+                        hello.sni: connect_action(policy, hello.sni, have_key=key is not None)}
+        action, name, why = decide(host, hello.sni, verdicts)
+        self._decided(org, host, port, hello.sni, action, name, why)
+        if action is Action.TUNNEL:
+            transport.resume_reading()
+            await self._splice(reader, writer, o_reader, o_writer)
+            return
+        if action is not Action.INTERCEPT or key is None:
+            return  # after the 200 there is no page to send in plaintext: the connection is closed
+        # The origin, over the same TCP connection, must prove the name the leaf will carry. A client
+        # that offered no h2 gets an HTTP/1.1 origin at once (no reconnect).
+        origin_ctx = self.origin_ctx if "h2" in hello.alpn else self.origin_h1_ctx
+        try:
+            await asyncio.wait_for(o_writer.start_tls(origin_ctx, server_hostname=name), CONNECT_TIMEOUT)
+        except ssl.SSLCertVerificationError as e:
+            await self._tls_page(writer, org, key, name, 502, "Bad Gateway",
+                                 f"The certificate of {_html(name)} is not trusted "
+                                 f"({_html(e.verify_message or str(e))}); the connection was refused.")
+            return
+        except (OSError, asyncio.TimeoutError, ssl.SSLError) as e:
+            await self._tls_page(writer, org, key, name, 502, "Bad Gateway",
+                                 f"cannot reach {_html(name)}: {_html(str(e))}")
+            return
+        await self._intercept(reader, writer, o_reader, o_writer, org, name, host, port, key)
+
+    async def _client_hello(self, writer: asyncio.StreamWriter) -> ClientHello:
+        """Peek at the client's ClientHello (MSG_PEEK: it stays for the TLS layer), waiting with
+        SO_RCVLOWAT for as many bytes as its record headers announce (no polling)."""
+        loop = asyncio.get_running_loop()
+        sock = writer.get_extra_info("socket")
+        # A duplicate descriptor of the same socket: the transport owns the original in the loop.
+        dup = socket.socket(fileno=os.dup(sock.fileno()))
+        dup.setblocking(False)
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                want = 5
+                while True:
+                    dup.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, min(want, MAX_HELLO))
+                    ready: asyncio.Future[None] = loop.create_future()
+
+                    def wake(f: asyncio.Future[None] = ready) -> None:
+                        if not f.done():
+                            f.set_result(None)
+                    loop.add_reader(dup.fileno(), wake)
+                    try:
+                        await ready
+                    finally:
+                        loop.remove_reader(dup.fileno())
+                    buf = dup.recv(MAX_HELLO, socket.MSG_PEEK)
+                    if not buf:
+                        raise NotTls("the client closed the connection")
+                    hello = parse(buf)
+                    if hello is not None:
+                        return hello
+                    want = needed(buf)
+        finally:
+            with contextlib.suppress(OSError):
+                dup.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            dup.close()
+
+    async def _tls_page(self, writer: asyncio.StreamWriter, org: str, key: OrgKey, name: str, status: int,
+                        reason: str, text: str) -> None:
+        """An error page the client can read: over TLS, with a leaf for the name it asked for."""
+        ctx = await asyncio.to_thread(self.minter.context_for, org, key.key_id, key.signer, key.certificate_pem,
+                                      name, [], ("http/1.1",))
+        await writer.start_tls(ctx)
+        writer.write(page(status, reason, text))
+        await writer.drain()
+
     async def _intercept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                         o_reader: asyncio.StreamReader, o_writer: asyncio.StreamWriter, org: str, host: str,
-                         port: int, key: OrgKey) -> None:
+                         o_reader: asyncio.StreamReader, o_writer: asyncio.StreamWriter, org: str, name: str,
+                         host: str, port: int, key: OrgKey) -> None:
         sslobj = o_writer.get_extra_info("ssl_object")
         peer = sslobj.getpeercert() if sslobj else None
         sans = [v for k, v in (peer or {}).get("subjectAltName", ()) if k in ("DNS", "IP Address")]
@@ -192,33 +279,22 @@ class Proxy:
         # Offer the client what the origin accepted (h2 also lets an h1-only client fall back).
         alpn = ("h2", "http/1.1") if origin_proto == "h2" else ("http/1.1",)
         ctx = await asyncio.to_thread(self.minter.context_for, org, key.key_id, key.signer, key.certificate_pem,
-                                      host, sans, alpn)
-        minter = self.minter
-
-        def on_sni(sslobj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
-            # The leaf names the client's SNI when it sends one, else the CONNECT host.
-            if name and name.lower() != host:
-                sslobj.context = minter.context_for(org, key.key_id, key.signer, key.certificate_pem,
-                                                    name.lower(), sans, alpn)
-
-        ctx.sni_callback = on_sni
-        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        await writer.drain()
+                                      name, sans, alpn)
         await writer.start_tls(ctx)
         c_ssl = writer.get_extra_info("ssl_object")
         client_proto = (c_ssl.selected_alpn_protocol() if c_ssl else None) or "http/1.1"
         try:
             if client_proto == "h2" and origin_proto == "h2":
                 # HTTP/2 on both sides: relayed (decrypted and re-encrypted), logged per connection.
-                access.info(json.dumps({"org": org, "host": host, "protocol": "h2", "relayed": True}))
+                access.info(json.dumps({"org": org, "host": name, "protocol": "h2", "relayed": True}))
                 await self._splice(reader, writer, o_reader, o_writer)
                 return
             if origin_proto == "h2":
                 # The client speaks HTTP/1.1 only: talk HTTP/1.1 to the origin as well.
                 o_writer.close()
                 o_reader, o_writer = await asyncio.wait_for(asyncio.open_connection(
-                    self._addr(host), port, ssl=self.origin_h1_ctx, server_hostname=host), CONNECT_TIMEOUT)
-            await self._inspect(reader, writer, o_reader, o_writer, org, host)
+                    self._addr(host), port, ssl=self.origin_h1_ctx, server_hostname=name), CONNECT_TIMEOUT)
+            await self._inspect(reader, writer, o_reader, o_writer, org, name)
         finally:
             with contextlib.suppress(Exception):
                 o_writer.close()  # the HTTP/1.1 one, when it replaced the first
