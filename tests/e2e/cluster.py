@@ -373,6 +373,8 @@ def run(argv: list[str]) -> int:
     if os.geteuid() != 0:
         print("make e2e needs root: network namespaces for the pods (CI runs as root)", file=sys.stderr)
         return 2
+    # SIGTERM (CI's timeout, a person's kill) runs the cleanup below like any other end.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     lock = open(LOCK, "w")  # noqa: SIM115 - held for the whole run
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

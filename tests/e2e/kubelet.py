@@ -87,7 +87,7 @@ def _local(argv: list[str]) -> list[str]:
     venv = SRC_STAGE / ".venv" / "bin"
     if argv[0] in ("python", "python3"):
         return [str(venv / "python"), *argv[1:]]
-    if (VENV_BIN / argv[0]).exists():
+    if "/" not in argv[0] and (VENV_BIN / argv[0]).exists():
         return [str(venv / "python"), str(venv / argv[0]), *argv[1:]]
     return argv
 
