@@ -229,7 +229,7 @@ class Cluster:
             f"--cidr={POD_CIDR}", f"--node-ip={BRIDGE_IP}", "--server-address=127.0.0.1:10247",
             "--node-lease-duration-seconds=40"])
         _write(self.kubeconfig, self._kubeconfig("admin").read_bytes())
-        self.wait(lambda: self.ready_component("serviceaccount"), 60, "the default ServiceAccount")
+        self.wait(self.token_controller_ran, 60, "the default ServiceAccount")
 
     def _stages(self, src: Path) -> Path:
         """kwok's stages, but a pod of ours turns Running *not* Ready: its readiness is the
@@ -270,8 +270,8 @@ class Cluster:
         except (OSError, urllib.error.URLError, RuntimeError):
             return False
 
-    def ready_component(self, what: str) -> bool:
-        # The token controller has run once the default namespace has its ServiceAccount.
+    def token_controller_ran(self) -> bool:
+        """The controller-manager is at work once the default namespace has its ServiceAccount."""
         return self.request("GET", "/api/v1/namespaces/default/serviceaccounts/default") is not None
 
     def wait(self, pred: Any, timeout: float, what: str, check: tuple[str, ...] | None = None) -> Any:

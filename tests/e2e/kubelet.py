@@ -287,7 +287,7 @@ class Kubelet:
                 vols.append({"name": "kube-api-access", "projected": {"sources": [{"serviceAccountToken": {}}]}})
         for v in vols:
             d = r.dir / "volumes" / v["name"]
-            if "persistentVolumeClaim" in v or (v["name"], "pvc") in (("", ""),):
+            if "persistentVolumeClaim" in v:
                 out[v["name"]] = self._claim_dir(ns, v["persistentVolumeClaim"]["claimName"])
                 self._own(out[v["name"]], fs_group, recursive_dirs_only=True)
                 continue
