@@ -70,4 +70,5 @@ demo: deps venv protos
 	$(BIN)/python -m devstack.demo
 
 clean: down
+	@d=$$(cat .run/pg-dir 2>/dev/null); case "$$d" in /var/tmp/keyward-pg-*) rm -rf "$$d";; esac
 	rm -rf .run

@@ -41,7 +41,8 @@ def chown_server(path: Path) -> None:
 def run(tool: str, *args: str, timeout: float = 300, env: dict[str, str] | None = None,
         check: bool = True) -> subprocess.CompletedProcess[str]:
     cmd = as_server_user() + [str(bindir() / tool), *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+    # From "/": the postgres user may not be allowed into the caller's folder (a clone in /root).
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd="/",
                        env={**os.environ, **(env or {})})
     if check and p.returncode != 0:
         raise PgError(f"{tool} failed ({p.returncode}): {(p.stderr or p.stdout).strip()[-1500:]}")

@@ -128,8 +128,26 @@ def up() -> None:
     print(f"CA up at {CA_ADDR} (pid {proc.pid}); backup agent running; metrics at http://{METRICS_ADDR}/metrics; env in {RUN / 'env'}")
 
 
+def pg_root() -> Path:
+    """Where the three servers keep their data: ``.run/pg``, unless the postgres user cannot reach it
+    (as root, Postgres runs as ``postgres``, and a clone in /root or a ``mktemp -d`` folder is 0700).
+    Then a folder of its own under /var/tmp, named after this run directory, recorded in
+    ``.run/pg-dir`` (``make clean`` removes it too)."""
+    inside = RUN / "pg"
+    if os.geteuid() != 0 or all(os.stat(d).st_mode & 0o001 for d in RUN.parents if d.exists()):
+        return inside
+    return Path("/var/tmp") / f"keyward-pg-{hashlib.sha256(str(RUN).encode()).hexdigest()[:10]}"
+
+
 def cluster() -> PgCluster:
-    return PgCluster(RUN / "pg", (PG_PORT, PG_PORT + 1, PG_PORT + 2))
+    root = pg_root()
+    if root != RUN / "pg":
+        RUN.mkdir(parents=True, exist_ok=True)
+        if not (RUN / "pg-dir").exists():
+            print(f"Postgres data in {root}: the postgres user cannot enter {ROOT} (see .run/pg-dir)")
+        (RUN / "pg-dir").write_text(f"{root}\n")
+        root.parent.mkdir(parents=True, exist_ok=True)
+    return PgCluster(root, (PG_PORT, PG_PORT + 1, PG_PORT + 2))
 
 
 def write_env(pg: PgCluster, pki_dir: Path, master: Path) -> None:
