@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from devstack import pki, stack  # noqa: E402
+from keylib import proxyauth  # noqa: E402
 
 BODY = b"x" * 1024
 
@@ -123,7 +124,9 @@ def main() -> None:
     stack.up()
     from devstack import demo
 
-    demo.ensure_org("bench", {"fail_mode": "FAIL_MODE_OPEN"})
+    policy = {"fail_mode": "FAIL_MODE_OPEN", "proxy_credential_verifiers": [proxyauth.make(demo.PROXY_SECRET)]}
+    demo.ensure_org("bench", policy)
+    demo.call("org-admin-bench", "keyward.v1.Admin/UpdatePolicy", {"org_id": "bench", "policy": policy})
     demo.activate("bench", "org-admin-bench")
     work = Path(tempfile.mkdtemp(prefix="keyward-bench-"))
     oport = start_origin(work)
@@ -149,7 +152,7 @@ def main() -> None:
         deadline = time.monotonic() + 30
         while not (mconf / "mitmproxy-ca-cert.pem").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-        auth = "Basic " + __import__("base64").b64encode(b"bench:x").decode()
+        auth = "Basic " + __import__("base64").b64encode(f"bench:{demo.PROXY_SECRET}".encode()).decode()
         results: dict[str, dict[str, dict[str, float]]] = {}
         for shape, keep in (("new-conn", False), ("keepalive", True)):
             run_requests(zport, oport, org_root, 20, keep, auth)  # warm-up (key fetch, leaf cache)

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from control_plane.errors import FailedPrecondition, InvalidArgument
+from keylib.names import NameConstraints
 
 MAX_PEM_BYTES = 64 * 1024
 MAX_CHAIN = 8
@@ -65,12 +66,14 @@ def spki_sha256(public_key: object) -> bytes:
     return hashlib.sha256(spki_der(public_key)).digest()
 
 
-def build_csr(key: PrivateKey, *, common_name: str, organization: str) -> bytes:
-    """A PKCS#10 CSR asking for an intermediate CA with pathLen 0."""
+def build_csr(key: PrivateKey, *, common_name: str, organization: str,
+              constraints: NameConstraints | None = None) -> bytes:
+    """A PKCS#10 CSR asking for an intermediate CA with pathLen 0 and, when the org's policy
+    sets them, its name constraints (critical, as RFC 5280 requires)."""
     attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
     if organization:
         attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
-    csr = (
+    builder = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name(attrs))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
@@ -80,9 +83,10 @@ def build_csr(key: PrivateKey, *, common_name: str, organization: str) -> bytes:
                           crl_sign=True, encipher_only=False, decipher_only=False),
             critical=True,
         )
-        .sign(key, hashes.SHA256())
     )
-    return csr.public_bytes(serialization.Encoding.PEM)
+    if constraints is not None:
+        builder = builder.add_extension(constraints.extension(), critical=True)
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
 def check_subject_field(value: str, what: str) -> str:
@@ -148,9 +152,11 @@ def validate_intermediate(
     chain_pem: str,
     *,
     pending_spki_sha256: bytes,
+    constraints: NameConstraints | None = None,
     now: dt.datetime | None = None,
 ) -> tuple[CertInfo, str, str]:
-    """Check an uploaded intermediate; return its info and normalized PEMs."""
+    """Check an uploaded intermediate; return its info and normalized PEMs. Its name
+    constraints must be exactly ``constraints`` (the org policy's; None: none at all)."""
     now = now or dt.datetime.now(dt.timezone.utc)
     certs = parse_pem_certs(certificate_pem, "certificate_pem", max_count=1)
     if len(certs) != 1:
@@ -177,6 +183,7 @@ def validate_intermediate(
             raise InvalidArgument("certificate's keyUsage lacks keyCertSign")
     except x509.ExtensionNotFound:
         raise InvalidArgument("certificate has no keyUsage extension; keyCertSign is required") from None
+    _check_constraints(cert, constraints)
     _valid_now(cert, "certificate", now)
     if not chain:
         raise InvalidArgument("chain_pem is required: give the certificates from the intermediate's issuer up to "
@@ -219,6 +226,21 @@ def validate_intermediate(
     pem = cert.public_bytes(serialization.Encoding.PEM).decode()
     chain_out = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in chain)
     return ci, pem, chain_out
+
+
+def _check_constraints(cert: x509.Certificate, want: NameConstraints | None) -> None:
+    try:
+        got = NameConstraints.of_certificate(cert)
+    except ValueError as e:
+        raise InvalidArgument(f"certificate's name constraints: {e}") from None
+    if got == want:
+        return
+    def show_nc(nc: NameConstraints | None) -> str:
+        return "none" if nc is None else f"permitted {list(nc.permitted)}, excluded {list(nc.excluded)}"
+    raise InvalidArgument(
+        f"certificate's name constraints ({show_nc(got)}) differ from the org policy's ({show_nc(want)}): "
+        "sign the CSR keeping its NameConstraints extension as requested (e.g. openssl x509 -req "
+        "-copy_extensions copyall), or change the policy and request a new CSR")
 
 
 def require_pending(pending: object) -> None:

@@ -12,11 +12,13 @@ import argparse
 import asyncio
 import logging
 import os
+import secrets
 import sys
 from pathlib import Path
 
 from control_plane import config, logs
 from control_plane.errors import KeywardError
+from keylib import proxyauth
 
 
 def _serve() -> int:
@@ -133,6 +135,23 @@ def _db(a: argparse.Namespace) -> int:
     return 2
 
 
+def _proxy_verifier(from_stdin: bool) -> int:
+    """Print a verifier for policy.proxy_credential_verifiers; the secret itself goes only to
+    the org's users (their proxy password), never to the CA."""
+    if from_stdin:
+        secret = sys.stdin.readline().rstrip("\r\n")
+    else:
+        secret = secrets.token_urlsafe(24)
+        print(f"secret:   {secret}    (give it to your users as the proxy password; it is shown once)",
+              file=sys.stderr)
+    try:
+        print(proxyauth.make(secret))
+    except proxyauth.VerifierError as e:
+        print(f"keyward: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="keyward", description="keyward Central Authority")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -156,7 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     rs.add_argument("port", type=int)
     ag = db_sub.add_parser("backup-agent", help="keep backups clean: re-backup and shred after each retirement")
     ag.add_argument("--interval", type=float, default=1.0)
+    pv = sub.add_parser("proxy-verifier", help="make a proxy credential and the verifier for an org's policy")
+    pv.add_argument("--stdin", action="store_true",
+                    help="read the secret from stdin (default: make a random one and print it once)")
     a = ap.parse_args(argv)
+    if a.cmd == "proxy-verifier":
+        return _proxy_verifier(a.stdin)
     if a.cmd == "serve":
         return _serve()
     if a.cmd == "db":

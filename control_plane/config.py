@@ -68,6 +68,11 @@ class CAConfig:
     ends (OK) after this long; the ZEN resumes with after_seq. Every call,
     streams included, is bounded."""
 
+    max_watch_streams: int = 64
+    """KEYWARD_MAX_WATCH_STREAMS, streams per client identity (default 64). Every ZEN of a pool
+    holds one WatchKeys stream under the pool's identity; more are refused with
+    RESOURCE_EXHAUSTED, so one identity cannot make the CA hold replays without end."""
+
     max_concurrent_streams: int = 100
     """KEYWARD_MAX_CONCURRENT_STREAMS per HTTP/2 connection (default 100)."""
 
@@ -95,7 +100,7 @@ _KNOWN = {
     "KEYWARD_CA_LISTEN", "KEYWARD_DB_DSN", "KEYWARD_TLS_CERT_FILE", "KEYWARD_TLS_KEY_FILE",
     "KEYWARD_CLIENT_CA_FILE", "KEYWARD_MASTER_SECRET_FILE", "KEYWARD_DB_PASSWORD_FILE", "KEYWARD_MASTER_SECRET",
     "KEYWARD_TRUST_DOMAIN", "KEYWARD_METRICS_LISTEN", "KEYWARD_MAX_MESSAGE_BYTES",
-    "KEYWARD_MAX_CALL_SECONDS", "KEYWARD_MAX_CONCURRENT_STREAMS", "KEYWARD_DB_POOL_SIZE",
+    "KEYWARD_MAX_CALL_SECONDS", "KEYWARD_MAX_CONCURRENT_STREAMS", "KEYWARD_MAX_WATCH_STREAMS", "KEYWARD_DB_POOL_SIZE",
     "KEYWARD_REQUIRE_MLOCK", "KEYWARD_LOG_LEVEL", "KEYWARD_MAX_STREAM_SECONDS", "KEYWARD_HEALTH_LISTEN", "KEYWARD_AUDIT_SPOOL_FILE",
 }
 
@@ -150,6 +155,7 @@ def from_env(env: Mapping[str, str] | None = None) -> CAConfig:
         max_message_bytes=_int(env, "KEYWARD_MAX_MESSAGE_BYTES", 1 << 20, 4096, 64 << 20),
         max_call_seconds=call_s,
         max_stream_seconds=_int(env, "KEYWARD_MAX_STREAM_SECONDS", 3600, 5, 86400),
+        max_watch_streams=_int(env, "KEYWARD_MAX_WATCH_STREAMS", 64, 1, 100000),
         max_concurrent_streams=_int(env, "KEYWARD_MAX_CONCURRENT_STREAMS", 100, 1, 10000),
         db_pool_size=_int(env, "KEYWARD_DB_POOL_SIZE", 8, 1, 200),
         require_mlock=_bool(env, "KEYWARD_REQUIRE_MLOCK", True),

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 import keylib
 from control_plane.certs import KeyAlgorithm, build_csr, generate_key, spki_sha256
 from keylib.master import MasterSecret
+from keylib.names import NameConstraints
 from keylib.securemem import wipe_bytes
 from keylib.wrap import seal
 
@@ -42,6 +43,7 @@ def new_pending_key(
     algorithm: KeyAlgorithm,
     common_name: str,
     organization: str,
+    constraints: NameConstraints | None = None,
 ) -> PendingKey:
     key_id = str(uuid.uuid4())
     key = generate_key(algorithm)
@@ -53,7 +55,7 @@ def new_pending_key(
     finally:
         wipe_bytes(der)
         del der
-    csr = build_csr(key, common_name=common_name, organization=organization).decode()
+    csr = build_csr(key, common_name=common_name, organization=organization, constraints=constraints).decode()
     del key  # OpenSSL clears private key material when the object is freed
     return PendingKey(key_id=key_id, org_id=org_id, algorithm=algorithm, sealed=sealed,
                       keylib_format=keylib.FORMAT, spki_sha256=fp, csr_pem=csr)

@@ -1,8 +1,8 @@
 """Fan-out of key events to WatchKeys streams, across CA replicas.
 
 Events are rows of ``key_events`` (no key material). One hub per process
-LISTENs for the store's notification and, on each wake-up or at least once a
-second, reads rows after the last one it saw and hands them to every
+LISTENs for the store's notification and, on each wake-up and at least once a
+second (its own timer, so the poll never depends on the listener), reads rows after the last one it saw and hands them to every
 subscriber. A lost notification therefore delays an event by at most the
 poll interval; it never loses it. A subscriber that falls too far behind is
 closed, and its ZEN resumes with ``after_seq``.
@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 
-from control_plane.errors import KeywardError
+from control_plane.errors import KeywardError, Unavailable
 from control_plane.store import KeyEventRow, Store
 
 log = logging.getLogger("keyward.ca.events")
@@ -54,11 +54,14 @@ class EventHub:
         self.last_seq = 0
         self._task: asyncio.Task[None] | None = None
         self._primed = False
+        self._woken = asyncio.Event()
+        self._ready = asyncio.Event()
 
     async def start(self) -> None:
         try:
             self.last_seq = await self._store.last_event_seq()
             self._primed = True
+            self._ready.set()
         except KeywardError:
             # No server reachable yet: learn where the log ends on the first
             # successful read, so old events are never replayed as new ones.
@@ -70,6 +73,16 @@ class EventHub:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+    async def ready(self, timeout: float) -> None:
+        """Wait until the hub knows where the log ends (its ``last_seq`` is a real position:
+        a stream told "0" before that would resume from nothing and miss events)."""
+        if not self._ready.is_set():
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._ready.wait()
+            except TimeoutError:
+                raise Unavailable("the CA has not reached its event log yet; retry WatchKeys shortly") from None
 
     def subscribe(self) -> Subscription:
         s = Subscription()
@@ -83,6 +96,7 @@ class EventHub:
         if not self._primed:
             self.last_seq = await self._store.last_event_seq()
             self._primed = True
+            self._ready.set()
             return
         while True:
             rows = await self._store.events_after(self.last_seq)
@@ -93,18 +107,36 @@ class EventHub:
             if len(rows) < 500:
                 return
 
-    async def _run(self) -> None:
+    async def _listen(self) -> None:
+        """Set ``_woken`` on every notification; reconnect after a failure (LISTEN needs the primary)."""
         while True:
             try:
-                # LISTEN needs the primary; while it is down, poll any server.
-                async for _ in self._store.wait_for_events(POLL_SECONDS):
-                    await self._drain()
+                async for _ in self._store.notifications():
+                    self._woken.set()
             except asyncio.CancelledError:
                 raise
             except KeywardError as e:
                 log.warning("event hub: %s; polling", e)
             except Exception:
-                log.exception("event hub failed; polling")
-            with contextlib.suppress(KeywardError):
-                await self._drain()
+                log.exception("event hub listener failed; polling")
             await asyncio.sleep(POLL_SECONDS)
+
+    async def _run(self) -> None:
+        listener = asyncio.create_task(self._listen(), name="keyward-event-listen")
+        try:
+            while True:
+                # A notification or the poll timer, whichever comes first.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(POLL_SECONDS):
+                        await self._woken.wait()
+                self._woken.clear()
+                try:
+                    await self._drain()
+                except KeywardError as e:
+                    log.warning("event hub: %s; will retry", e)
+                except Exception:
+                    log.exception("event hub drain failed; will retry")
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
 from control_plane.errors import InvalidArgument, show
+from keylib import proxyauth
+from keylib.names import NameConstraints
 
 DEFAULT_IDLE_SECONDS = 600
 MIN_IDLE_SECONDS = 10
@@ -41,11 +43,22 @@ class Policy:
     blocked_hosts: tuple[str, ...] = ()
     blocked_url_prefixes: tuple[str, ...] = ()
     do_not_inspect_hosts: tuple[str, ...] = field(default=())
+    proxy_credential_verifiers: tuple[str, ...] = ()
+    """Verifiers (keylib.proxyauth) of the secrets the org's users give a ZEN as ``org:secret``.
+    Several, so a credential can be rotated without a gap; none: source networks only."""
+    permitted_dns_subtrees: tuple[str, ...] = ()
+    """Name constraints (RFC 5280) the org's intermediate must carry: when any, it may only vouch
+    for these domains and their subdomains."""
+    excluded_dns_subtrees: tuple[str, ...] = ()
+    """Domains (and subdomains) the intermediate must never vouch for, e.g. banks: a stolen
+    intermediate is worthless for them, and no ZEN mints for them."""
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
+        # Field by field, not dataclasses.asdict: that deep-copies every entry, which for a
+        # 4,000-entry policy cost milliseconds of the event loop on each update.
+        d: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
         d["fail_mode"] = self.fail_mode.value
-        for k in ("location_cidrs", "blocked_hosts", "blocked_url_prefixes", "do_not_inspect_hosts"):
+        for k in _LISTS:
             d[k] = list(d[k])
         return d
 
@@ -59,13 +72,37 @@ class Policy:
             blocked_hosts=tuple(d.get("blocked_hosts", ())),
             blocked_url_prefixes=tuple(d.get("blocked_url_prefixes", ())),
             do_not_inspect_hosts=tuple(d.get("do_not_inspect_hosts", ())),
+            proxy_credential_verifiers=tuple(d.get("proxy_credential_verifiers", ())),
+            permitted_dns_subtrees=tuple(d.get("permitted_dns_subtrees", ())),
+            excluded_dns_subtrees=tuple(d.get("excluded_dns_subtrees", ())),
         )
+
+    @property
+    def name_constraints(self) -> NameConstraints | None:
+        """What the org's intermediate must carry (None: no NameConstraints extension)."""
+        if not self.permitted_dns_subtrees and not self.excluded_dns_subtrees:
+            return None
+        return NameConstraints(self.permitted_dns_subtrees, self.excluded_dns_subtrees)
+
+
+_LISTS = ("location_cidrs", "blocked_hosts", "blocked_url_prefixes", "do_not_inspect_hosts",
+          "proxy_credential_verifiers", "permitted_dns_subtrees", "excluded_dns_subtrees")
+MAX_VERIFIERS = 8
+MAX_SUBTREES = 64
 
 
 def _host(h: str, what: str) -> str:
     v = h.strip().lower().rstrip(".")
     if not v or len(v) > 253 or not _HOST_RE.match(v):
         raise InvalidArgument(f"{what}: {show(h)} is not a host name (use e.g. example.com or *.example.com)")
+    return v
+
+
+def _subtree(h: str, what: str) -> str:
+    v = _host(h.removeprefix("."), what)
+    if v.startswith("*."):
+        raise InvalidArgument(f"{what}: {show(h)}: a DNS subtree is a domain (example.com covers its "
+                              "subdomains); no wildcard")
     return v
 
 
@@ -113,6 +150,9 @@ def validate(
     blocked_hosts: list[str],
     blocked_url_prefixes: list[str],
     do_not_inspect_hosts: list[str],
+    proxy_credential_verifiers: list[str] = [],  # noqa: B006 (never mutated)
+    permitted_dns_subtrees: list[str] = [],  # noqa: B006
+    excluded_dns_subtrees: list[str] = [],  # noqa: B006
 ) -> Policy:
     """Normalize and check a policy; raise InvalidArgument naming the problem."""
     idle = key_idle_timeout_seconds or DEFAULT_IDLE_SECONDS
@@ -127,6 +167,12 @@ def validate(
                       ("do_not_inspect_hosts", do_not_inspect_hosts)):
         if len(seq) > MAX_ENTRIES:
             raise InvalidArgument(f"policy.{name} has {len(seq)} entries; at most {MAX_ENTRIES}")
+        total += sum(len(x) for x in seq)
+    for name, seq, most in (("proxy_credential_verifiers", proxy_credential_verifiers, MAX_VERIFIERS),
+                            ("permitted_dns_subtrees", permitted_dns_subtrees, MAX_SUBTREES),
+                            ("excluded_dns_subtrees", excluded_dns_subtrees, MAX_SUBTREES)):
+        if len(seq) > most:
+            raise InvalidArgument(f"policy.{name} has {len(seq)} entries; at most {most}")
         total += sum(len(x) for x in seq)
     if total > MAX_TOTAL_BYTES:
         raise InvalidArgument(f"policy lists hold {total} bytes in all; at most {MAX_TOTAL_BYTES}: "
@@ -175,6 +221,18 @@ def validate(
             raise InvalidArgument(
                 f"policy contradicts itself: URL prefix {show(p)} is blocked but its host is "
                 f"do-not-inspect ({d3!r}); URLs of uninspected hosts cannot be seen")
+    verifiers = []
+    for v in proxy_credential_verifiers:
+        try:
+            proxyauth.parse(v.strip())
+        except proxyauth.VerifierError as e:
+            raise InvalidArgument(f"policy.proxy_credential_verifiers: {e}") from None
+        verifiers.append(v.strip())
+    permitted = sorted({_subtree(h, "policy.permitted_dns_subtrees") for h in permitted_dns_subtrees})
+    excluded = sorted({_subtree(h, "policy.excluded_dns_subtrees") for h in excluded_dns_subtrees})
+    both = set(permitted) & set(excluded)
+    if both:
+        raise InvalidArgument(f"policy: {sorted(both)[0]!r} is both a permitted and an excluded DNS subtree")
     return Policy(
         private_zen_only=private_zen_only,
         fail_mode=fail_mode,
@@ -183,4 +241,7 @@ def validate(
         blocked_hosts=tuple(blocked),
         blocked_url_prefixes=tuple(sorted(set(prefixes))),
         do_not_inspect_hosts=tuple(dni),
+        proxy_credential_verifiers=tuple(dict.fromkeys(verifiers)),
+        permitted_dns_subtrees=tuple(permitted),
+        excluded_dns_subtrees=tuple(excluded),
     )

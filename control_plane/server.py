@@ -28,6 +28,8 @@ from control_plane.interceptors import IdentityInterceptor
 from control_plane.service import AdminService, KeyDistributionService, run_refusal_flusher
 from control_plane.spool import KeySentAuditor
 from control_plane.store import Store
+from control_plane.validator import Validator
+from control_plane.walpurge import WalPurger
 from keylib.guard import forbid_unwrap
 from keylib.master import MasterSecret
 from protos.keyward.v1 import keyward_pb2 as pb
@@ -75,6 +77,7 @@ class RunningCA:
     master: MasterSecret
     _tasks: list[asyncio.Task[None]]
     _extra: list[grpc.aio.Server]
+    validator: Validator
 
     async def stop(self, grace: float = 2.0) -> None:
         await self.server.stop(grace)
@@ -86,6 +89,7 @@ class RunningCA:
                 await t
         await self.hub.stop()
         await self.store.close()
+        self.validator.close()
         self.master.wipe()
 
 
@@ -151,15 +155,20 @@ async def start(cfg: CAConfig, master: MasterSecret) -> RunningCA:
         if cfg.db_password_file else None
     store = await Store.open(cfg.db_dsn, max_size=cfg.db_pool_size, wait=False, password=password)
     del password
+    # A retired key's bytes leave every server's pg_wal, in the background (docs/database.md).
+    purger = WalPurger(store.forget_retired_wal)
+    store.on_retire = purger.notify
     hub = EventHub(store)
     await hub.start()
     server = grpc.aio.server(options=server_options(cfg), interceptors=[IdentityInterceptor(cfg.trust_domain)])
     auditor = KeySentAuditor(store, cfg.audit_spool_file)
+    validator = Validator()
+    await asyncio.to_thread(validator.warm)
     pb_grpc.add_AdminServicer_to_server(  # type: ignore[no-untyped-call]
-        AdminService(store, master, cfg.trust_domain, cfg.max_call_seconds), server)
+        AdminService(store, master, cfg.trust_domain, cfg.max_call_seconds, validator=validator), server)
     pb_grpc.add_KeyDistributionServicer_to_server(  # type: ignore[no-untyped-call]
         KeyDistributionService(store, hub, auditor, cfg.trust_domain, cfg.max_call_seconds,
-                               cfg.max_stream_seconds), server)
+                               cfg.max_stream_seconds, cfg.max_watch_streams), server)
     hs = HealthServicer()
     # Alive at once; ready only once the database says so (grpc's default for "" is SERVING).
     await hs.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
@@ -189,8 +198,9 @@ async def start(cfg: CAConfig, master: MasterSecret) -> RunningCA:
     tasks = [asyncio.create_task(_health_loop(store, hs), name="keyward-health"),
              asyncio.create_task(auditor.run(), name="keyward-audit-spool"),
              asyncio.create_task(run_refusal_flusher(store), name="keyward-refusal-rows")]
+    tasks.append(asyncio.create_task(purger.run(), name="keyward-wal-purge"))
     log.info("CA listening", extra={"port": port})
-    return RunningCA(server, port, store, hub, hs, master, tasks, extra)
+    return RunningCA(server, port, store, hub, hs, master, tasks, extra, validator)
 
 
 async def serve(cfg: CAConfig, master: MasterSecret) -> None:

@@ -43,6 +43,8 @@ from control_plane.errors import (
 from control_plane.deadline import CALL_DEADLINE
 from control_plane.events import EventHub, Overflow
 from control_plane.spool import KeySentAuditor
+from control_plane.limits import ByteLRU, Slots
+from control_plane.validator import Validator
 from control_plane.identity import Identity, Role, check_id, describe_certificate, from_certificate
 from control_plane.policy import FailMode, Policy, validate
 from control_plane.store import NO_REQUEST, Actor, RequestKey, IntermediateRow, KeyEventRow, OrgRow, PoolRow, Store
@@ -109,9 +111,14 @@ def _ts(t: dt.datetime | None) -> Timestamp | None:
 
 
 def policy_from_pb(p: pb.Policy) -> Policy:
+    return validate(**policy_args(p))
+
+
+def policy_args(p: pb.Policy) -> dict[str, Any]:
+    """The arguments of ``policy.validate`` (plain values, for the validator process)."""
     if p.fail_mode not in (pb.FAIL_MODE_UNSPECIFIED, pb.FAIL_MODE_OPEN, pb.FAIL_MODE_CLOSED):
         raise InvalidArgument(f"policy.fail_mode {p.fail_mode} is unknown (use FAIL_MODE_OPEN or FAIL_MODE_CLOSED)")
-    return validate(
+    return dict(
         private_zen_only=p.private_zen_only,
         fail_mode=FailMode.CLOSED if p.fail_mode == pb.FAIL_MODE_CLOSED else FailMode.OPEN,
         key_idle_timeout_seconds=p.key_idle_timeout_seconds,
@@ -119,6 +126,9 @@ def policy_from_pb(p: pb.Policy) -> Policy:
         blocked_hosts=list(p.blocked_hosts),
         blocked_url_prefixes=list(p.blocked_url_prefixes),
         do_not_inspect_hosts=list(p.do_not_inspect_hosts),
+        proxy_credential_verifiers=list(p.proxy_credential_verifiers),
+        permitted_dns_subtrees=list(p.permitted_dns_subtrees),
+        excluded_dns_subtrees=list(p.excluded_dns_subtrees),
     )
 
 
@@ -131,6 +141,9 @@ def policy_to_pb(p: Policy) -> pb.Policy:
         blocked_hosts=list(p.blocked_hosts),
         blocked_url_prefixes=list(p.blocked_url_prefixes),
         do_not_inspect_hosts=list(p.do_not_inspect_hosts),
+        proxy_credential_verifiers=list(p.proxy_credential_verifiers),
+        permitted_dns_subtrees=list(p.permitted_dns_subtrees),
+        excluded_dns_subtrees=list(p.excluded_dns_subtrees),
     )
 
 
@@ -154,9 +167,9 @@ def inter_to_pb(r: IntermediateRow) -> pb.Intermediate:
 
 
 def event_to_pb(e: KeyEventRow) -> pb.KeyEvent:
+    """The event without a policy (WatchKeys adds the org's policy to policy_changed events)."""
     return pb.KeyEvent(seq=e.seq, kind=_EVENT_TO_PB[e.kind], org_id=e.org_id, key_id=e.key_id,
-                       version=e.version, policy=policy_to_pb(e.policy) if e.policy else None,
-                       policy_version=e.policy_version, at=_ts(e.at))
+                       version=e.version, policy_version=e.policy_version, at=_ts(e.at))
 
 
 def _request_key(request: Any) -> RequestKey:
@@ -219,25 +232,7 @@ MAX_CONCURRENT_WRITES = 2
 occupy the CA (or its write lock) that every tenant shares."""
 
 
-class _Writes:
-    def __init__(self) -> None:
-        self.n: dict[str, int] = {}
-
-    def take(self, who: str) -> str:
-        if self.n.get(who, 0) >= MAX_CONCURRENT_WRITES:
-            raise ResourceExhausted(f"{who} already has {MAX_CONCURRENT_WRITES} writes in progress; "
-                                    "retry when one has finished")
-        self.n[who] = self.n.get(who, 0) + 1
-        return who
-
-    def give(self, who: str) -> None:
-        if who:
-            self.n[who] -= 1
-            if not self.n[who]:
-                del self.n[who]
-
-
-_writes = _Writes()
+_writes = Slots("writes", MAX_CONCURRENT_WRITES, "retry when one has finished")
 
 
 def unary(action: str, *, audited: bool) -> Callable[[Handler[Req, Resp]], Callable[..., Awaitable[Resp]]]:
@@ -349,8 +344,9 @@ async def _audit_failure_impl(store: Store, action: str, ident: Identity | None,
 
 class AdminService(_Base, pb_grpc.AdminServicer):
     def __init__(self, store: Store, master: MasterSecret, trust_domain: str, max_call_seconds: float,
-                 keygen_slots: int = 2) -> None:
+                 keygen_slots: int = 2, validator: Validator | None = None) -> None:
         super().__init__(store, trust_domain, max_call_seconds)
+        self._validator = validator or Validator()
         self._master = master
         self._keygen = asyncio.Semaphore(keygen_slots)
 
@@ -376,7 +372,7 @@ class AdminService(_Base, pb_grpc.AdminServicer):
     async def CreateOrganization(self, request: pb.CreateOrganizationRequest, context: Any, ident: Identity) -> pb.Organization:
         authz.require_platform_admin(ident, "create organizations")
         check_id(request.org_id, "org_id")
-        policy = await asyncio.to_thread(policy_from_pb, request.policy)  # off the event loop
+        policy = await self._validator.validate(**policy_args(request.policy))  # in its own process
         org = await self.store.create_org(Actor(ident.spiffe_id), request.org_id,
                                           _display_name(request.display_name) or request.org_id, policy,
                                           _request_key(request))
@@ -392,7 +388,7 @@ class AdminService(_Base, pb_grpc.AdminServicer):
         authz.require_admin_of(ident, request.org_id)
         if not request.HasField("policy"):
             raise InvalidArgument("policy is required (send the whole policy; absent fields take their defaults)")
-        policy = await asyncio.to_thread(policy_from_pb, request.policy)  # off the event loop
+        policy = await self._validator.validate(**policy_args(request.policy))  # in its own process
         org = await self.store.update_policy(Actor(ident.spiffe_id), request.org_id, policy,
                                              request.expected_policy_version, _request_key(request))
         return org_to_pb(org)
@@ -443,7 +439,8 @@ class AdminService(_Base, pb_grpc.AdminServicer):
         rid, actor = _request_key(request), Actor(ident.spiffe_id)
         result = await self.store.replayed(rid, actor, "RequestIntermediateCsr")
         if result is None:
-            pending = await self._generate(org_id=org.org_id, algorithm=alg, common_name=cn, organization=o)
+            pending = await self._generate(org_id=org.org_id, algorithm=alg, common_name=cn, organization=o,
+                                           constraints=org.policy.name_constraints)
             result = await self.store.add_pending_key(actor, pending, rid)
         return pb.RequestIntermediateCsrResponse(
             key_id=result["key_id"], algorithm=_ALG_TO_PB[certs.KeyAlgorithm(result["algorithm"])],
@@ -452,14 +449,15 @@ class AdminService(_Base, pb_grpc.AdminServicer):
     @unary("UploadIntermediateCertificate", audited=True)
     async def UploadIntermediateCertificate(self, request: pb.UploadIntermediateCertificateRequest, context: Any,
                                             ident: Identity) -> pb.Intermediate:
-        await self._visible_org(ident, request.org_id)
+        org = await self._visible_org(ident, request.org_id)
         # Parse once up front so malformed input fails before any database work.
         certs.parse_pem_certs(request.certificate_pem, "certificate_pem", max_count=1)
         certs.parse_pem_certs(request.chain_pem, "chain_pem", max_count=certs.MAX_CHAIN)
         row = await self.store.activate(
             Actor(ident.spiffe_id), request.org_id,
             lambda fp: certs.validate_intermediate(request.certificate_pem, request.chain_pem,
-                                                   pending_spki_sha256=fp),
+                                                   pending_spki_sha256=fp,
+                                                   constraints=org.policy.name_constraints),
             _request_key(request))
         return inter_to_pb(row)
 
@@ -506,11 +504,29 @@ class AdminService(_Base, pb_grpc.AdminServicer):
 
 # ------------------------------------------------------- KeyDistribution
 
+class _PolicyCache:
+    """Policies as messages, per (org, version), within 16 MiB: a replay to many ZENs converts
+    each policy once, and what the CA holds for it does not grow with the number of streams."""
+
+    BUDGET = 16 << 20
+
+    def __init__(self) -> None:
+        self._lru: ByteLRU[tuple[str, int], pb.Policy] = ByteLRU(self.BUDGET, lambda m: m.ByteSize())
+
+    def get(self, org: OrgRow) -> pb.Policy:
+        return self._lru.get((org.org_id, org.policy_version), lambda: policy_to_pb(org.policy))
+
+
 class KeyDistributionService(_Base, pb_grpc.KeyDistributionServicer):
     def __init__(self, store: Store, hub: EventHub, auditor: KeySentAuditor, trust_domain: str,
-                 max_call_seconds: float, max_stream_seconds: float = 3600.0) -> None:
+                 max_call_seconds: float, max_stream_seconds: float = 3600.0,
+                 max_watch_streams: int = 64) -> None:
         super().__init__(store, trust_domain, max_call_seconds)
         self.max_stream_seconds = max_stream_seconds
+        #: WatchKeys streams per identity: every ZEN of a pool holds one, a flood of them holds nothing.
+        self._streams = Slots("WatchKeys streams", max_watch_streams,
+                              "each ZEN needs one; close streams you no longer read")
+        self._policies = _PolicyCache()
         self.hub = hub
         self.auditor = auditor
         #: Newest key version sent per org by this process (stale-read guard).
@@ -556,26 +572,40 @@ class KeyDistributionService(_Base, pb_grpc.KeyDistributionServicer):
             chain_pem=key.chain_pem, not_after=_ts(key.not_after), policy=policy_to_pb(org.policy),
             policy_version=org.policy_version)
 
-    async def _deliverable(self, pool_name: str, ev: KeyEventRow, orgs: set[str]) -> bool:
+    async def _deliverable(self, pool_name: str, ev: KeyEventRow, orgs: set[str]) -> pb.KeyEvent | None:
+        """The message for ``ev`` on this pool's stream, or None when the pool must not see it."""
         if orgs and ev.org_id not in orgs:
-            return False
+            return None
         pool = await self.store.get_pool(pool_name)
         if pool is None:
-            return False
+            return None
         if ev.kind == "access_revoked":
-            return ev.audience == f"pool:{pool.name}" or (ev.audience == "public" and pool.visibility == "public")
+            mine = ev.audience == f"pool:{pool.name}" or (ev.audience == "public" and pool.visibility == "public")
+            return event_to_pb(ev) if mine else None
         org = await self.store.get_org(ev.org_id, replica_ok=True)
-        return org is not None and pool.serves(ev.org_id, org.policy.private_zen_only)
+        if org is not None and ev.kind == "policy_changed" and org.policy_version < ev.policy_version:
+            org = await self.store.get_org(ev.org_id)  # a standby behind the event: ask the primary
+        if org is None or not pool.serves(ev.org_id, org.policy.private_zen_only):
+            return None
+        msg = event_to_pb(ev)
+        if ev.kind == "policy_changed":
+            if org.policy_version > ev.policy_version:
+                # A later change follows in the log; only the newest policy is ever worth sending.
+                return None
+            msg.policy.CopyFrom(self._policies.get(org))
+        return msg
 
     async def WatchKeys(self, request: pb.WatchKeysRequest, context: grpc.aio.ServicerContext[Any, Any]
                         ) -> AsyncIterator[pb.KeyEvent]:
         code, message = grpc.StatusCode.OK, ""
         ident: Identity | None = None
         denied_org = ""
+        held = ""
         sub = self.hub.subscribe()
         metrics.WATCHERS.inc()
         try:
             ident = self.identify(context)
+            held = self._streams.take(ident.spiffe_id)
             pool = await self._pool(ident)
             orgs = {check_id(o, "org_ids entry") for o in request.org_ids}
             if len(orgs) > 1000:
@@ -587,6 +617,7 @@ class KeyDistributionService(_Base, pb_grpc.KeyDistributionServicer):
                     denied_org = o
                     metrics.KEYS_REFUSED.labels(o if org is not None else "-").inc()
                     raise authz.key_refusal(pool.name, o)
+            await self.hub.ready(5.0)
             last = self.hub.last_seq
             await context.send_initial_metadata((("keyward-event-seq", str(last)),))
             if request.snapshot:
@@ -601,8 +632,8 @@ class KeyDistributionService(_Base, pb_grpc.KeyDistributionServicer):
                     backlog = await self.store.events_after(last)
                     for ev in backlog:
                         last = ev.seq
-                        if await self._deliverable(pool.name, ev, orgs):
-                            yield event_to_pb(ev)
+                        if (msg := await self._deliverable(pool.name, ev, orgs)) is not None:
+                            yield msg
                     if len(backlog) < 500:
                         break
             ends = time.monotonic() + self.max_stream_seconds
@@ -616,13 +647,14 @@ class KeyDistributionService(_Base, pb_grpc.KeyDistributionServicer):
                 if ev.seq <= last:
                     continue
                 last = ev.seq
-                if await self._deliverable(pool.name, ev, orgs):
-                    yield event_to_pb(ev)
+                if (msg := await self._deliverable(pool.name, ev, orgs)) is not None:
+                    yield msg
         except Overflow:
             code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, "watcher fell behind; reconnect with after_seq"
         except KeywardError as e:
             code, message = status_of(e), str(e)
         finally:
+            self._streams.give(held)
             self.hub.unsubscribe(sub)
             metrics.WATCHERS.dec()
         metrics.RPCS.labels("WatchKeys", code.name).inc()

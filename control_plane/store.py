@@ -9,7 +9,9 @@ Contract
   ordered by commit, so a watcher reading ``seq > last`` never skips a row.
 * Retiring a key (rotation, revocation, discarding a pending key) is a hard
   DELETE of its row, sealed key and certificate, in the same transaction;
-  only a metadata tombstone (fingerprint, serial, dates) is kept.
+  only a metadata tombstone (fingerprint, serial, dates) is kept. It calls
+  ``on_retire``: the CA then removes the WAL that carried the key from every
+  server's pg_wal in the background (:meth:`Store.forget_retired_wal`).
 * Library errors become :mod:`control_plane.errors` classes: an unreachable
   database is :class:`Unavailable`, a duplicate is :class:`AlreadyExists`.
 """
@@ -123,11 +125,17 @@ CREATE TABLE IF NOT EXISTS key_events (
     kind            text NOT NULL,
     key_id          text NOT NULL DEFAULT '',
     version         bigint NOT NULL DEFAULT 0,
-    policy          jsonb,
     policy_version  bigint NOT NULL DEFAULT 0,
     audience        text NOT NULL DEFAULT '',
     at              timestamptz NOT NULL DEFAULT now()
 );
+-- Events reference a policy version, never carry the policy: a replay of the
+-- log costs rows of a few hundred bytes, however large policies are.
+ALTER TABLE key_events DROP COLUMN IF EXISTS policy;
+-- after_seq 0 means "no replay" (proto3 cannot tell it from unset), so the first
+-- real event must have seq >= 2: a ZEN told "the log ends at 0" would otherwise
+-- resume with 0 and miss every event made while it was away. Never delivered.
+INSERT INTO key_events (org_id, kind) SELECT '', 'genesis' WHERE NOT EXISTS (SELECT 1 FROM key_events);
 CREATE TABLE IF NOT EXISTS request_log (
     request_id  text PRIMARY KEY,
     actor       text NOT NULL,
@@ -223,11 +231,11 @@ class ActiveKey:
 class KeyEventRow:
     seq: int
     org_id: str
-    kind: str  # rotated | revoked | policy_changed | access_revoked
+    kind: str  # rotated | revoked | policy_changed | access_revoked (| genesis: the first row, never sent)
     key_id: str
     version: int
-    policy: Policy | None
     policy_version: int
+    """For policy_changed: the version the change made (the policy itself is the org's)."""
     audience: str  # "" (everyone serving the org) | "public" | "pool:<name>"
     at: dt.datetime
 
@@ -274,11 +282,11 @@ def _db_errors() -> Iterator[None]:
         raise Unavailable(f"database error ({type(e).__name__}); the request was not applied") from e
 
 
-def _org(r: dict[str, Any]) -> OrgRow:
+def _org(r: dict[str, Any], policy: Policy | None = None) -> OrgRow:
     return OrgRow(
         org_id=r["org_id"],
         display_name=r["display_name"],
-        policy=Policy.from_json(r["policy"]),
+        policy=policy if policy is not None else Policy.from_json(r["policy"]),
         policy_version=r["policy_version"],
         active_key_id=str(r["active_key_id"] or ""),
         created_at=r["created_at"],
@@ -314,7 +322,6 @@ def _inter(r: dict[str, Any]) -> IntermediateRow:
 def _event(r: dict[str, Any]) -> KeyEventRow:
     return KeyEventRow(
         seq=r["seq"], org_id=r["org_id"], kind=r["kind"], key_id=r["key_id"], version=r["version"],
-        policy=Policy.from_json(r["policy"]) if r["policy"] is not None else None,
         policy_version=r["policy_version"], audience=r["audience"], at=r["at"],
     )
 
@@ -338,6 +345,9 @@ class Store:
         self._notices: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
         self._pool_timeout = 5.0
         self._password: str | None = None
+        self.on_retire: Callable[[], None] = lambda: None
+        """Called inside a transaction that deletes a sealed key (must not block or raise):
+        the CA wires it to its background WAL clean-up (:meth:`forget_retired_wal`)."""
 
     @staticmethod
     def derive_dsns(dsn: str) -> tuple[str, str]:
@@ -563,19 +573,20 @@ class Store:
 
     @staticmethod
     async def _emit(conn: AsyncConnection[dict[str, Any]], org_id: str, kind: str, *, key_id: str = "",
-                    version: int = 0, policy: Policy | None = None, policy_version: int = 0,
-                    audience: str = "") -> None:
+                    version: int = 0, policy_version: int = 0, audience: str = "") -> None:
         await conn.execute(
-            "INSERT INTO key_events (org_id, kind, key_id, version, policy, policy_version, audience)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s)",
-            (org_id, kind, key_id, version, json.dumps(policy.to_json()) if policy else None,
-             policy_version, audience),
+            "INSERT INTO key_events (org_id, kind, key_id, version, policy_version, audience)"
+            " VALUES (%s, %s, %s, %s, %s, %s)",
+            (org_id, kind, key_id, version, policy_version, audience),
         )
         await conn.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
 
     async def events_after(self, seq: int, limit: int = 500) -> list[KeyEventRow]:
+        """At most ``limit`` events after ``seq``. Every column is short and bounded (ids,
+        names, numbers), so a batch is bounded in bytes too: about 200 bytes an event."""
         async def q(conn: AsyncConnection[dict[str, Any]]) -> list[KeyEventRow]:
-            cur = await conn.execute("SELECT * FROM key_events WHERE seq > %s ORDER BY seq LIMIT %s",
+            cur = await conn.execute("SELECT seq, org_id, kind, key_id, version, policy_version, audience, at"
+                                     " FROM key_events WHERE seq > %s ORDER BY seq LIMIT %s",
                                      (seq, limit))
             return [_event(r) for r in await cur.fetchall()]
         return await self._replica_read(q)
@@ -587,20 +598,18 @@ class Store:
             return int(row["s"]) if row else 0
         return await self._replica_read(q)
 
-    async def wait_for_events(self, timeout: float) -> AsyncIterator[None]:
-        """Yield each time key events may have been added (LISTEN), or every
-        ``timeout`` seconds at most, so a lost notification delays, never loses."""
+    async def notifications(self) -> AsyncIterator[None]:
+        """Yield each time key events may have been added (LISTEN on the primary). The
+        caller polls as well, with its own timer: a lost notification delays, never loses.
+        (``notifies(timeout=...)`` never returned inside the CA's event loop, so no timeout here.)"""
         with _db_errors():
             extra: dict[str, Any] = {"password": self._password} if self._password is not None else {}
             conn = await AsyncConnection.connect(self._dsn, autocommit=True, **extra)
         try:
             with _db_errors():
                 await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-            while True:
-                with _db_errors():
-                    async for _ in conn.notifies(timeout=timeout, stop_after=1):
-                        break
-                yield None
+                async for _ in conn.notifies():
+                    yield None
         finally:
             await conn.close()
 
@@ -632,6 +641,8 @@ class Store:
             await conn.execute(
                 "INSERT INTO organizations (org_id, display_name, policy) VALUES (%s, %s, %s)",
                 (org_id, display_name, json.dumps(policy.to_json())))
+            # ZENs serving the org learn its policy (networks, credential verifiers) at once.
+            await self._emit(conn, org_id, "policy_changed", policy_version=1)
             await self._append_audit(conn, actor, "CreateOrganization", org_id=org_id,
                                      detail=f"private_zen_only={policy.private_zen_only}")
             cur = await conn.execute(_ORG_SELECT, (org_id,))
@@ -665,13 +676,16 @@ class Store:
             if policy.private_zen_only and not was_private:
                 # Public pools lose the org: they must drop its key now.
                 await self._emit(conn, org_id, "access_revoked", audience="public")
-            await self._emit(conn, org_id, "policy_changed", policy=policy, policy_version=new_version)
+            await self._emit(conn, org_id, "policy_changed", policy_version=new_version)
             await self._append_audit(conn, actor, "UpdatePolicy", org_id=org_id,
                                      detail=f"policy_version={new_version} private_zen_only={policy.private_zen_only}")
-            cur = await conn.execute(_ORG_SELECT, (org_id,))
+            # The policy just written is known: read back the rest only (re-parsing a large
+            # policy's JSON would cost the event loop as much as writing it).
+            cur = await conn.execute(_ORG_SELECT.replace("o.*", "o.org_id, o.display_name, o.policy_version, "
+                                                         "o.created_at, o.updated_at"), (org_id,))
             r = await cur.fetchone()
         assert r is not None
-        return _org(r)
+        return _org({**r, "policy": None}, policy)
 
     # -------------------------------------------------------------- ZEN pools
 
@@ -801,6 +815,7 @@ class Store:
                 (pending.org_id,))
             for old in await cur.fetchall():
                 await self._tombstone(conn, old, "discarded", "replaced by a newer CSR")
+                self.on_retire()
             await conn.execute(
                 "INSERT INTO intermediate_keys (key_id, org_id, state, algorithm, keylib_format, spki_sha256, sealed_key)"
                 " VALUES (%s, %s, 'pending', %s, %s, %s, %s)",
@@ -853,6 +868,7 @@ class Store:
             retired = await cur.fetchall()
             for old in retired:
                 await self._tombstone(conn, old, "rotated", f"replaced by {pending['key_id']}")
+                self.on_retire()
             version = org["key_version"] + 1
             await conn.execute("UPDATE organizations SET key_version = %s, updated_at = now() WHERE org_id = %s",
                                (version, org_id))
@@ -893,6 +909,7 @@ class Store:
                 raise NotFound(f"key {key_id} not found in organization {org_id!r}")
             state = "revoked" if r["state"] == "active" else "discarded"
             await self._tombstone(conn, r, state, reason or "revoked by admin")
+            self.on_retire()
             if r["state"] == "active":
                 await self._emit(conn, org_id, "revoked", key_id=key_id, version=r["version"] or 0)
             await self._append_audit(conn, actor, "RevokeIntermediate", org_id=org_id, key_id=key_id,
@@ -968,3 +985,107 @@ class Store:
             sealed_key=bytes(k["sealed_key"]), certificate_pem=k["certificate_pem"],
             chain_pem=k["chain_pem"] or "", not_after=k["not_after"])
 
+
+    # ------------------------------------------------------ retired keys' WAL
+
+    STEP_WAIT = 10.0
+    """Seconds one wait for a standby may take (within the clean-up's budget)."""
+
+    async def forget_retired_wal(self, budget: float = 60.0) -> list[str]:
+        """Remove the WAL that carried retired keys from every server's pg_wal.
+
+        A deleted row's bytes stay in WAL until a checkpoint removes the segment,
+        and a standby removes WAL only at its own restartpoint. On the primary:
+        wait for running CA writes to end (a retirement notifies from inside its
+        transaction; the write lock is the barrier), VACUUM ``intermediate_keys``
+        (so no later full-page image copies a dead row into new WAL), switch WAL
+        segments, wait for each connected standby's slot to pass the switch, then
+        CHECKPOINT: older segments are removed. Then on every standby the DSN
+        lists: wait until it has replayed that checkpoint, and CHECKPOINT there
+        too (a restartpoint: its older segments are removed). The CA's role needs
+        ``pg_checkpoint`` (PostgreSQL 15+) and EXECUTE on ``pg_switch_wal()``.
+
+        Every wait is bounded by ``budget`` (a standby's by :attr:`STEP_WAIT`).
+        Returns the problems met (an unreachable or lagging standby, an inactive
+        slot); raises :class:`Unavailable` when the primary cannot be cleaned.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        problems: list[str] = []
+
+        async def bounded(c: AsyncConnection[Any]) -> None:
+            ms = int(max(0.1, deadline - loop.time()) * 1000)
+            await c.execute("SELECT set_config('statement_timeout', %s, false)", (f"{ms}ms",))
+
+        async def until(c: AsyncConnection[Any], sql: str, lsn: str, wait: float) -> bool:
+            end = min(deadline, loop.time() + wait)
+            while True:
+                row = await (await c.execute(sql, (lsn,))).fetchone()
+                if row is not None and row[0]:
+                    return True
+                if loop.time() >= end:
+                    return False
+                await asyncio.sleep(0.05)  # poll interval of a bounded wait
+
+        def why(e: BaseException) -> str:  # Postgres' own words (no bind values: none are sent)
+            return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+        try:
+            async with await AsyncConnection.connect(self._dsn, autocommit=True, password=self._password) as c:
+                await bounded(c)
+                await c.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))  # released at once
+                await c.execute("VACUUM intermediate_keys")
+                await c.execute("SELECT pg_switch_wal()")
+                # The end of the padded segment (pg_switch_wal() returns the switch record's end,
+                # inside it): a slot short of it still holds the old segment.
+                row = await (await c.execute("SELECT pg_current_wal_lsn()::text")).fetchone()
+                assert row is not None
+                if not await until(c, "SELECT NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE active"
+                                      " AND (restart_lsn IS NULL OR restart_lsn < %s::pg_lsn))", row[0],
+                                   self.STEP_WAIT):
+                    problems.append("a standby's replication slot did not pass the WAL switch in time: "
+                                    "the primary keeps the old segment until a later checkpoint")
+                cur = await c.execute("SELECT slot_name FROM pg_replication_slots WHERE NOT active"
+                                      " AND restart_lsn < %s::pg_lsn", (row[0],))
+                for (slot,) in await cur.fetchall():
+                    problems.append(f"replication slot {slot} is inactive: the primary keeps the WAL it holds "
+                                    "(with retired keys' bytes) until its standby is back")
+                await c.execute("CHECKPOINT")
+                row = await (await c.execute("SELECT pg_current_wal_lsn()::text")).fetchone()
+                assert row is not None
+                target = str(row[0])
+        except psycopg.Error as e:
+            raise Unavailable(f"primary: {why(e)}") from e
+        for label, conninfo in self._each_server(self._dsn):
+            try:
+                # Client-side too: a frozen server enforces no statement_timeout.
+                async with asyncio.timeout(max(0.1, min(deadline - loop.time(), self.STEP_WAIT + 5))):
+                    async with await AsyncConnection.connect(conninfo, autocommit=True,
+                                                             password=self._password) as s:
+                        await bounded(s)
+                        row = await (await s.execute("SELECT pg_is_in_recovery()")).fetchone()
+                        if row is None or not row[0]:
+                            continue  # the primary, done above
+                        if not await until(s, "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", target,
+                                           self.STEP_WAIT):
+                            problems.append(f"standby {label} did not replay up to {target} in time: its pg_wal "
+                                            "keeps retired keys' bytes until its next restartpoint")
+                            continue
+                        await s.execute("CHECKPOINT")  # a restartpoint
+            except (psycopg.Error, TimeoutError) as e:
+                problems.append(f"server {label}: {why(e) if isinstance(e, psycopg.Error) else 'no answer in time'}"
+                                ": if a standby, its pg_wal keeps retired keys' bytes until its next restartpoint")
+        return problems
+
+    @staticmethod
+    def _each_server(dsn: str) -> list[tuple[str, str]]:
+        """(host:port, a DSN naming that server alone) for each server of a multi-host DSN."""
+        params = {k: str(v) for k, v in conninfo_to_dict(dsn).items()
+                  if v is not None and k not in ("target_session_attrs", "load_balance_hosts")}
+        lists = {k: params.pop(k).split(",") for k in ("host", "hostaddr", "port") if k in params}
+        out: list[tuple[str, str]] = []
+        for i in range(max((len(v) for v in lists.values()), default=1)):
+            one: dict[str, str] = {**params, **{k: v[min(i, len(v) - 1)] for k, v in lists.items()}}
+            label = f"{one.get('host') or one.get('hostaddr') or 'local'}:{one.get('port') or '5432'}"
+            out.append((label, make_conninfo("", **one)))
+        return out

@@ -31,7 +31,7 @@ async def run(cfg: config.ZenConfig) -> None:
     master = MasterSecret.load(path=cfg.master_secret_file, require_lock=cfg.require_mlock)
     with open(cfg.ca_trust_file, "rb") as t, open(cfg.tls_cert_file, "rb") as c, open(cfg.tls_key_file, "rb") as k:
         client = CAClient(cfg.ca_addr, trust_pem=t.read(), cert_pem=c.read(), key_pem=k.read())
-    km = KeyManager(client, master, require_lock=cfg.require_mlock)
+    km = KeyManager(client, master, require_lock=cfg.require_mlock, max_keys=cfg.max_keys)
     km.start()
     minter = Minter(leaf_hours=cfg.leaf_hours, cache_size=cfg.leaf_cache_size)
     km.on_key_gone.append(minter.forget)  # leaves minted under a key that is gone are forgotten with it
@@ -44,7 +44,7 @@ async def run(cfg: config.ZenConfig) -> None:
     proxy.pac_proxies = list(cfg.pac_proxies) or [f"{host or '127.0.0.1'}:{bound}"]
     if cfg.metrics_listen:
         logging.getLogger("keyward.zen").info(json.dumps({"msg": "metrics listening",
-                                                          "port": metrics.serve(cfg.metrics_listen)}))
+                                                          "port": metrics.serve(cfg.metrics_listen, km.health)}))
     logging.getLogger("keyward.zen").info(json.dumps({"msg": "ZEN listening", "port": bound}))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

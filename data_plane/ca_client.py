@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import grpc
 
 from data_plane.policy import OrgPolicy
+from keylib.names import NameConstraints
 from protos.keyward.v1 import keyward_pb2 as pb
 from protos.keyward.v1 import keyward_pb2_grpc as pb_grpc
 
@@ -62,7 +63,10 @@ def policy_from_pb(org_id: str, p: pb.Policy, version: int) -> OrgPolicy:
     return OrgPolicy(org_id=org_id, fail_closed=p.fail_mode == pb.FAIL_MODE_CLOSED,
                      idle_seconds=p.key_idle_timeout_seconds or 600, location_cidrs=tuple(p.location_cidrs),
                      blocked_hosts=tuple(p.blocked_hosts), blocked_url_prefixes=tuple(p.blocked_url_prefixes),
-                     do_not_inspect_hosts=tuple(p.do_not_inspect_hosts), version=version)
+                     do_not_inspect_hosts=tuple(p.do_not_inspect_hosts), version=version,
+                     proxy_verifiers=tuple(p.proxy_credential_verifiers),
+                     constraints=NameConstraints(tuple(p.permitted_dns_subtrees), tuple(p.excluded_dns_subtrees))
+                     if p.permitted_dns_subtrees or p.excluded_dns_subtrees else None)
 
 
 class CAClient:

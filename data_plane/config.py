@@ -53,6 +53,11 @@ class ZenConfig:
     leaf_hours: int = 24
     """KEYWARD_ZEN_LEAF_HOURS (default 24): validity of minted leaves and life of a leaf key."""
 
+    max_keys: int = 16
+    """KEYWARD_ZEN_MAX_KEYS, org keys (default 16): keys open at once, each in its own signer process
+    with locked memory (about 40 MB). The least recently used is dropped to open another, so
+    a flood of orgs cannot pin this ZEN's RAM."""
+
     require_mlock: bool = True
     """KEYWARD_REQUIRE_MLOCK (default true): refuse to start if key memory cannot be locked."""
 
@@ -95,5 +100,6 @@ def from_env(env: Mapping[str, str] | None = None) -> ZenConfig:
         pac_proxies=tuple(x.strip() for x in (env.get("KEYWARD_ZEN_PAC_PROXIES") or "").split(",") if x.strip()),
         leaf_cache_size=_int(env, "KEYWARD_ZEN_LEAF_CACHE", 1000, 1, 1_000_000),
         leaf_hours=_int(env, "KEYWARD_ZEN_LEAF_HOURS", 24, 1, 24 * 30),
+        max_keys=_int(env, "KEYWARD_ZEN_MAX_KEYS", 16, 1, 10000),
         require_mlock=(env.get("KEYWARD_REQUIRE_MLOCK", "true").lower() not in ("0", "false", "no", "off")),
     )

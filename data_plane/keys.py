@@ -9,6 +9,9 @@ Contract:
   the new key is fetched (well within a second); REVOKED and
   ACCESS_REVOKED end the signer at once.
 * Keys unused for the org's idle time are dropped (their process ends).
+* At most ``max_keys`` keys are open at once; the least recently used goes first.
+* A key is opened only for an org some caller authenticated as (the proxy decides
+  who; this module never opens a key for a name it was merely told).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from data_plane import metrics
 from data_plane.ca_client import CAClient, CAError, CAUnavailable, KeyMaterial
 from data_plane.keyopen import open_org_key
 from data_plane.policy import OrgPolicy
-from data_plane.signer import Signer, SignerError
+from data_plane.signer import MemoryNotLocked, Signer, SignerError
 from keylib.master import MasterSecret
 
 log = logging.getLogger("keyward.zen.keys")
@@ -42,8 +45,12 @@ class OrgKey:
 
 
 class KeyManager:
-    def __init__(self, client: CAClient, master: MasterSecret, *, require_lock: bool = False) -> None:
+    def __init__(self, client: CAClient, master: MasterSecret, *, require_lock: bool = False,
+                 max_keys: int = 16) -> None:
         self._client = client
+        self._max_keys = max_keys
+        """KEYWARD_ZEN_MAX_KEYS: open org keys (signer processes, each with locked memory) at most;
+        the least recently used is dropped to open another."""
         self._master = master
         self._require_lock = require_lock
         """KEYWARD_REQUIRE_MLOCK: an org key whose memory cannot be locked is not opened."""
@@ -53,11 +60,29 @@ class KeyManager:
         self.intermediates: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.ca_reachable = False
+        #: Whether the last key opened had its memory locked (None: no key opened yet).
+        self.memory_locked: bool | None = None
         self._last_seq = 0
         self._tasks: list[asyncio.Task[None]] = []
         #: Called with the org id whenever its key leaves (dropped, revoked, rotated out): whatever was
         #: made with it (minted leaves and their keys) must go too.
         self.on_key_gone: list[Callable[[str], None]] = []
+
+    def health(self) -> tuple[bool, dict[str, object]]:
+        """(healthy, report) for /healthz. Unhealthy when a key could not be opened because its
+        memory cannot be locked and KEYWARD_REQUIRE_MLOCK says it must be: that org runs on its fail
+        mode, and the cause (RLIMIT_MEMLOCK) is the operator's to fix."""
+        report: dict[str, object] = {
+            "ca_reachable": self.ca_reachable, "keys_open": len(self.keys), "max_keys": self._max_keys,
+            "require_mlock": self._require_lock, "key_memory_locked": self.memory_locked,
+            "orgs_known": len(self.policies)}
+        problems = []
+        if self.memory_locked is False:
+            problems.append("key memory cannot be locked (RLIMIT_MEMLOCK too small)"
+                            + ("; keys are not opened" if self._require_lock else "; keys could be swapped out"))
+        report["status"] = "ok" if not problems else "degraded"
+        report["problems"] = problems
+        return not (problems and self._require_lock), report
 
     def _gone(self, org_id: str) -> None:
         for f in self.on_key_gone:
@@ -92,10 +117,18 @@ class KeyManager:
                            sealed=km.sealed, certificate_pem=km.certificate_pem)
         try:
             signer = await asyncio.to_thread(Signer.start, buf, km.certificate_pem, require_lock=self._require_lock)
+        except MemoryNotLocked:
+            self.memory_locked = False
+            raise
         finally:
             buf.wipe()
+        self.memory_locked = signer.locked
         new = OrgKey(km.org_id, km.key_id, km.version, km.certificate_pem, km.chain_pem, signer)
         old = self.keys.get(km.org_id)
+        while old is None and len(self.keys) >= self._max_keys:
+            lru = min(self.keys.values(), key=lambda k: k.last_used)
+            metrics.SIGNERS_EVICTED.inc()
+            self.drop(lru.org_id, f"least recently used of {self._max_keys} open keys")
         self.keys[km.org_id] = new
         self.intermediates[km.org_id] = km.certificate_pem
         self.policies[km.org_id] = km.policy
@@ -135,6 +168,20 @@ class KeyManager:
                 metrics.KEY_FETCHES.labels("not_opened").inc()
                 log.error("key of %s not opened: %s", org_id, e)
                 return have
+
+    async def learn(self, org_id: str) -> OrgPolicy | None:
+        """The policy of an org this ZEN has not heard of yet (created after the watch's snapshot,
+        or before it arrived), from the CA, which answers only if this pool serves the org. The key
+        comes along sealed and is NOT opened here: that waits until a caller authenticates."""
+        if org_id in self.policies:
+            return self.policies[org_id]
+        try:
+            km = await self._client.get_key_pair(org_id)
+        except CAError as e:
+            log.info("no policy for %s: %s", org_id, e)
+            return None
+        self.policies.setdefault(org_id, km.policy)
+        return self.policies[org_id]
 
     async def signer_for(self, org_id: str) -> OrgKey | None:
         k = self.keys.get(org_id)

@@ -1,11 +1,23 @@
-"""Prometheus metrics of the ZEN, on their own port. No key material in labels."""
+"""Prometheus metrics of the ZEN, and its health report, on their own port. No key material
+in labels or in the report."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+import http.server
+import json
+import threading
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
+PROXY_AUTH = Counter("keyward_zen_proxy_auth_total",
+                     "Proxy credential checks by result (ok, bad, throttled: refused unchecked)",
+                     ["result"], registry=REGISTRY)
+SIGNERS_EVICTED = Counter("keyward_zen_signers_evicted_total",
+                          "Org keys dropped to stay within KEYWARD_ZEN_MAX_KEYS (least recently used)",
+                          registry=REGISTRY)
 CONNECTIONS = Counter("keyward_zen_connections_total", "Client connections, by org", ["org"], registry=REGISTRY)
 DECISIONS = Counter("keyward_zen_connects_total",
                     "CONNECTs by org and outcome (intercepted, tunnelled, blocked, refused)",
@@ -22,7 +34,30 @@ SIGNER_LOCKED = Gauge("keyward_zen_signer_memory_locked",
 CA_REACHABLE = Gauge("keyward_zen_ca_reachable", "1 if the CA answered last time", registry=REGISTRY)
 
 
-def serve(listen: str) -> int:
+def serve(listen: str, health: Callable[[], tuple[bool, dict[str, object]]] | None = None) -> int:
+    """Prometheus metrics on ``/metrics`` and, when ``health`` is given, ``/healthz``: a JSON
+    report, 200 when healthy and 503 otherwise (a probe or a person sees the reason)."""
     host, _, port = listen.rpartition(":")
-    server, _thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=REGISTRY)
-    return int(server.server_port)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path.split("?")[0] == "/healthz" and health is not None:
+                ok, report = health()
+                code, body, ctype = (200 if ok else 503), json.dumps(report).encode(), "application/json"
+            elif self.path.split("?")[0] in ("/metrics", "/"):
+                code, body, ctype = 200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+            else:
+                code, body, ctype = 404, b"try /metrics or /healthz\n", "text/plain"
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="zen-metrics", daemon=True).start()
+    return int(server.server_address[1])

@@ -23,8 +23,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from data_plane import metrics
 from data_plane.signer import LeafRequest, Signer
+from keylib.names import NameConstraints
 
 MAX_SANS = 20
+
+
+class OutsideConstraints(Exception):
+    """The intermediate's name constraints do not allow a leaf for this host: none is minted."""
 
 
 @dataclass
@@ -97,9 +102,14 @@ class Minter:
             self._serial += 1
             serial = self._serial
         inter = x509.load_pem_x509_certificate(intermediate_pem.encode())
+        # The intermediate's own constraints, whatever the policy says: never mint outside them
+        # (a client would refuse the chain anyway; the key must not even be asked to sign).
+        nc = NameConstraints.of_certificate(inter)
+        if nc is not None and not nc.allows(host):
+            raise OutsideConstraints(f"{host} is outside the name constraints of {org_id}'s intermediate")
         now = dt.datetime.now(dt.timezone.utc)
         not_after = min(now + dt.timedelta(hours=self._hours), inter.not_valid_after_utc)
-        dns, ips = split_names(host, origin_sans)
+        dns, ips = split_names(host, [n for n in origin_sans if nc is None or nc.allows(n)])
         der = signer.sign(LeafRequest(common_name=host[:64], dns_names=dns, ip_addresses=ips,
                                       public_key_der=leaf.public_key().public_bytes(
                                           serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo),

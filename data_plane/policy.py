@@ -10,6 +10,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from enum import Enum
 
+from keylib.names import NameConstraints
+
 
 class Action(Enum):
     INTERCEPT = "intercept"  # decrypt with a minted certificate and inspect
@@ -28,6 +30,10 @@ class OrgPolicy:
     blocked_url_prefixes: tuple[str, ...] = ()
     do_not_inspect_hosts: tuple[str, ...] = ()
     version: int = 0
+    proxy_verifiers: tuple[str, ...] = ()
+    """keylib.proxyauth verifiers of the org's proxy credentials (none: source networks only)."""
+    constraints: NameConstraints | None = None
+    """The name constraints the org's intermediate carries: hosts outside are never intercepted."""
     nets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -41,8 +47,9 @@ def host_matches(pattern: str, host: str) -> bool:
     return host == pattern
 
 
-def org_for(policies: dict[str, OrgPolicy], source_ip: str, proxy_user: str | None) -> str | None:
-    """Source network first (most specific wins), then proxy authentication."""
+def org_for(policies: dict[str, OrgPolicy], source_ip: str) -> str | None:
+    """The org whose location networks hold ``source_ip`` (most specific wins), if any; otherwise
+    the caller must authenticate (proxyauth)."""
     try:
         ip = ipaddress.ip_address(source_ip)
     except ValueError:
@@ -53,11 +60,7 @@ def org_for(policies: dict[str, OrgPolicy], source_ip: str, proxy_user: str | No
             for n in p.nets:
                 if ip.version == n.version and ip in n and (best is None or n.prefixlen > best[0]):
                     best = (n.prefixlen, p.org_id)
-    if best:
-        return best[1]
-    if proxy_user and proxy_user in policies:
-        return proxy_user
-    return None
+    return best[1] if best else None
 
 
 def connect_action(p: OrgPolicy, host: str, have_key: bool) -> Action:
@@ -65,6 +68,8 @@ def connect_action(p: OrgPolicy, host: str, have_key: bool) -> Action:
         return Action.BLOCK
     if any(host_matches(d, host) for d in p.do_not_inspect_hosts):
         return Action.TUNNEL
+    if p.constraints is not None and not p.constraints.allows(host):
+        return Action.TUNNEL  # no leaf may be minted for it: as do-not-inspect
     if have_key:
         return Action.INTERCEPT
     return Action.REFUSE if p.fail_closed else Action.TUNNEL

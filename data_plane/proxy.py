@@ -12,12 +12,11 @@ HTTP/1.1 request inside the tunnel (logged; blocked URL prefixes get 403).
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
-import os
 import re
+import os
 import socket
 import ssl
 
@@ -27,12 +26,14 @@ from data_plane.http1 import Head, HttpError, copy_body, read_head, splice
 from data_plane.keys import KeyManager, OrgKey
 from data_plane.mint import Minter
 from data_plane.policy import Action, connect_action, org_for, url_blocked
+from data_plane.proxyauth import ProxyAuth, Verdict, basic_credentials
 
+_ID = re.compile(r"[a-z][a-z0-9-]{1,61}[a-z0-9]")
+"""An org id's form (checked before asking the CA about a name a client sent)."""
 log = logging.getLogger("keyward.zen")
 access = logging.getLogger("keyward.zen.access")
 
 CONNECT_TIMEOUT = 10.0
-_ID = re.compile(r"[a-z][a-z0-9-]{1,61}[a-z0-9]")
 
 
 def page(status: int, reason: str, text: str, extra: str = "") -> bytes:
@@ -49,13 +50,15 @@ def _html(s: str) -> str:
 class Proxy:
     def __init__(self, km: KeyManager, minter: Minter, origin_ctx: ssl.SSLContext, *,
                  origin_h1_ctx: ssl.SSLContext | None = None,
-                 resolve: dict[str, str] | None = None, pac_proxies: list[str] | None = None) -> None:
+                 resolve: dict[str, str] | None = None, pac_proxies: list[str] | None = None,
+                 auth: ProxyAuth | None = None) -> None:
         self.km = km
         self.minter = minter
         self.origin_ctx = origin_ctx
         self.origin_h1_ctx = origin_h1_ctx or origin_ctx
         self.resolve = resolve or {}
         self.pac_proxies = pac_proxies or []
+        self.auth = auth or ProxyAuth()
 
     def _addr(self, host: str) -> str:
         return self.resolve.get(host.lower(), host)
@@ -76,15 +79,6 @@ class Proxy:
             with contextlib.suppress(Exception):
                 writer.close()
 
-    def _proxy_user(self, head: Head) -> str | None:
-        auth = head.get("proxy-authorization") or ""
-        if auth.lower().startswith("basic "):
-            try:
-                return base64.b64decode(auth[6:]).decode().split(":", 1)[0]
-            except (ValueError, UnicodeDecodeError):
-                return None
-        return None
-
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ip: str) -> None:
         while True:
             head = await read_head(reader)
@@ -97,19 +91,39 @@ class Proxy:
                              + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
                 await writer.drain()
                 continue
-            user = self._proxy_user(head)
-            org = org_for(self.km.policies, ip, user)
-            if org is None and user and _ID.fullmatch(user):
-                # An org this ZEN has not heard of: ask the CA (which refuses, and audits,
-                # unless this pool serves the org); its key brings its policy.
-                await self.km.signer_for(user)
-                org = org_for(self.km.policies, ip, user)
+            org = org_for(self.km.policies, ip)
             if org is None:
-                writer.write(page(407, "Proxy Authentication Required",
-                                  "This network belongs to no organization; authenticate as your organization.",
-                                  'Proxy-Authenticate: Basic realm="keyward"\r\n'))
-                await writer.drain()
-                return
+                # Not an org's network: a credential, checked; a name alone opens nothing.
+                creds = basic_credentials(head.get("proxy-authorization"))
+                verdict = Verdict.BAD
+                if creds is not None:
+                    policy = self.km.policies.get(creds[0])
+                    if policy is None and _ID.fullmatch(creds[0]):
+                        # An org this ZEN has not heard of: its policy from the CA (which refuses, and
+                        # audits, unless this pool serves it); the lookup costs the source a token.
+                        if not self.auth.take(ip):
+                            verdict = Verdict.THROTTLED
+                        else:
+                            policy = await self.km.learn(creds[0])
+                    if verdict is not Verdict.THROTTLED:
+                        verdict = await self.auth.check(policy, creds[1], ip)
+                    metrics.PROXY_AUTH.labels(verdict.value).inc()
+                if verdict is Verdict.OK and creds is not None:
+                    org = creds[0]
+                elif verdict is Verdict.THROTTLED:
+                    writer.write(page(429, "Too Many Requests",
+                                      "Too many failed proxy authentications from this address; wait a minute.",
+                                      "Retry-After: 60\r\n"))
+                    await writer.drain()
+                    return
+                else:
+                    why = ("This network belongs to no organization; authenticate as your organization "
+                           "(user: the organization id, password: its proxy credential).") if creds is None else \
+                        "The organization or its proxy credential was not accepted."
+                    writer.write(page(407, "Proxy Authentication Required", why,
+                                      'Proxy-Authenticate: Basic realm="keyward"\r\n'))
+                    await writer.drain()
+                    return
             metrics.CONNECTIONS.labels(org).inc()
             if method == "CONNECT":
                 await self._connect(reader, writer, org, target)

@@ -73,12 +73,18 @@ def _read_exact(fd: int, n: int) -> bytes:
     return bytes(out)
 
 
+class MemoryNotLocked(SignerError):
+    """KEYWARD_REQUIRE_MLOCK is set and the key's memory could not be locked: not opened."""
+
+
 class Signer:
     """Parent side. Thread-safe; one request at a time per signer."""
 
     def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         self._proc = proc
         self._lock = threading.Lock()
+        #: The key's pages are locked in RAM (mlock), as the signer reported when it took the key.
+        self.locked = False
 
     @property
     def pid(self) -> int:
@@ -106,11 +112,12 @@ class Signer:
             s.stop()
             raise SignerError(f"signer refused the key: {ready['error']}")
         locked = bool(ready.get("locked"))
+        s.locked = locked
         metrics.SIGNER_LOCKED.set(1 if locked else 0)
         if not locked:
             if require_lock:
                 s.stop()
-                raise SignerError("the memory holding the key cannot be locked (RLIMIT_MEMLOCK too small): the key "
+                raise MemoryNotLocked("the memory holding the key cannot be locked (RLIMIT_MEMLOCK too small): the key "
                                   "was not opened; raise the limit, or set KEYWARD_REQUIRE_MLOCK=false to accept "
                                   "that it could be swapped out")
             log.warning("signer %d: the memory holding the key is not locked (RLIMIT_MEMLOCK too small); "

@@ -3,8 +3,11 @@
 Mechanism (see docs/database.md): a retired key's row is hard-deleted by the
 CA. A backup taken afterwards must not hold its bytes, so :func:`backup`
 first rewrites the key table (``VACUUM FULL``: dead tuples and free space
-vanish with the old files), checkpoints and switches to a fresh WAL segment,
-then takes a ``pg_basebackup`` (tar, WAL streamed from that fresh segment).
+vanish with the old files), then :func:`forget_old_wal` switches WAL segments
+and checkpoints the primary and then each standby (a standby removes WAL only
+at its own restartpoint), so no server's pg_wal keeps the WAL that carried a
+deleted key; then it switches to a fresh WAL segment and takes a
+``pg_basebackup`` (tar, WAL streamed from that fresh segment).
 Every backup's manifest lists the key ids present while it was taken; a
 backup listing a key that is no longer live is *stale* and is shredded
 (overwritten with zeros, then unlinked) once a newer clean backup exists.
@@ -18,6 +21,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import sys
 import tarfile
 import time
 from dataclasses import dataclass
@@ -90,16 +94,87 @@ def list_backups(spec: ClusterSpec) -> list[Backup]:
     return out
 
 
-def backup(spec: ClusterSpec) -> Backup:
-    """Take a backup of the primary in which no deleted key survives."""
+def _warn(line: str) -> None:
+    print(f"backup: {line}", file=sys.stderr, flush=True)
+
+
+def forget_old_wal(spec: ClusterSpec, primary: Node, *, timeout: float = 60, step: float = 10) -> list[str]:
+    """Remove every WAL segment written before now from the primary's and each standby's pg_wal.
+
+    A checkpoint removes older segments on the primary only; a standby removes its own
+    at a restartpoint. So: switch WAL segments, wait for each connected slot to pass the
+    switch, CHECKPOINT the primary, then on each standby wait until it has replayed that
+    checkpoint and CHECKPOINT it (a restartpoint). Every wait is bounded (``step`` seconds
+    each, ``timeout`` in all). Returns the problems met (a standby unreachable or lagging,
+    an inactive slot); raises when the primary cannot be checkpointed."""
+    deadline = time.monotonic() + timeout
+    problems: list[str] = []
+
+    def until(c: psycopg.Connection[Any], sql: str, lsn: str) -> bool:
+        end = min(deadline, time.monotonic() + step)
+        while True:
+            row = c.execute(sql, (lsn,)).fetchone()
+            if row is not None and row[0]:
+                return True
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.05)  # poll interval of a bounded wait
+
+    def bounded(c: psycopg.Connection[Any]) -> None:
+        c.execute("SELECT set_config('statement_timeout', %s, false)",
+                  (f"{int(max(0.1, deadline - time.monotonic()) * 1000)}ms",))
+
+    with psycopg.connect(spec.conninfo(primary), autocommit=True) as c:
+        bounded(c)
+        c.execute("SELECT pg_switch_wal()")
+        # The end of the padded segment (pg_switch_wal() returns the switch record's end,
+        # inside it): a slot short of it still holds the old segment.
+        row = c.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        assert row is not None
+        if not until(c, "SELECT NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE active"
+                        " AND (restart_lsn IS NULL OR restart_lsn < %s::pg_lsn))", row[0]):
+            problems.append("a standby's slot did not pass the WAL switch in time: the primary keeps "
+                            "the old segment until a later checkpoint")
+        for (slot,) in c.execute("SELECT slot_name FROM pg_replication_slots WHERE NOT active"
+                                 " AND restart_lsn < %s::pg_lsn", (row[0],)).fetchall():
+            problems.append(f"replication slot {slot} is inactive: the primary keeps the WAL it holds")
+        c.execute("CHECKPOINT")
+        row = c.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        assert row is not None
+        target = str(row[0])
+    for node in spec.nodes:
+        if node == primary:
+            continue
+        try:
+            with psycopg.connect(spec.conninfo(node, dbname="postgres"), autocommit=True) as s:
+                bounded(s)
+                row = s.execute("SELECT pg_is_in_recovery()").fetchone()
+                if row is None or not row[0]:
+                    problems.append(f"{node.name} is not a standby; its pg_wal was left alone")
+                elif not until(s, "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", target):
+                    problems.append(f"standby {node.name} did not replay up to {target} in time: its pg_wal "
+                                    "keeps old segments until its next restartpoint")
+                else:
+                    s.execute("CHECKPOINT")  # a restartpoint: removes the standby's older segments
+        except psycopg.Error as e:
+            problems.append(f"standby {node.name}: {(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}; "
+                            "its pg_wal keeps old segments until its next restartpoint")
+    return problems
+
+
+def backup(spec: ClusterSpec, *, log: Callable[[str], None] = _warn) -> Backup:
+    """Take a backup of the primary in which no deleted key survives, and clear
+    every server's pg_wal of the WAL written before it (problems go to ``log``)."""
     node = primary_node(spec)
     keys_before, seq = _keys_and_seq(spec, node)
     with psycopg.connect(spec.conninfo(node), autocommit=True) as c:
         c.execute("CREATE EXTENSION IF NOT EXISTS pgstattuple")
         for t in CHURN_TABLES:
             _rewrite_without_dead_rows(c, t)
-        c.execute("CHECKPOINT")
-        c.execute("SELECT pg_switch_wal()")
+    for problem in forget_old_wal(spec, node):
+        log(problem)
+    with psycopg.connect(spec.conninfo(node), autocommit=True) as c:
+        c.execute("SELECT pg_switch_wal()")  # the base backup's WAL starts in a fresh segment
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     root = Path(spec.backup_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -158,7 +233,7 @@ def reconcile(spec: ClusterSpec, keep: int = 3, log: Callable[[str], None] = lam
         say("took a new backup" if not backups else
             "took a new backup (newest " + ("held a retired key" if backups[-1].key_ids - live
                                             else "lacked a live key") + ")")
-        backup(spec)
+        backup(spec, log=log)
     live, _ = _keys_and_seq(spec, node)
     for b in list_backups(spec):
         if b.key_ids - live:

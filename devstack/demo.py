@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from devstack import pki, stack
+from keylib import proxyauth
 
 RUN = stack.RUN
 DEMO = RUN / "demo"
@@ -77,6 +78,17 @@ def activate(org: str, who: str) -> str:
                "chain_pem": (root / "root.crt").read_text()})
     print(f"  active: key {up['key_id']} version {up['version']} serial {up['serial_hex']}")
     return str(csr["key_id"])
+
+
+PROXY_SECRET = "acme-demo-proxy-credential"
+"""acme's users authenticate to a ZEN as acme:PROXY_SECRET; the policy holds only its verifier
+(``keyward proxy-verifier`` makes both for real orgs)."""
+
+
+def acme_policy() -> dict[str, Any]:
+    return {"fail_mode": "FAIL_MODE_OPEN", "blocked_hosts": ["gambling.example"],
+            "do_not_inspect_hosts": ["bank.example"],
+            "proxy_credential_verifiers": [proxyauth.make(PROXY_SECRET)]}
 
 
 def ensure_org(org: str, policy: dict[str, Any]) -> None:
@@ -170,9 +182,9 @@ def zen_demo() -> None:
                     zport = int(json.loads(line)["port"])
             time.sleep(0.1)
         print(f"  ZEN (pool 'public') listening on 127.0.0.1:{zport}; origin shop.test on port {oport}")
-        cmd = ["curl", "-sS", "--max-time", "20", "--proxy", f"http://127.0.0.1:{zport}", "--proxy-user", "acme:x",
+        cmd = ["curl", "-sS", "--max-time", "20", "--proxy", f"http://127.0.0.1:{zport}", "--proxy-user", f"acme:{PROXY_SECRET}",
                "--cacert", str(DEMO / "acme-root" / "root.crt"), f"https://shop.test:{oport}/"]
-        print(f"$ curl --proxy http://127.0.0.1:{zport} --proxy-user acme:x --cacert acme-root/root.crt "
+        print(f"$ curl --proxy http://127.0.0.1:{zport} --proxy-user acme:{PROXY_SECRET} --cacert acme-root/root.crt "
               f"https://shop.test:{oport}/")
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
         print("  " + (r.stdout.strip() or r.stderr.strip()))
@@ -202,8 +214,7 @@ def main() -> None:
     pg = stack.cluster()
 
     step("2. Platform admin creates organization 'acme'")
-    ensure_org("acme", {"fail_mode": "FAIL_MODE_OPEN", "blocked_hosts": ["gambling.example"],
-                        "do_not_inspect_hosts": ["bank.example"]})
+    ensure_org("acme", acme_policy())
 
     step("3. Org admin asks for a CSR; signs it with the org's root (openssl); uploads the intermediate")
     old_rows = pg.psql("SELECT key_id FROM intermediate_keys WHERE org_id = 'acme' AND state = 'active'")
@@ -290,8 +301,7 @@ def main() -> None:
     for s_ in rep.steps:
         print(f"  {s_}")
     call("org-admin-acme", "keyward.v1.Admin/UpdatePolicy",
-         {"org_id": "acme", "policy": {"fail_mode": "FAIL_MODE_OPEN", "blocked_hosts": ["gambling.example"],
-                                       "do_not_inspect_hosts": ["bank.example"]}})
+         {"org_id": "acme", "policy": acme_policy()})
     print(f"  first write acknowledged by the new primary {rep.new_primary} "
           f"{time.monotonic() - t0:.1f}s after the failover started")
 

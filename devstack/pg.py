@@ -43,9 +43,11 @@ hot_standby = on
 # Off: standby snapshots must not hold back the removal of a deleted key's row.
 hot_standby_feedback = off
 wal_log_hints = on
-# A retired key's bytes must not linger in recycled WAL segments.
+# A retired key's bytes must not linger in recycled WAL segments, nor in segments
+# kept beyond the checkpoint that follows its deletion (docs/database.md).
 wal_recycle = off
 wal_init_zero = on
+wal_keep_size = 0
 synchronous_commit = remote_apply
 password_encryption = 'scram-sha-256'
 # Never log bind parameters, even on error.
@@ -117,6 +119,10 @@ class PgServer:
         self.psql(f"CREATE ROLE replicator LOGIN REPLICATION PASSWORD '{pw['replicator']}'", dbname="postgres")
         self.psql(f"CREATE ROLE {self.user} LOGIN PASSWORD '{pw[self.user]}'", dbname="postgres")
         self.psql(f"CREATE DATABASE {self.dbname} OWNER {self.user}", dbname="postgres")
+        # After retiring a key the CA switches WAL segments and checkpoints every server
+        # (docs/database.md; pg_checkpoint: PostgreSQL 15+).
+        self.psql(f"GRANT pg_checkpoint TO {self.user}", dbname="postgres")
+        self.psql(f"GRANT EXECUTE ON FUNCTION pg_catalog.pg_switch_wal() TO {self.user}")
         if self.passfile_path is None or not self.passfile.exists():
             fd = os.open(self.passfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:

@@ -61,7 +61,9 @@ def pool_deployment(rel: Release, pool: str, spec: Obj, resources: Obj | None = 
                 {"name": "KEYWARD_MASTER_SECRET_FILE", "value": "/run/keyward/secret/master-secret"},
             ],
             "ports": [{"name": "proxy", "containerPort": 8080}, {"name": "metrics", "containerPort": 9465}],
-            "readinessProbe": {"tcpSocket": {"port": "proxy"}, "periodSeconds": 5},
+            # /healthz is 503 when a key could not be held safely (memory not lockable while
+            # KEYWARD_REQUIRE_MLOCK is on): such a ZEN gets no traffic, the others keep it.
+            "readinessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 5},
             # No capability: PodSecurity `restricted` admits none but NET_BIND_SERVICE. The key buffers
             # and the signer lock their memory within RLIMIT_MEMLOCK instead.
             "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,

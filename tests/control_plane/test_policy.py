@@ -106,3 +106,25 @@ def test_the_total_size_is_bounded() -> None:
         validate(private_zen_only=False, fail_mode=FailMode.OPEN, key_idle_timeout_seconds=0, location_cidrs=[],
                  blocked_hosts=[], do_not_inspect_hosts=[],
                  blocked_url_prefixes=[f"example.com/{'p' * 1000}{i}" for i in range(300)])
+
+
+def test_proxy_credential_verifiers_and_name_constraints_are_checked() -> None:
+    from keylib import proxyauth
+    from keylib.names import NameConstraints
+
+    v = proxyauth.make("a-proxy-credential-of-the-org", iterations=10_000)
+    p = _v(proxy_credential_verifiers=[v, v], permitted_dns_subtrees=["Example.COM", ".shop.test"],
+           excluded_dns_subtrees=["bank.example.com"])
+    assert p.proxy_credential_verifiers == (v,)
+    assert p.name_constraints == NameConstraints(("example.com", "shop.test"), ("bank.example.com",))
+    assert Policy.from_json(p.to_json()) == p
+    assert _v().name_constraints is None
+    for kw, says in (({"proxy_credential_verifiers": ["hunter2"]}, "keyward proxy-verifier"),
+                     ({"proxy_credential_verifiers": [v] * 9}, "at most 8"),
+                     ({"permitted_dns_subtrees": ["*.example.com"]}, "no wildcard"),
+                     ({"excluded_dns_subtrees": ["not a host"]}, "is not a host name"),
+                     ({"permitted_dns_subtrees": ["a.test"], "excluded_dns_subtrees": ["a.test"]},
+                      "both a permitted and an excluded")):
+        with pytest.raises(InvalidArgument) as e:
+            _v(**kw)
+        assert says in str(e.value), (kw, str(e.value))

@@ -7,9 +7,11 @@ import pytest
 
 def test_one_identity_has_at_most_two_writes_in_flight() -> None:
     from control_plane.errors import ResourceExhausted
-    from control_plane.service import MAX_CONCURRENT_WRITES, _Writes
+    from control_plane.limits import Slots
+    from control_plane.service import MAX_CONCURRENT_WRITES, _writes
 
-    w = _Writes()
+    assert MAX_CONCURRENT_WRITES == 2 and _writes.limit == MAX_CONCURRENT_WRITES
+    w = Slots(_writes.what, _writes.limit, _writes.advice)
     held = [w.take("spiffe://keyward/org-admin/acme") for _ in range(MAX_CONCURRENT_WRITES)]
     with pytest.raises(ResourceExhausted, match="retry when one has finished"):
         w.take("spiffe://keyward/org-admin/acme")

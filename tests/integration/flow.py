@@ -5,11 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from devstack import pki
+from keylib import proxyauth
 from protos.keyward.v1 import keyward_pb2 as pb
 from tests.helpers import Clients, OrgRoot, clients
 
 
+PROXY_SECRET = "keyward-test-proxy-credential"
+"""Every test org's users give the ZEN ``org_id:PROXY_SECRET`` (pass proxy_credential_verifiers=[]
+for an org reachable by source network only)."""
+PROXY_VERIFIER = proxyauth.make(PROXY_SECRET, iterations=proxyauth.MIN_ITERATIONS)
+
+
 def create_org(platform: Clients, org_id: str, **policy: object) -> pb.Organization:
+    policy.setdefault("proxy_credential_verifiers", [PROXY_VERIFIER])
     return platform.admin.CreateOrganization(
         pb.CreateOrganizationRequest(org_id=org_id, display_name=f"{org_id} Inc", policy=pb.Policy(**policy)),
         timeout=30)

@@ -31,7 +31,7 @@ from devstack import pki
 from devstack.pg import PgCluster
 from protos.keyward.v1 import keyward_pb2 as pb
 from tests.helpers import CAProcess, Clients, OrgRoot, clients, wait_for
-from tests.integration.flow import activate, create_org, org_admin
+from tests.integration.flow import PROXY_SECRET, activate, create_org, org_admin
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -91,16 +91,18 @@ class Zen:
     log: Path
 
 
-def start_zen(ca: CAProcess, pki_dir: Path, master: Path, web: Web, workdir: Path, who: str = "zen-public") -> Zen:
+def start_zen(ca: CAProcess, pki_dir: Path, master: Path, web: Web, workdir: Path, who: str = "zen-public",
+              extra: dict[str, str] | None = None, python: str = sys.executable) -> Zen:
     log = workdir / f"zen-{uuid.uuid4().hex[:6]}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("KEYWARD_")}
     env.update(KEYWARD_ZEN_LISTEN="127.0.0.1:0", KEYWARD_ZEN_METRICS_LISTEN="127.0.0.1:0", KEYWARD_CA_ADDR=ca.addr,
                KEYWARD_ZEN_TLS_CERT_FILE=str(pki_dir / f"{who}.crt"), KEYWARD_ZEN_TLS_KEY_FILE=str(pki_dir / f"{who}.key"),
                KEYWARD_ZEN_CA_TRUST_FILE=str(pki_dir / "ca.crt"), KEYWARD_MASTER_SECRET_FILE=str(master),
                KEYWARD_ZEN_EXTRA_ROOTS_FILE=str(web.root_crt),
-               KEYWARD_ZEN_RESOLVE="good.test=127.0.0.1,dni.test=127.0.0.1,blocked.test=127.0.0.1,bad.test=127.0.0.1")
+               KEYWARD_ZEN_RESOLVE="good.test=127.0.0.1,www.good.test=127.0.0.1,dni.test=127.0.0.1,blocked.test=127.0.0.1,bad.test=127.0.0.1")
+    env.update(extra or {})
     out = open(log, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "data_plane"], env=env, cwd=ROOT, stdout=out, stderr=out)
+    proc = subprocess.Popen([python, "-m", "data_plane"], env=env, cwd=ROOT, stdout=out, stderr=out)
 
     def port() -> int | None:
         if proc.poll() is not None:
@@ -136,13 +138,13 @@ def zen(ca: CAProcess, pki_dir: Path, master_secret: tuple[bytes, Path], web: We
 
 def curl(zen: Zen, org_id: str, url: str, cacert: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["curl", "-sS", "--max-time", "20", "--proxy", f"http://127.0.0.1:{zen.port}",
-                           "--proxy-user", f"{org_id}:x", "--cacert", str(cacert), "-w", "\n%{http_code}", url],
+                           "--proxy-user", f"{org_id}:{PROXY_SECRET}", "--cacert", str(cacert), "-w", "\n%{http_code}", url],
                           capture_output=True, text=True, timeout=30)
 
 
 def served_chain(zen: Zen, org_id: str, host: str, port: int, sni: str | None = None) -> list[x509.Certificate]:
     r = subprocess.run(["openssl", "s_client", "-proxy", f"127.0.0.1:{zen.port}", "-proxy_user", org_id,
-                        "-proxy_pass", "pass:x", "-connect", f"{host}:{port}", "-servername", sni or host,
+                        "-proxy_pass", f"pass:{PROXY_SECRET}", "-connect", f"{host}:{port}", "-servername", sni or host,
                         "-showcerts"],
                        input="", capture_output=True, text=True, timeout=30)
     pems = r.stdout.split("-----BEGIN CERTIFICATE-----")[1:]
@@ -159,7 +161,7 @@ def test_curl_through_the_zen_sees_a_leaf_from_the_org_intermediate(
     assert r.stdout.splitlines()[0].startswith("hello from good.test") and r.stdout.endswith("200")
     # Keep-alive: two requests over one intercepted tunnel.
     r = subprocess.run(["curl", "-sS", "-v", "--max-time", "20", "--proxy", f"http://127.0.0.1:{zen.port}",
-                        "--proxy-user", f"{org_id}:x", "--cacert", str(root.crt),
+                        "--proxy-user", f"{org_id}:{PROXY_SECRET}", "--cacert", str(root.crt),
                         f"https://good.test:{web.port}/ka1", f"https://good.test:{web.port}/ka2"],
                        capture_output=True, text=True, timeout=30)
     assert "/ka1" in r.stdout and "/ka2" in r.stdout and "Re-using existing connection" in r.stderr, r.stderr[-800:]
@@ -370,13 +372,15 @@ def test_plain_http_pac_source_network_and_metrics(
     ca: CAProcess, platform: Clients, pki_dir: Path, master_secret: tuple[bytes, Path], web: Web, workdir: Path,
 ) -> None:
     org_id = f"n-{uuid.uuid4().hex[:6]}"
-    # This org owns 127.0.0.0/8: connections from loopback map to it without proxy authentication.
-    create_org(platform, org_id, location_cidrs=["127.0.0.0/8"], blocked_url_prefixes=["good.test/nope"])
+    # This org owns 127.0.0.2: connections from there map to it without proxy authentication
+    # (every other test connects from 127.0.0.1, and every ZEN learns of the org when it is created).
+    create_org(platform, org_id, location_cidrs=["127.0.0.2/32"], blocked_url_prefixes=["good.test/nope"])
     plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     threading.Thread(target=plain.serve_forever, daemon=True).start()
     z = start_zen(ca, pki_dir, master_secret[1], web, workdir)
     try:
-        base = ["curl", "-sS", "--max-time", "20", "--proxy", f"http://127.0.0.1:{z.port}", "-w", "\n%{http_code}"]
+        base = ["curl", "-sS", "--max-time", "20", "--interface", "127.0.0.2", "--proxy", f"http://127.0.0.1:{z.port}",
+                "-w", "\n%{http_code}"]
         wait_for(lambda: subprocess.run(base + [f"http://good.test:{plain.server_address[1]}/ok"], capture_output=True,
                                         text=True, timeout=30).stdout.endswith("200"), 15, "plain HTTP via the ZEN")
         r = subprocess.run(base + [f"http://good.test:{plain.server_address[1]}/nope/x"], capture_output=True,
@@ -418,7 +422,7 @@ def test_http2_is_offered_when_the_origin_accepts_it_and_relayed(
         wait_for(lambda: subprocess.run(["bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{port}"],
                                         capture_output=True).returncode == 0, 10, "s_server to listen")
         cli = subprocess.Popen(["openssl", "s_client", "-proxy", f"127.0.0.1:{zen.port}", "-proxy_user", org_id,
-                                "-proxy_pass", "pass:x", "-connect", f"good.test:{port}", "-servername", "good.test",
+                                "-proxy_pass", f"pass:{PROXY_SECRET}", "-connect", f"good.test:{port}", "-servername", "good.test",
                                 "-alpn", "h2", "-CAfile", str(root.crt)],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert cli.stdin is not None and cli.stdout is not None
@@ -480,7 +484,7 @@ def test_a_failed_client_handshake_closes_the_origin_connection(
     Each used to leave the origin connection open for good (+300 sockets per 500 CONNECTs)."""
     org_id = org[0]
     base = _to_origin(web.port)
-    auth = base64.b64encode(f"{org_id}:x".encode()).decode()
+    auth = base64.b64encode(f"{org_id}:{PROXY_SECRET}".encode()).decode()
     socks = []
     for i in range(30):
         s = socket.create_connection(("127.0.0.1", zen.port), timeout=10)
@@ -526,7 +530,7 @@ def test_the_leaf_names_only_what_the_origin_proved_and_sni_tricks_lift_no_polic
     # An SNI the origin cannot prove: no leaf for it comes from the origin's answer. The client gets our
     # 502 page (under a leaf for the name it asked for), never the origin's content.
     r = subprocess.run(["curl", "-sS", "--max-time", "20", "--proxy", f"http://127.0.0.1:{zen.port}",
-                        "--proxy-user", f"{org_id}:x", "--cacert", str(root.crt), "--connect-to",
+                        "--proxy-user", f"{org_id}:{PROXY_SECRET}", "--cacert", str(root.crt), "--connect-to",
                         f"evil.test:{web.port}:good.test:{web.port}", "-w", "\n%{http_code}",
                         f"https://evil.test:{web.port}/hello"], capture_output=True, text=True, timeout=30)
     assert r.stdout.endswith("502") and "hello from" not in r.stdout, (r.stdout, r.stderr)
