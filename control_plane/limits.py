@@ -44,6 +44,25 @@ class Slots:
                 del self.n[who]
 
 
+class Rate:
+    """At most ``per_second`` on average per caller, ``burst`` at once (token buckets); callers
+    whose bucket is full again are forgotten, so the table is bounded by recent callers."""
+
+    def __init__(self, what: str, per_second: float, burst: int) -> None:
+        self.what, self.rate, self.burst = what, per_second, float(burst)
+        self._b: dict[str, tuple[float, float]] = {}
+
+    def take(self, who: str, now: float) -> None:
+        tokens, then = self._b.get(who, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.rate)
+        if tokens < 1.0:
+            raise ResourceExhausted(f"{who} may make at most {self.rate:g} {self.what} a second "
+                                    f"({self.burst:g} at once); retry in {(1.0 - tokens) / self.rate:.1f}s")
+        self._b[who] = (tokens - 1.0, now)
+        if len(self._b) > 10000:
+            self._b = {k: v for k, v in self._b.items() if v[0] + (now - v[1]) * self.rate < self.burst}
+
+
 class ByteLRU(Generic[K, V]):
     """A least-recently-used cache bounded by the total ``size`` of its values, in bytes.
 

@@ -43,7 +43,7 @@ from control_plane.errors import (
 from control_plane.deadline import CALL_DEADLINE
 from control_plane.events import EventHub, Overflow
 from control_plane.spool import KeySentAuditor
-from control_plane.limits import ByteLRU, Slots
+from control_plane.limits import ByteLRU, Rate, Slots
 from control_plane.validator import Validator
 from control_plane.identity import Identity, Role, check_id, describe_certificate, from_certificate
 from control_plane.policy import FailMode, Policy, validate
@@ -233,6 +233,9 @@ occupy the CA (or its write lock) that every tenant shares."""
 
 
 _writes = Slots("writes", MAX_CONCURRENT_WRITES, "retry when one has finished")
+_write_rate = Rate("Admin writes", 5.0, 20)
+"""Every write holds the CA's write lock (the audit chain) through synchronous replication, which
+every tenant's audited calls share: one identity may not take more than its share of it."""
 
 
 def unary(action: str, *, audited: bool) -> Callable[[Handler[Req, Resp]], Callable[..., Awaitable[Resp]]]:
@@ -248,8 +251,9 @@ def unary(action: str, *, audited: bool) -> Callable[[Handler[Req, Resp]], Calla
             held = ""
             try:
                 ident = self.identify(context)
-                if audited:  # a write: at most MAX_CONCURRENT_WRITES at once per identity
+                if audited:  # a write: at most MAX_CONCURRENT_WRITES at once per identity, at a bounded rate
                     held = _writes.take(ident.spiffe_id)
+                    _write_rate.take(ident.spiffe_id, time.monotonic())
                 budget = self.budget(context)
                 CALL_DEADLINE.set(time.monotonic() + budget)
                 async with asyncio.timeout(budget):

@@ -40,3 +40,17 @@ def test_byte_lru_stays_within_its_budget_and_keeps_the_recent() -> None:
     assert made[-1] == "c" and c.bytes <= 100
     big = c.get("big", lambda: make("big", 500))
     assert len(big) == 500 and c.bytes <= 100  # returned, not kept
+
+
+def test_rate_allows_a_burst_then_the_rate_per_caller() -> None:
+    from control_plane.limits import Rate
+
+    r = Rate("Admin writes", 5.0, 3)
+    for _ in range(3):
+        r.take("a", 100.0)
+    with pytest.raises(ResourceExhausted, match=r"a may make at most 5 Admin writes a second \(3 at once\); retry in 0.2s"):
+        r.take("a", 100.0)
+    r.take("b", 100.0)  # another caller has its own bucket
+    r.take("a", 100.2)  # 0.2 s later: one more
+    with pytest.raises(ResourceExhausted):
+        r.take("a", 100.2)
