@@ -191,11 +191,11 @@ def zen_demo() -> None:
         if r.returncode != 0:
             raise SystemExit("curl through the ZEN failed")
         o = subprocess.run(["openssl", "s_client", "-proxy", f"127.0.0.1:{zport}", "-proxy_user", "acme",
-                            "-proxy_pass", "pass:x", "-connect", f"shop.test:{oport}", "-servername", "shop.test"],
+                            "-proxy_pass", f"pass:{PROXY_SECRET}", "-connect", f"shop.test:{oport}", "-servername", "shop.test"],
                            input="", capture_output=True, text=True, timeout=30)
         chain = [ln.strip() for ln in o.stdout.splitlines() if ln.strip()[:2] in ("0 ", "1 ") or
                  ln.strip().startswith(("s:", "i:"))]
-        print(f"$ openssl s_client -proxy 127.0.0.1:{zport} -proxy_user acme -connect shop.test:{oport}")
+        print(f"$ openssl s_client -proxy 127.0.0.1:{zport} -proxy_user acme -proxy_pass pass:{PROXY_SECRET} -connect shop.test:{oport}")
         for ln in chain[:4]:
             print(f"  {ln}")
         kids = subprocess.run(["pgrep", "-P", str(zen.pid)], capture_output=True, text=True).stdout.split()
