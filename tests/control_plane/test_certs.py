@@ -25,14 +25,16 @@ def _root(name: str = "root") -> tuple[x509.Certificate, ec.EllipticCurvePrivate
 
 
 def _issue(pub: object, root: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], *, ca: bool = True,
-           path_length: int | None = 0, cert_sign: bool = True, nb: dt.datetime | None = None,
-           na: dt.datetime | None = None) -> str:
+           path_length: int | None = 0, cert_sign: bool = True, key_usage: bool = True,
+           nb: dt.datetime | None = None, na: dt.datetime | None = None) -> str:
     rc, rk = root
     b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "i")]))
          .issuer_name(rc.subject).public_key(pub).serial_number(7)  # type: ignore[arg-type]
          .not_valid_before(nb or NOW - dt.timedelta(hours=1)).not_valid_after(na or NOW + dt.timedelta(days=30))
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length if ca else None), critical=True)
-         .add_extension(x509.KeyUsage(True, False, False, False, False, cert_sign, cert_sign, False, False), critical=True))
+         .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length if ca else None), critical=True))
+    if key_usage:
+        b = b.add_extension(x509.KeyUsage(True, False, False, False, False, cert_sign, cert_sign, False, False),
+                            critical=True)
     return b.sign(rk, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
 
 
@@ -62,6 +64,22 @@ def test_refusals(key: object, kw: dict[str, object], msg: str) -> None:
     with pytest.raises(InvalidArgument, match=msg):
         validate_intermediate(_issue(key.public_key(), root, **kw), "",  # type: ignore[attr-defined, arg-type]
                               pending_spki_sha256=spki_sha256(key.public_key()))  # type: ignore[attr-defined]
+
+
+def test_an_intermediate_without_key_usage_is_refused_even_with_a_good_chain(key: object) -> None:
+    """No keyUsage extension at all is not "keyUsage unrestricted": the intermediate must say
+    keyCertSign. Everything else about it is right (the chain verifies), so only that rule refuses it."""
+    root = _root()
+    fp = spki_sha256(key.public_key())  # type: ignore[attr-defined]
+    chain = root[0].public_bytes(serialization.Encoding.PEM).decode()
+    bare = _issue(key.public_key(), root, key_usage=False)  # type: ignore[attr-defined]
+    with pytest.raises(x509.ExtensionNotFound):
+        x509.load_pem_x509_certificate(bare.encode()).extensions.get_extension_for_class(x509.KeyUsage)
+    with pytest.raises(InvalidArgument, match="no keyUsage extension; keyCertSign is required"):
+        validate_intermediate(bare, chain, pending_spki_sha256=fp)
+    # The same certificate with keyUsage keyCertSign passes: the refusal is the missing extension's.
+    good = _issue(key.public_key(), root)  # type: ignore[attr-defined]
+    assert validate_intermediate(good, chain, pending_spki_sha256=fp)[0].spki_sha256 == fp
 
 
 def test_wrong_key_and_wrong_chain(key: object) -> None:

@@ -60,7 +60,7 @@ def test_linear_contradiction_rule_equals_the_pairwise_one() -> None:
     from control_plane.errors import InvalidArgument
     from control_plane.policy import FailMode, validate
     rnd = random.Random(7)
-    names = ["a.com", "b.a.com", "c.b.a.com", "x.org", "y.x.org", "com", "org"]
+    names = ["a.com", "b.a.com", "c.b.a.com", "ba.com", "x.org", "y.x.org", "com", "org"]  # ba.com: no label of a.com
 
     def pick() -> list[str]:
         return sorted({("*." if rnd.random() < 0.4 else "") + rnd.choice(names) for _ in range(rnd.randint(0, 3))})
@@ -75,6 +75,31 @@ def test_linear_contradiction_rule_equals_the_pairwise_one() -> None:
         except InvalidArgument:
             got = True
         assert got == want, (dni, blocked, prefixes)
+
+
+@pytest.mark.parametrize("dni,blocked,prefixes,conflict", [
+    (["*.bank.example"], ["evilbank.example"], [], False),
+    (["*.bank.example"], ["*.evilbank.example"], [], False),
+    (["evilbank.example"], ["*.bank.example"], [], False),
+    (["*.bank.example"], [], ["evilbank.example/login"], False),
+    (["*.bank.example"], ["www.bank.example"], [], True),
+    (["www.bank.example"], ["*.bank.example"], [], True),
+    (["*.bank.example"], ["bank.example"], [], True),
+    (["*.bank.example"], [], ["online.bank.example/login"], True),
+])
+def test_a_wildcard_covers_its_domain_at_label_boundaries_only(dni: list[str], blocked: list[str],
+                                                                prefixes: list[str], conflict: bool) -> None:
+    """*.bank.example is bank.example and its subdomains, never evilbank.example: in the
+    contradiction check (``_Names``) and in the pairwise rule it is checked against (``_matches``)."""
+    from control_plane.policy import _matches
+    assert _pairwise_conflict(dni, blocked, prefixes) is conflict
+    if conflict:
+        with pytest.raises(InvalidArgument, match="contradicts itself"):
+            _v(do_not_inspect_hosts=dni, blocked_hosts=blocked, blocked_url_prefixes=prefixes)
+    else:
+        p = _v(do_not_inspect_hosts=dni, blocked_hosts=blocked, blocked_url_prefixes=prefixes)
+        assert p.do_not_inspect_hosts == tuple(dni) and p.blocked_hosts == tuple(blocked)
+    assert _matches("*.bank.example", "www.bank.example") and not _matches("*.bank.example", "evilbank.example")
 
 
 def test_validation_cost_grows_linearly() -> None:

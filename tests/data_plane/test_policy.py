@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from data_plane.policy import Action, OrgPolicy, connect_action, org_for
+import pytest
+
+from data_plane.policy import Action, OrgPolicy, connect_action, host_matches, org_for
 from keylib.names import NameConstraints
 
 
@@ -23,3 +25,21 @@ def test_an_org_is_chosen_by_network_only_never_by_a_name() -> None:
     assert org_for(pols, "10.9.0.1") == "a"
     assert org_for(pols, "192.0.2.1") is None  # then the caller must authenticate
     assert org_for(pols, "not-an-ip") is None
+
+
+@pytest.mark.parametrize("host,hit", [
+    ("bank.example", True),            # the wildcard covers the domain itself
+    ("www.bank.example", True),
+    ("a.b.bank.example", True),
+    ("WWW.Bank.Example.", True),       # case and a trailing dot do not escape it
+    ("evilbank.example", False),       # a label boundary, not a string suffix
+    ("www.evilbank.example", False),
+    ("bank.example.evil", False),
+    ("example", False),
+])
+def test_a_wildcard_matches_at_label_boundaries_only(host: str, hit: bool) -> None:
+    assert host_matches("*.bank.example", host) is hit
+    p = OrgPolicy("acme", blocked_hosts=("*.casino.example",), do_not_inspect_hosts=("*.bank.example",))
+    assert connect_action(p, host, have_key=True) is (Action.TUNNEL if hit else Action.INTERCEPT)
+    casino = host.lower().replace("bank", "casino")
+    assert connect_action(p, casino, have_key=True) is (Action.BLOCK if hit else Action.INTERCEPT)

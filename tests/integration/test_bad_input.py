@@ -3,6 +3,7 @@ database (but the audit row of the refusal), and the server keeps serving."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import subprocess
 import threading
@@ -16,6 +17,7 @@ import psycopg
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from devstack.pg import PgCluster
 from protos.keyward.v1 import keyward_pb2 as pb
@@ -119,6 +121,33 @@ def test_csr_and_revoke_validation(pg: PgCluster, platform: Clients, ca: CAProce
             grpc.StatusCode.INVALID_ARGUMENT, "not valid PEM")
     zen = clients(ca.addr, pki_dir, "zen-public")
     _expect(pg, platform, zen.keys.GetKeyPair, pb.GetKeyPairRequest(org_id="../etc"), IA, "not valid")
+
+
+def test_a_bare_base64_key_in_a_refused_request_reaches_neither_caller_nor_audit(
+        pg: PgCluster, platform: Clients, ca: CAProcess, pki_dir: Path, new_org_id: str) -> None:
+    """A private key pasted without its PEM armour (the bare base64 of its PKCS#8 DER) into fields
+    the CA quotes back: neither the message nor the audit row's detail holds any of it."""
+    der = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    b64 = base64.b64encode(der).decode()
+
+    def leaks(text: str) -> list[str]:
+        return [b64[i:i + 40] for i in range(len(b64) - 39) if b64[i:i + 40] in text]
+    create_org(platform, new_org_id)
+    admin = org_admin(ca.addr, pki_dir, new_org_id).admin
+    msgs = [
+        _expect(pg, platform, platform.admin.UpdatePolicy,
+                pb.UpdatePolicyRequest(org_id=new_org_id, policy=pb.Policy(blocked_hosts=[b64])), IA,
+                "not a host name"),
+        _expect(pg, platform, admin.RevokeIntermediate,
+                pb.RevokeIntermediateRequest(org_id=new_org_id, key_id=b64), IA, "not a UUID"),
+    ]
+    q = (f"SELECT action || ' ' || detail FROM audit_events WHERE org_id = '{new_org_id}' "
+         "AND outcome = 'INVALID_ARGUMENT' ORDER BY seq")
+    rows = wait_for(lambda: (r := pg.psql(q).splitlines()) and len(r) >= 2 and r, 15, "both refusals' audit rows")
+    assert [r.split()[0] for r in rows] == ["UpdatePolicy", "RevokeIntermediate"], rows
+    for text in rows + msgs:
+        assert "not shown" in text and not leaks(text), text
 
 
 def test_upload_validation(pg: PgCluster, platform: Clients, pending_org: Any, tmp_path: Path) -> None:

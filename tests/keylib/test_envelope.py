@@ -7,6 +7,7 @@ import hashlib
 import os
 
 import pytest
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -89,6 +90,33 @@ def test_kdf_is_the_documented_hkdf() -> None:
     key = HKDF(hashes.SHA256(), 32, env.salt, b"keyward-keylib/1 wrap\x00" + lp("acme") + lp("k1")).derive(secret)
     assert AESGCM(key).decrypt(env.nonce, env.ciphertext, aad("acme", "k1", FP)) == b"x" * 10
     assert keylib.FORMAT == "keyward-keylib/1"
+
+
+def test_aad_is_the_documented_layout() -> None:
+    """Known answer, built from docs/key-custody.md ("The envelope") and not from keylib: a ZEN
+    written from the docs must open what the CA sealed, and what it seals must open here. The
+    AAD is "keyward-keylib/1 aad" 0x00 || lp(org_id) || lp(key_id) || SHA-256(SPKI), lp being a
+    2-byte big-endian length of the UTF-8 bytes (not characters) then those bytes."""
+    secret, org, key_id = bytes(range(48)), "acmé-1", "6f1c2f4e-9d1b-4c55-8a47-0f3b5b2a9e10"
+    fp = hashlib.sha256(b"the org's SubjectPublicKeyInfo").digest()
+    doc_aad = (b"keyward-keylib/1 aad\x00" + b"\x00\x07acm\xc3\xa9-1"
+               + b"\x00\x24" + key_id.encode() + fp)
+    doc_info = b"keyward-keylib/1 wrap\x00" + b"\x00\x07acm\xc3\xa9-1" + b"\x00\x24" + key_id.encode()
+    m = MasterSecret.from_bytes(secret)
+    # Sealed by keylib, opened by hand with exactly the documented AAD (and nothing else opens it).
+    sealed = seal(m, org_id=org, key_id=key_id, spki_sha256=fp, plaintext=PLAIN)
+    assert sealed[:4] == b"KWK1" and len(sealed) == 4 + 32 + 12 + len(PLAIN) + 16
+    salt, nonce, body = sealed[4:36], sealed[36:48], sealed[48:]
+    gcm = AESGCM(HKDF(hashes.SHA256(), 32, salt, doc_info).derive(secret))
+    assert gcm.decrypt(nonce, body, doc_aad) == PLAIN
+    swapped = b"keyward-keylib/1 aad\x00" + b"\x00\x24" + key_id.encode() + b"\x00\x07acm\xc3\xa9-1" + fp
+    with pytest.raises(InvalidTag):
+        gcm.decrypt(nonce, body, swapped)
+    # Sealed by hand with the documented AAD, opened by keylib.
+    salt, nonce = os.urandom(32), os.urandom(12)
+    mine = AESGCM(HKDF(hashes.SHA256(), 32, salt, doc_info).derive(secret)).encrypt(nonce, b"by hand", doc_aad)
+    with open_sealed(m, b"KWK1" + salt + nonce + mine, org_id=org, key_id=key_id, spki_sha256=fp) as out:
+        assert bytes(out.view) == b"by hand"
 
 
 def test_master_secret_rules(tmp_path: "os.PathLike[str]", monkeypatch: pytest.MonkeyPatch) -> None:
