@@ -316,13 +316,26 @@ async def run_refusal_flusher(store: Store) -> None:
             await asyncio.shield(flush_refusals(store, final=True))
 
 
+def _recordable(value: str, check: Callable[[str], object]) -> str:
+    """``value`` when it has the form ``check`` accepts, else a placeholder (never the input)."""
+    if not value:
+        return ""
+    try:
+        check(value)
+    except (KeywardError, ValueError):
+        return "<invalid>"
+    return value
+
+
 async def _audit_failure_impl(store: Store, action: str, ident: Identity | None, request: Any,
                               code: grpc.StatusCode, message: str, org_id: str = "") -> None:
     """Audit a failed call. Waits up to AUDIT_WAIT_SECONDS, then lets the
     write finish in the background, so a stuck database (the very reason a
     call may have failed) cannot hold the caller's answer back."""
-    org_id = (org_id or str(getattr(request, "org_id", "")))[:64]
-    key_id = str(getattr(request, "key_id", ""))[:64]
+    # Only values of an id's form reach the audit columns: a caller may put anything in these
+    # fields (a key in base64, once), and the audit log outlives every other copy.
+    org_id = _recordable(org_id or str(getattr(request, "org_id", "")), lambda v: check_id(v, "org_id"))
+    key_id = _recordable(str(getattr(request, "key_id", "")), uuid.UUID)
     caller = ident.spiffe_id if ident else "unauthenticated"
     if not REFUSALS.admit(caller, action, org_id, code.name, time.monotonic()):
         return  # counted: written as an aggregate row for (caller, action, org, outcome) within seconds
@@ -622,7 +635,9 @@ class KeyDistributionService(_Base, pb_grpc.KeyDistributionServicer):
                     metrics.KEYS_REFUSED.labels(o if org is not None else "-").inc()
                     raise authz.key_refusal(pool.name, o)
             await self.hub.ready(5.0)
-            last = self.hub.last_seq
+            # Where the log ends now, not where the hub last looked (up to a poll behind): an event
+            # committed before this stream opened is history (after_seq), never sent as news.
+            last = max(self.hub.last_seq, await self.store.last_event_seq())
             await context.send_initial_metadata((("keyward-event-seq", str(last)),))
             if request.snapshot:
                 for org in await self.store.orgs_served(pool):

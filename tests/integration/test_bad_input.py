@@ -148,6 +148,15 @@ def test_a_bare_base64_key_in_a_refused_request_reaches_neither_caller_nor_audit
     assert [r.split()[0] for r in rows] == ["UpdatePolicy", "RevokeIntermediate"], rows
     for text in rows + msgs:
         assert "not shown" in text and not leaks(text), text
+    # The audit's id columns too: a key pasted as org_id or key_id is recorded as "<invalid>"
+    # (it used to land there raw, 64 characters of it: 12 bytes of an EC key).
+    code_of(admin.RevokeIntermediate, pb.RevokeIntermediateRequest(org_id=b64[:60], key_id=b64))
+    cols = wait_for(lambda: pg.psql("SELECT org_id || ' ' || key_id FROM audit_events WHERE "
+                                    "action = 'RevokeIntermediate' AND org_id = '<invalid>' ORDER BY seq DESC LIMIT 1"),
+                    15, "the refusal's audit row")
+    assert cols == "<invalid> <invalid>", cols
+    dump = pg.psql("COPY (SELECT * FROM audit_events) TO STDOUT")
+    assert not [b64[i:i + 24] for i in range(len(b64) - 23) if b64[i:i + 24] in dump]
 
 
 def test_upload_validation(pg: PgCluster, platform: Clients, pending_org: Any, tmp_path: Path) -> None:
