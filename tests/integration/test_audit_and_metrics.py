@@ -38,7 +38,7 @@ def test_audit_records_actions_and_verifies(
         ("RequestIntermediateCsr", "ok", csr.key_id),
         ("UploadIntermediateCertificate", "ok", csr.key_id),
         ("KeySent", "ok", csr.key_id),
-        ("RevokeIntermediate", "INVALID_ARGUMENT", "bad"),
+        ("RevokeIntermediate", "INVALID_ARGUMENT", "<invalid>"),  # not an id: never recorded as given
     ]
     assert events[0].actor == "spiffe://keyward/platform-admin"
     assert events[1].actor == f"spiffe://keyward/org-admin/{new_org_id}"
