@@ -55,10 +55,22 @@ def _artifacts(cluster: PgCluster) -> list[Path]:
 
 
 def _needles(kp: pb.KeyPair) -> dict[str, bytes]:
-    der = x509.load_pem_x509_certificate(kp.certificate_pem.encode()).public_bytes(serialization.Encoding.DER)
+    cert = x509.load_pem_x509_certificate(kp.certificate_pem.encode())
+    der = cert.public_bytes(serialization.Encoding.DER)
     return {"ciphertext": kp.encrypted_private_key[:64], "ciphertext tail": kp.encrypted_private_key[-64:],
-            "certificate PEM line": kp.certificate_pem.splitlines()[3].encode(),
+            "certificate PEM line": _pem_line_of_public_key(kp.certificate_pem, cert, der).encode(),
             "certificate DER": der[200:264]}
+
+
+def _pem_line_of_public_key(pem: str, cert: x509.Certificate, der: bytes) -> str:
+    """The certificate's PEM line that encodes the middle of its public key (SPKI): unique to this
+    key. (A fixed line such as the 4th holds the validity and the subject, the same for two
+    certificates of one org signed in the same second.)"""
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    at = der.index(spki) + len(spki) // 2
+    lines = [ln for ln in pem.strip().splitlines() if not ln.startswith("-----")]
+    assert all(len(ln) == 64 for ln in lines[:-1]), "PEM lines of 64 characters (48 bytes each)"
+    return lines[at // 48]
 
 
 def _hits(paths: list[Path], needles: dict[str, bytes]) -> dict[str, list[str]]:
