@@ -163,7 +163,6 @@ async def start(cfg: CAConfig, master: MasterSecret) -> RunningCA:
     server = grpc.aio.server(options=server_options(cfg), interceptors=[IdentityInterceptor(cfg.trust_domain)])
     auditor = KeySentAuditor(store, cfg.audit_spool_file)
     validator = Validator()
-    await asyncio.to_thread(validator.warm)
     pb_grpc.add_AdminServicer_to_server(  # type: ignore[no-untyped-call]
         AdminService(store, master, cfg.trust_domain, cfg.max_call_seconds, validator=validator), server)
     pb_grpc.add_KeyDistributionServicer_to_server(  # type: ignore[no-untyped-call]
@@ -199,6 +198,8 @@ async def start(cfg: CAConfig, master: MasterSecret) -> RunningCA:
              asyncio.create_task(auditor.run(), name="keyward-audit-spool"),
              asyncio.create_task(run_refusal_flusher(store), name="keyward-refusal-rows")]
     tasks.append(asyncio.create_task(purger.run(), name="keyward-wal-purge"))
+    # The validator's worker starts beside serving, never in its way (warm() does not raise).
+    tasks.append(asyncio.create_task(asyncio.to_thread(validator.warm), name="keyward-validator-warm"))
     log.info("CA listening", extra={"port": port})
     return RunningCA(server, port, store, hub, hs, master, tasks, extra, validator)
 
