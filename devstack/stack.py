@@ -159,7 +159,8 @@ def write_env(pg: PgCluster, pki_dir: Path, master: Path) -> None:
         "KEYWARD_MASTER_SECRET_FILE": str(master),
         "KEYWARD_DB_CLUSTER": str(pg.spec_path),
     }
-    (RUN / "env").write_text("".join(f"{k}='{v}'\n" for k, v in lines.items()))
+    # Exported: `source .run/env` must reach the programs a user runs next (keyward db status, grpcurl).
+    (RUN / "env").write_text("".join(f"export {k}='{v}'\n" for k, v in lines.items()))
 
 
 def _spawn(name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes] | None:

@@ -36,6 +36,10 @@ def test_demo_runs_end_to_end_and_stops() -> None:
         envfile = (run / "env").read_text()
         for var in ("KEYWARD_CA_ADDR", "KEYWARD_DB_DSN", "KEYWARD_PKI_DIR"):
             assert var in envfile
+        # Sourced, the variables reach child programs (they were once set but not exported).
+        seen = subprocess.run(["bash", "-c", f". '{run}/env' && env"], capture_output=True, text=True,
+                              timeout=30, env={"PATH": os.environ.get("PATH", "")}).stdout
+        assert f"KEYWARD_DB_CLUSTER={run}" in seen and "KEYWARD_CA_ADDR=" in seen, seen
         for f in ("ca.crt", "platform-admin.crt", "platform-admin.key", "org-admin-acme.crt", "zen-public.key",
                   "zen-private.crt"):
             assert (run / "pki" / f).exists(), f
