@@ -299,6 +299,8 @@ SELECT o.*, (SELECT k.key_id FROM intermediate_keys k
              WHERE k.org_id = o.org_id AND k.state = 'active') AS active_key_id
 FROM organizations o WHERE o.org_id = %s
 """
+_ORG_SELECT_WITHOUT_POLICY = _ORG_SELECT.replace(
+    "o.*", "o.org_id, o.display_name, o.policy_version, o.created_at, o.updated_at")
 
 
 def _inter(r: dict[str, Any]) -> IntermediateRow:
@@ -681,8 +683,7 @@ class Store:
                                      detail=f"policy_version={new_version} private_zen_only={policy.private_zen_only}")
             # The policy just written is known: read back the rest only (re-parsing a large
             # policy's JSON would cost the event loop as much as writing it).
-            cur = await conn.execute(_ORG_SELECT.replace("o.*", "o.org_id, o.display_name, o.policy_version, "
-                                                         "o.created_at, o.updated_at"), (org_id,))
+            cur = await conn.execute(_ORG_SELECT_WITHOUT_POLICY, (org_id,))
             r = await cur.fetchone()
         assert r is not None
         return _org({**r, "policy": None}, policy)

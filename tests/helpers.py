@@ -99,6 +99,14 @@ def start_ca(pg: PgCluster, pki_dir: Path, master_file: Path, workdir: Path, *, 
     return CAProcess(proc, log, p, m, env)
 
 
+def start_ca_with_public_pool(pg: PgCluster, pki_dir: Path, master_file: Path, workdir: Path) -> CAProcess:
+    """A CA of its own (for tests with a cluster of their own) with the dev pool 'public' registered."""
+    ca = start_ca(pg, pki_dir, master_file, workdir)
+    clients(ca.addr, pki_dir, "platform-admin").admin.RegisterZenPool(pb.RegisterZenPoolRequest(
+        pool=pb.ZenPool(name="public", visibility=pb.POOL_VISIBILITY_PUBLIC)), timeout=30)
+    return ca
+
+
 def channel(addr: str, pki_dir: Path, who: str | None, *, options: list[tuple[str, Any]] | None = None) -> grpc.Channel:
     creds = grpc.ssl_channel_credentials(
         root_certificates=(pki_dir / "ca.crt").read_bytes(),

@@ -22,7 +22,7 @@ from dbops import backup as dbbackup
 from dbops import binaries
 from devstack.pg import PgCluster
 from protos.keyward.v1 import keyward_pb2 as pb
-from tests.helpers import CAProcess, OrgRoot, clients, start_ca, three_servers
+from tests.helpers import CAProcess, OrgRoot, clients, start_ca_with_public_pool, three_servers
 from tests.integration.flow import activate, create_org, org_admin
 
 
@@ -33,9 +33,7 @@ def rcl(workdir: Path) -> Iterator[PgCluster]:
 
 @pytest.fixture(scope="module")
 def rca(rcl: PgCluster, pki_dir: Path, master_secret: tuple[bytes, Path], workdir: Path) -> Iterator[CAProcess]:
-    ca = start_ca(rcl, pki_dir, master_secret[1], workdir / "ca-backup-race")
-    clients(ca.addr, pki_dir, "platform-admin").admin.RegisterZenPool(pb.RegisterZenPoolRequest(
-        pool=pb.ZenPool(name="public", visibility=pb.POOL_VISIBILITY_PUBLIC)), timeout=30)
+    ca = start_ca_with_public_pool(rcl, pki_dir, master_secret[1], workdir / "ca-backup-race")
     yield ca
     ca.stop()
 

@@ -25,7 +25,7 @@ from dbops import backup as dbbackup
 from devstack.pg import PgCluster, free_port
 from keylib.master import MasterSecret
 from protos.keyward.v1 import keyward_pb2 as pb
-from tests.helpers import CAProcess, OrgRoot, clients, start_ca, three_servers, wait_for
+from tests.helpers import CAProcess, OrgRoot, clients, start_ca, start_ca_with_public_pool, three_servers, wait_for
 from tests.integration.flow import activate, create_org, org_admin
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,9 +38,7 @@ def bcl(workdir: Path) -> Iterator[PgCluster]:
 
 @pytest.fixture(scope="module")
 def bca(bcl: PgCluster, pki_dir: Path, master_secret: tuple[bytes, Path], workdir: Path) -> Iterator[CAProcess]:
-    ca = start_ca(bcl, pki_dir, master_secret[1], workdir / "ca-backups")
-    clients(ca.addr, pki_dir, "platform-admin").admin.RegisterZenPool(pb.RegisterZenPoolRequest(
-        pool=pb.ZenPool(name="public", visibility=pb.POOL_VISIBILITY_PUBLIC)), timeout=30)
+    ca = start_ca_with_public_pool(bcl, pki_dir, master_secret[1], workdir / "ca-backups")
     yield ca
     ca.stop()
 
