@@ -180,9 +180,18 @@ def backup(spec: ClusterSpec, *, log: Callable[[str], None] = _warn) -> Backup:
     root.mkdir(parents=True, exist_ok=True)
     chown_server(root)
     tmp = root / f"partial-{stamp}"
-    run("pg_basebackup", "-h", node.host, "-p", str(node.port), "-U", spec.repl_user, "-D", str(tmp),
-        "-F", "tar", "-X", "stream", "-c", "fast", "--no-manifest", timeout=900,
-        env={"PGPASSFILE": spec.passfile})
+    # A slot of its own, created (and holding WAL) before the backup starts: the CA checkpoints and
+    # recycles WAL after every retirement, and pg_basebackup's default temporary slot comes too late
+    # for that ("requested WAL segment ... has already been removed", seen in a rotation race).
+    slot = f"keyward_backup_{stamp.lower().replace('.', '_')}"
+    try:
+        run("pg_basebackup", "-h", node.host, "-p", str(node.port), "-U", spec.repl_user, "-D", str(tmp),
+            "-F", "tar", "-X", "stream", "-C", "-S", slot, "-c", "fast", "--no-manifest", timeout=900,
+            env={"PGPASSFILE": spec.passfile})
+    finally:
+        with psycopg.connect(spec.conninfo(node), autocommit=True) as c:
+            c.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                      "WHERE slot_name = %s AND NOT active", (slot,))
     keys_after, _ = _keys_and_seq(spec, node)
     manifest = {"created": stamp, "source": node.name, "key_ids": sorted(keys_before | keys_after),
                 "event_seq": seq}
