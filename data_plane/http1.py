@@ -126,3 +126,81 @@ async def splice(a_r: asyncio.StreamReader, a_w: asyncio.StreamWriter, b_r: asyn
             w.write_eof()
 
     await asyncio.gather(pump(a_r, b_w), pump(b_r, a_w))
+
+
+class BodyReader:
+    """The body that follows ``head``, read chunk by chunk (for translation to HTTP/2, where the
+    framing is the protocol's own): by Content-Length, chunked coding (trailers kept), or until
+    the connection closes. ``read`` returns None at the end of the body."""
+
+    def __init__(self, head: Head, reader: asyncio.StreamReader, *, is_response: bool,
+                 request_method: str = "") -> None:
+        self._reader = reader
+        self.trailers: list[tuple[bytes, bytes]] = []
+        self.until_close = False
+        self._left = 0
+        self._chunked = False
+        self._done = False
+        status = int(head.start[1]) if is_response and head.start[1].isdigit() else 0
+        te = (head.get("transfer-encoding") or "").lower()
+        cl = head.get("content-length")
+        if is_response and (request_method == "HEAD" or status in (204, 304) or 100 <= status < 200):
+            self._done = True
+        elif "chunked" in te:
+            self._chunked = True
+        elif cl is not None:
+            if not cl.isdigit():
+                raise HttpError("bad Content-Length")
+            self._left = int(cl)
+            self._done = self._left == 0
+        elif is_response:
+            self.until_close = True
+        else:
+            self._done = True
+
+    @property
+    def done(self) -> bool:
+        """The whole body has been read (the connection may carry another message)."""
+        return self._done
+
+    @property
+    def empty(self) -> bool:
+        """Known to have no body at all (no read needed)."""
+        return self._done and not self._chunked
+
+    async def read(self) -> bytes | None:
+        if self._done:
+            return None
+        if self.until_close:
+            chunk = await self._reader.read(65536)
+            if not chunk:
+                self._done = True
+                return None
+            return chunk
+        if self._chunked:
+            if self._left == 0:
+                line = await self._reader.readuntil(b"\r\n")
+                try:
+                    self._left = int(line.split(b";", 1)[0].strip() or b"0", 16)
+                except ValueError:
+                    raise HttpError("bad chunk size") from None
+                if self._left == 0:
+                    while (t := await self._reader.readuntil(b"\r\n")) != b"\r\n":
+                        k, sep, v = t.decode("latin-1").partition(":")
+                        if sep:
+                            self.trailers.append((k.strip().lower().encode("latin-1"), v.strip().encode("latin-1")))
+                    self._done = True
+                    return None
+            chunk = await self._reader.read(min(self._left, 65536))
+            if not chunk:
+                raise HttpError("connection closed in the middle of a chunk")
+            self._left -= len(chunk)
+            if self._left == 0 and await self._reader.readexactly(2) != b"\r\n":
+                raise HttpError("a chunk not followed by CRLF")
+            return chunk
+        chunk = await self._reader.read(min(self._left, 65536))
+        if not chunk:
+            raise HttpError("body shorter than Content-Length")
+        self._left -= len(chunk)
+        self._done = self._left == 0
+        return chunk

@@ -24,6 +24,9 @@ DECISIONS = Counter("keyward_zen_connects_total",
                     ["org", "outcome"], registry=REGISTRY)
 REQUESTS = Counter("keyward_zen_requests_total", "Inspected HTTP requests, by org and status", ["org", "status"],
                    registry=REGISTRY)
+H2_ERRORS = Counter("keyward_zen_h2_errors_total",
+                    "HTTP/2 connections ended for a protocol error or a flood, by side (client, origin) and kind",
+                    ["side", "kind"], registry=REGISTRY)
 CERT_CACHE = Counter("keyward_zen_cert_cache_total", "Minted-certificate cache lookups", ["result"],
                      registry=REGISTRY)
 KEY_FETCHES = Counter("keyward_zen_key_fetches_total", "Key fetches from the CA, by result", ["result"],

@@ -78,3 +78,28 @@ def connect_action(p: OrgPolicy, host: str, have_key: bool) -> Action:
 def url_blocked(p: OrgPolicy, host: str, path: str) -> bool:
     url = host.lower() + path
     return any(url.startswith(prefix) for prefix in p.blocked_url_prefixes)
+
+
+class Verdict(Enum):
+    FORWARD = "forward"
+    BLOCK = "block"            # 403 on this request; the connection goes on
+    MISDIRECTED = "misdirected"  # 421: the client must open a connection of its own for this host
+
+
+def request_verdict(p: OrgPolicy, name: str, names: tuple[str, ...], host: str, path: str) -> Verdict:
+    """One request inside an intercepted connection to ``name``, whose origin proved ``names``.
+
+    A client may send a request for another host on the same connection (HTTP/2 coalescing,
+    or a Host header that differs): it is forwarded only if the origin's certificate covers
+    that host and the host's own policy is to intercept; a blocked host or URL prefix gets a
+    403; a host to tunnel (do not inspect, outside the name constraints) or not covered gets
+    a 421, so the client opens a connection of its own, decided by its own CONNECT."""
+    host = (host or name).lower().rstrip(".")
+    if host != name and not any(host_matches(n.lower(), host) for n in names):
+        return Verdict.MISDIRECTED
+    action = connect_action(p, host, have_key=True)
+    if action is Action.BLOCK or url_blocked(p, host, path):
+        return Verdict.BLOCK
+    if action is not Action.INTERCEPT:
+        return Verdict.MISDIRECTED
+    return Verdict.FORWARD

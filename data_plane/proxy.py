@@ -19,14 +19,18 @@ import re
 import os
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 
 from data_plane import metrics
 from data_plane.clienthello import MAX_HELLO, ClientHello, NotTls, decide, needed, parse
+from data_plane.h2conn import H2Endpoint
 from data_plane.http1 import Head, HttpError, copy_body, read_head, splice
+from data_plane.inspect import Session
 from data_plane.keys import KeyManager, OrgKey
 from data_plane.mint import Minter
 from data_plane.policy import Action, connect_action, org_for, url_blocked
 from data_plane.proxyauth import ProxyAuth, Verdict, basic_credentials
+from data_plane.upstream import H1Upstream, H2Upstream, Upstream
 
 _ID = re.compile(r"[a-z][a-z0-9-]{1,61}[a-z0-9]")
 """An org id's form (checked before asking the CA about a name a client sent)."""
@@ -237,7 +241,7 @@ class Proxy:
             await self._tls_page(writer, org, key, name, 502, "Bad Gateway",
                                  f"cannot reach {_html(name)}: {_html(str(e))}")
             return
-        await self._intercept(reader, writer, o_reader, o_writer, org, name, host, port, key)
+        await self._intercept(reader, writer, o_reader, o_writer, org, name, host, port, key, hello.alpn)
 
     async def _client_hello(self, writer: asyncio.StreamWriter) -> ClientHello:
         """Peek at the client's ClientHello (MSG_PEEK: it stays for the TLS layer), waiting with
@@ -285,61 +289,41 @@ class Proxy:
 
     async def _intercept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                          o_reader: asyncio.StreamReader, o_writer: asyncio.StreamWriter, org: str, name: str,
-                         host: str, port: int, key: OrgKey) -> None:
+                         host: str, port: int, key: OrgKey, client_alpn: tuple[str, ...]) -> None:
+        """Both handshakes done: every request is inspected (``inspect.Session``), in the protocol
+        each side chose; HTTP/2 is offered to a client that offers it, whatever the origin speaks."""
         sslobj = o_writer.get_extra_info("ssl_object")
         peer = sslobj.getpeercert() if sslobj else None
         sans = [v for k, v in (peer or {}).get("subjectAltName", ()) if k in ("DNS", "IP Address")]
         origin_proto = (sslobj.selected_alpn_protocol() if sslobj else None) or "http/1.1"
-        # Offer the client what the origin accepted (h2 also lets an h1-only client fall back).
-        alpn = ("h2", "http/1.1") if origin_proto == "h2" else ("http/1.1",)
+        alpn = ("h2", "http/1.1") if "h2" in client_alpn else ("http/1.1",)
         ctx = await asyncio.to_thread(self.minter.context_for, org, key.key_id, key.signer, key.certificate_pem,
                                       name, sans, alpn)
         await writer.start_tls(ctx)
         c_ssl = writer.get_extra_info("ssl_object")
         client_proto = (c_ssl.selected_alpn_protocol() if c_ssl else None) or "http/1.1"
-        try:
-            if client_proto == "h2" and origin_proto == "h2":
-                # HTTP/2 on both sides: relayed (decrypted and re-encrypted), logged per connection.
-                access.info(json.dumps({"org": org, "host": name, "protocol": "h2", "relayed": True}))
-                await self._splice(reader, writer, o_reader, o_writer)
-                return
-            if origin_proto == "h2":
-                # The client speaks HTTP/1.1 only: talk HTTP/1.1 to the origin as well.
-                o_writer.close()
-                o_reader, o_writer = await asyncio.wait_for(asyncio.open_connection(
-                    self._addr(host), port, ssl=self.origin_h1_ctx, server_hostname=name), CONNECT_TIMEOUT)
-            await self._inspect(reader, writer, o_reader, o_writer, org, name)
-        finally:
-            with contextlib.suppress(Exception):
-                o_writer.close()  # the HTTP/1.1 one, when it replaced the first
+        session = Session(org, name, tuple(sans), lambda: self.km.policies.get(org), client_proto, origin_proto)
+        if client_proto != "h2" and origin_proto != "h2":
+            await session.serve_h1_raw(reader, writer, o_reader, o_writer)
+            return
 
-    async def _inspect(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter,
-                       o_reader: asyncio.StreamReader, o_writer: asyncio.StreamWriter, org: str, host: str) -> None:
-        while True:
-            req = await read_head(c_reader)
-            if req is None:
-                return
-            method, path = req.start[0], req.start[1]
-            policy = self.km.policies.get(org)
-            if policy is not None and url_blocked(policy, host, path):
-                c_writer.write(page(403, "Forbidden", f"{_html(host + path)} is blocked by your organization's policy."))
-                await c_writer.drain()
-                metrics.REQUESTS.labels(org, "403").inc()
-                access.info(json.dumps({"org": org, "method": method, "host": host, "path": path, "status": 403,
-                                        "bytes": 0, "blocked": True}))
-                return
-            o_writer.write(req.raw)
-            await copy_body(req, c_reader, o_writer, is_response=False)
-            resp = await read_head(o_reader)
-            if resp is None:
-                return
-            c_writer.write(resp.raw)
-            n, closed = await copy_body(resp, o_reader, c_writer, is_response=True, request_method=method)
-            metrics.REQUESTS.labels(org, resp.start[1]).inc()
-            access.info(json.dumps({"org": org, "method": method, "host": host, "path": path,
-                                    "status": int(resp.start[1]) if resp.start[1].isdigit() else 0, "bytes": n}))
-            if closed or req.wants_close() or resp.wants_close():
-                return
+        def connect(ctx: ssl.SSLContext) -> Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]:
+            async def open_() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+                return await asyncio.wait_for(asyncio.open_connection(
+                    self._addr(host), port, ssl=ctx, server_hostname=name, limit=64 * 1024), CONNECT_TIMEOUT)
+            return open_
+
+        upstream: Upstream
+        if origin_proto == "h2":
+            ep = H2Endpoint(o_reader, o_writer, client_side=True)
+            await ep.start()
+            upstream = H2Upstream(ep, connect(self.origin_ctx))
+        else:
+            upstream = H1Upstream((o_reader, o_writer), connect(self.origin_h1_ctx))
+        if client_proto == "h2":
+            await session.serve_h2(reader, writer, upstream)
+        else:
+            await session.serve_h1(reader, writer, upstream)
 
     async def _plain(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, org: str, head: Head) -> bool:
         """Forward one absolute-URI request. True to keep the client connection."""
