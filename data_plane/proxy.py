@@ -238,10 +238,29 @@ class Proxy:
                                  f"({_html(e.verify_message or str(e))}); the connection was refused.")
             return
         except (OSError, asyncio.TimeoutError, ssl.SSLError) as e:
+            if origin_ctx is self.origin_h1_ctx and "no application protocol" in str(e).lower().replace("_", " "):
+                # An HTTP/2-only origin refused the HTTP/1.1 client's protocol: reach it over HTTP/2
+                # on a new connection, and translate (inspect.Session.serve_h1).
+                await self._intercept_again(reader, writer, org, name, host, port, key, hello.alpn)
+                return
             await self._tls_page(writer, org, key, name, 502, "Bad Gateway",
                                  f"cannot reach {_html(name)}: {_html(str(e))}")
             return
         await self._intercept(reader, writer, o_reader, o_writer, org, name, host, port, key, hello.alpn)
+
+    async def _intercept_again(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, org: str,
+                               name: str, host: str, port: int, key: OrgKey, client_alpn: tuple[str, ...]) -> None:
+        try:
+            o_reader, o_writer = await asyncio.wait_for(asyncio.open_connection(
+                self._addr(host), port, ssl=self.origin_ctx, server_hostname=name, limit=64 * 1024), CONNECT_TIMEOUT)
+        except (OSError, asyncio.TimeoutError, ssl.SSLError) as e:
+            await self._tls_page(writer, org, key, name, 502, "Bad Gateway",
+                                 f"cannot reach {_html(name)}: {_html(str(e))}")
+            return
+        try:
+            await self._intercept(reader, writer, o_reader, o_writer, org, name, host, port, key, client_alpn)
+        finally:
+            o_writer.close()
 
     async def _client_hello(self, writer: asyncio.StreamWriter) -> ClientHello:
         """Peek at the client's ClientHello (MSG_PEEK: it stays for the TLS layer), waiting with

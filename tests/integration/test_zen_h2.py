@@ -1,0 +1,221 @@
+"""HTTP/2 through the ZEN, request by request, with real clients and origins.
+
+Origins: tests/origins.py (``H2Origin``: h2 and HTTP/1.1 by ALPN; ``GrpcOrigin``: grpcio over TLS).
+Clients: curl (its own proxy support), nghttp and h2load (no proxy support: through a
+``ConnectTunnel`` that sends the CONNECT, with the org's proxy credential), grpcurl (which
+ignores HTTPS_PROXY, fullstorydev/grpcurl#166: through a tunnel too) and grpcio (HTTPS_PROXY).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.grpc_origin import count, say
+from tests.helpers import CAProcess, Clients, OrgRoot, wait_for
+from tests.integration.flow import PROXY_SECRET, activate
+from tests.integration.test_zen import Web, Zen, org, start_zen, web  # noqa: F401 (fixtures)
+from tests.origins import GrpcOrigin, H2Origin
+from tests.tunnel import ConnectTunnel
+
+GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or "grpcurl"
+PROTO = Path(__file__).resolve().parents[1] / "data" / "echo.proto"
+
+
+@pytest.fixture(scope="module")
+def zen(ca: CAProcess, pki_dir: Path, master_secret: tuple[bytes, Path], web: Web, workdir: Path,  # noqa: F811
+        org: tuple[str, OrgRoot, Clients]) -> Iterator[Zen]:  # noqa: F811
+    org_id, root, admin = org
+    activate(admin, root, org_id)
+    z = start_zen(ca, pki_dir, master_secret[1], web, workdir)
+    yield z
+    z.proc.terminate()
+    z.proc.wait(15)
+
+
+def _site(web: Web) -> tuple[Path, Path]:  # noqa: F811
+    d = web.root_crt.parent
+    return d / "site.crt", d / "site.key"
+
+
+@pytest.fixture(scope="module")
+def h2o(web: Web) -> Iterator[H2Origin]:  # noqa: F811
+    with H2Origin(*_site(web)) as o:
+        yield o
+
+
+def curl(zen: Zen, org_id: str, root: OrgRoot, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["curl", "-sS", "--max-time", "30", "--proxy", f"http://127.0.0.1:{zen.port}",
+                           "--proxy-user", f"{org_id}:{PROXY_SECRET}", "--cacert", str(root.crt), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def logged(zen: Zen, org_id: str, path: str, n: int = 1) -> list[dict[str, Any]]:
+    """The access-log lines for ``path`` (each written when its stream ends: waited for)."""
+    def find() -> list[dict[str, Any]] | None:
+        lines = [json.loads(ln) for ln in zen.log.read_text().splitlines() if ln.startswith('{"org": "' + org_id)]
+        found = [ln for ln in lines if ln.get("path") == path]
+        return found if len(found) >= n else None
+    result: list[dict[str, Any]] = wait_for(find, 15, f"{path} in the access log")
+    return result
+
+
+def test_a_blocked_stream_gets_its_403_while_the_other_stream_completes(
+    zen: Zen, h2o: H2Origin, org: tuple[str, OrgRoot, Clients],  # noqa: F811
+) -> None:
+    org_id, root, _ = org
+    base = f"https://good.test:{h2o.port}"
+    r = curl(zen, org_id, root, "-v", "--http2", "--parallel", "-w", "%{http_version} %{http_code} %{url_effective}\n",
+             f"{base}/slow?ms=300", f"{base}/private/secret", f"{base}/hello")
+    assert r.returncode == 0, r.stderr[-1500:]
+    for code, path in (("200", "/slow?ms=300"), ("403", "/private/secret"), ("200", "/hello")):
+        assert f"2 {code} {base}{path}" in r.stdout, r.stdout
+    assert r.stderr.count("CONNECT tunnel established") == 1 and "Multiplexed connection found" in r.stderr
+    assert f"hello from good.test:{h2o.port} /hello over h2" in r.stdout  # h2 to the origin as well
+    assert all(path != "/private/secret" for _, _, path in h2o.seen)  # never reached the origin
+    blocked = logged(zen, org_id, "/private/secret")[-1]
+    hello = logged(zen, org_id, "/hello")[-1]
+    assert blocked["status"] == 403 and blocked["blocked"] is True and blocked["protocol"] == "h2"
+    assert hello["status"] == 200 and hello["method"] == "GET" and hello["host"] == "good.test"
+    assert hello["bytes"] == len(f"hello from good.test:{h2o.port} /hello over h2\n")
+    assert hello["stream"] != blocked["stream"] and "origin_protocol" not in hello  # h2 on both sides
+
+
+def test_trailers_early_hints_uploads_of_unknown_length_and_large_downloads(
+    zen: Zen, h2o: H2Origin, org: tuple[str, OrgRoot, Clients], tmp_path: Path,  # noqa: F811
+) -> None:
+    org_id, root, _ = org
+    base = f"https://good.test:{h2o.port}"
+    r = curl(zen, org_id, root, "--http2", "-D", "-", f"{base}/trailers")
+    assert r.returncode == 0 and "with trailers" in r.stdout and "x-checksum: abc123" in r.stdout, r.stdout + r.stderr
+    r = curl(zen, org_id, root, "--http2", "-v", f"{base}/early-hints")
+    assert r.returncode == 0 and "< HTTP/2 103" in r.stderr and "< link: </style.css>; rel=preload" in r.stderr
+    assert r.stderr.index("< HTTP/2 103") < r.stderr.index("< HTTP/2 200") and r.stdout == "after hints\n"
+    # An upload whose length nobody knows in advance (stdin): DATA frames until END_STREAM.
+    payload = os.urandom(300_000)
+    r = subprocess.run(["curl", "-sS", "--http2", "--max-time", "30", "--proxy", f"http://127.0.0.1:{zen.port}",
+                        "--proxy-user", f"{org_id}:{PROXY_SECRET}", "--cacert", str(root.crt), "-T", "-", "-X", "POST",
+                        "-D", str(tmp_path / "h"), f"{base}/echo"], input=payload, capture_output=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == payload, r.stderr
+    assert "x-request-bytes: 300000" in (tmp_path / "h").read_text()
+    # 10 MB through 64 KiB stream windows: flow control in both directions, nothing lost.
+    out = tmp_path / "big"
+    r = curl(zen, org_id, root, "--http2", "-o", str(out), "-w", "%{http_code} %{size_download}",
+             f"{base}/big?bytes=10000000")
+    assert r.returncode == 0 and r.stdout == "200 10000000", r.stdout + r.stderr
+    assert logged(zen, org_id, "/big?bytes=10000000")[-1]["bytes"] == 10_000_000
+
+
+def test_reset_and_goaway_from_the_origin_are_passed_on(
+    zen: Zen, h2o: H2Origin, org: tuple[str, OrgRoot, Clients],  # noqa: F811
+) -> None:
+    org_id, root, _ = org
+    base = f"https://good.test:{h2o.port}"
+    r = curl(zen, org_id, root, "--http2", f"{base}/reset")
+    assert r.returncode == 92 and "INTERNAL_ERROR" in r.stderr, r.stderr  # the origin's RST_STREAM code
+    assert logged(zen, org_id, "/reset")[-1]["error"] == "the origin reset the stream (INTERNAL_ERROR)"
+    # GOAWAY from the origin ends that origin connection; the client's stays, and its next
+    # request reaches the origin over a new one.
+    r = curl(zen, org_id, root, "-v", "--http2", "-w", "%{http_code}\n", f"{base}/goaway", f"{base}/hello")
+    assert r.returncode == 0 and r.stdout.startswith("bye\n200\nhello from"), r.stdout + r.stderr
+    assert r.stderr.count("CONNECT tunnel established") == 1
+
+
+def test_server_push_is_refused_toward_the_origin(
+    zen: Zen, h2o: H2Origin, org: tuple[str, OrgRoot, Clients],  # noqa: F811
+) -> None:
+    """A pushed response would reach the client without passing the URL policy: the ZEN
+    tells origins ENABLE_PUSH=0, whatever its client allows (nghttp allows push)."""
+    org_id, _, _ = org
+    attempted, sent = h2o.pushes_attempted, h2o.pushes_sent
+    with ConnectTunnel(zen.port, "good.test", h2o.port, org_id, PROXY_SECRET) as t:
+        r = subprocess.run(["nghttp", "-nv", "-t", "20", "-H", ":authority: good.test", f"https://127.0.0.1:{t.port}/push"],
+                           capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and ":status: 200" in r.stdout, r.stdout + r.stderr
+    assert "PUSH_PROMISE" not in r.stdout
+    assert h2o.pushes_attempted == attempted + 1 and h2o.pushes_sent == sent
+
+
+def test_nghttp_and_h2load_through_a_tunnel(
+    zen: Zen, h2o: H2Origin, org: tuple[str, OrgRoot, Clients],  # noqa: F811
+) -> None:
+    org_id, _, _ = org
+    with ConnectTunnel(zen.port, "good.test", h2o.port, org_id, PROXY_SECRET) as t:
+        u = f"https://127.0.0.1:{t.port}"
+        # The tunnel's address is not the origin's name: the authority says which site (else 421).
+        r = subprocess.run(["nghttp", "-t", "20", f"{u}/hello"], capture_output=True, text=True, timeout=30)
+        assert ":status: 421" in subprocess.run(["nghttp", "-nv", "-t", "20", f"{u}/hello"], capture_output=True,
+                                                 text=True, timeout=30).stdout
+        r = subprocess.run(["nghttp", "-t", "20", "-H", ":authority: good.test", f"{u}/hello"],
+                           capture_output=True, text=True, timeout=30)
+        assert r.stdout == "hello from good.test /hello over h2\n", r.stdout + r.stderr
+        r = subprocess.run(["h2load", "-n", "400", "-c", "2", "-m", "20", "-H", ":authority: good.test", f"{u}/hello"],
+                           capture_output=True, text=True, timeout=60)
+        assert "400 succeeded, 0 failed, 0 errored" in r.stdout and "Application protocol: h2" in r.stdout, r.stdout
+    assert len(logged(zen, org_id, "/hello", 400)) >= 400
+
+
+@pytest.mark.parametrize("alpn", [("http/1.1",), ("h2",)], ids=["h1-only-origin", "h2-only-origin"])
+def test_mixed_protocols_are_translated(
+    zen: Zen, web: Web, org: tuple[str, OrgRoot, Clients], alpn: tuple[str, ...],  # noqa: F811
+) -> None:
+    """An HTTP/2 client to an HTTP/1.1-only origin, and an HTTP/1.1 client to an HTTP/2-only
+    origin (which refuses a handshake offering http/1.1 alone): translated, trailers included."""
+    org_id, root, _ = org
+    with H2Origin(*_site(web), alpn=alpn) as o:
+        base = f"https://good.test:{o.port}"
+        client = "--http2" if alpn == ("http/1.1",) else "--http1.1"
+        r = curl(zen, org_id, root, client, "-D", "-", f"{base}/trailers", f"{base}/hello", f"{base}/private/x")
+        assert r.returncode == 0, r.stderr
+        assert "x-checksum: abc123" in r.stdout and "with trailers" in r.stdout, r.stdout
+        assert f"/hello over {'http/1.1' if alpn == ('http/1.1',) else 'h2'}" in r.stdout
+        assert "is blocked by your organization" in r.stdout
+        assert all(p != "/private/x" for _, _, p in o.seen)
+        line = logged(zen, org_id, "/trailers")[-1]
+        assert line["protocol"] == ("h2" if alpn == ("http/1.1",) else "http/1.1")
+        assert line["origin_protocol"] == alpn[0]
+
+
+@pytest.fixture(scope="module")
+def grpc_origin(web: Web) -> Iterator[GrpcOrigin]:  # noqa: F811
+    with GrpcOrigin(*_site(web)) as g:
+        yield g
+
+
+def test_grpc_unary_and_server_stream_through_the_zen(
+    zen: Zen, grpc_origin: GrpcOrigin, org: tuple[str, OrgRoot, Clients],  # noqa: F811
+) -> None:
+    org_id, root, _ = org
+    with ConnectTunnel(zen.port, "good.test", grpc_origin.port, org_id, PROXY_SECRET) as t:
+        def grpcurl(method: str, data: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([GRPCURL, "-max-time", "20", "-cacert", str(root.crt), "-authority", "good.test",
+                                   "-import-path", str(PROTO.parent), "-proto", PROTO.name, "-d", data,
+                                   f"127.0.0.1:{t.port}", f"keyward.test.Echo/{method}"],
+                                  capture_output=True, text=True, timeout=30)
+        r = grpcurl("Say", '{"text": "through the zen"}')
+        assert r.returncode == 0 and json.loads(r.stdout) == {"text": "through the zen"}, r.stderr
+        r = grpcurl("Count", '{"n": 3}')
+        assert r.returncode == 0, r.stderr
+        assert re.findall(r'"text": "(\d)"', r.stdout) == ["1", "2", "3"]
+    for method in ("Say", "Count"):
+        line = logged(zen, org_id, f"/keyward.test.Echo/{method}")[-1]
+        assert line["method"] == "POST" and line["status"] == 200 and line["protocol"] == "h2" and "stream" in line
+    # grpcio speaks to proxies itself (the grpc.http_proxy channel argument, which https_proxy sets;
+    # the credential in the URL): the same calls, no tunnel.
+    env_proxy = f"http://{org_id}:{PROXY_SECRET}@127.0.0.1:{zen.port}"
+    creds = grpc.ssl_channel_credentials(root.crt.read_bytes())
+    with grpc.secure_channel(f"good.test:{grpc_origin.port}", creds,
+                             options=[("grpc.http_proxy", env_proxy)]) as ch:
+        assert say(ch, "proxied") == "proxied"
+        assert count(ch, 4) == ["1", "2", "3", "4"]
+    assert len(logged(zen, org_id, "/keyward.test.Echo/Count", 2)) >= 2
