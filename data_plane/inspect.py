@@ -21,7 +21,7 @@ from h2.errors import ErrorCodes
 
 from data_plane import metrics
 from data_plane.h2conn import H2Endpoint, Inbound, StreamReset, code_name
-from data_plane.http1 import BodyReader, HttpError, copy_body, read_head
+from data_plane.http1 import BodyReader, HttpError, copy_body, read_head, splice
 from data_plane.messages import Header, MessageError, Request, Response, page_response, request_from_h1, \
     request_from_h2
 from data_plane.policy import OrgPolicy, Verdict, request_verdict
@@ -207,16 +207,29 @@ class Session:
                 self.log(req, resp.status, 0, None, **_REFUSED[verdict])
                 return
             o_writer.write(head.raw)
-            await copy_body(head, c_reader, o_writer, is_response=False)
-            while True:  # informational responses (100 Continue, 103 Early Hints) first, as they come
-                resp_head = await read_head(o_reader)
-                if resp_head is None:
+            # The request body goes up while the answer is awaited: a client sending
+            # "Expect: 100-continue" waits for the 100 before its body.
+            upload = asyncio.create_task(copy_body(head, c_reader, o_writer, is_response=False))
+            try:
+                while True:  # informational responses (100 Continue, 103 Early Hints) first, as they come
+                    resp_head = await read_head(o_reader)
+                    if resp_head is None:
+                        return
+                    c_writer.write(resp_head.raw)
+                    if not resp_head.start[1].startswith("1") or resp_head.start[1] == "101":
+                        break
+                status = resp_head.start[1]
+                if status == "101":  # an upgrade (WebSocket) the request's decision allowed: relayed as is
+                    self.log(req, 101, 0, None, upgraded=resp_head.get("upgrade") or "")
+                    await splice(c_reader, c_writer, o_reader, o_writer)
                     return
-                c_writer.write(resp_head.raw)
-                if not (resp_head.start[1].startswith("1") and resp_head.start[1] != "101"):
-                    break
-            n, closed = await copy_body(resp_head, o_reader, c_writer, is_response=True, request_method=req.method)
-            status = resp_head.start[1]
-            self.log(req, int(status) if status.isdigit() else 0, n, None)
+                n, closed = await copy_body(resp_head, o_reader, c_writer, is_response=True,
+                                            request_method=req.method)
+                self.log(req, int(status) if status.isdigit() else 0, n, None)
+                if not upload.done():
+                    return  # answered before the request body ended: this connection cannot go on
+                upload.result()
+            finally:
+                upload.cancel()
             if closed or head.wants_close() or resp_head.wants_close():
                 return

@@ -41,7 +41,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:  # noqa: N802
+        if self.path == "/upgrade" and self.headers.get("Upgrade") == "echo":
+            # A protocol switch (as WebSocket does): afterwards, every byte comes back.
+            self.send_response(101)
+            self.send_header("Connection", "Upgrade")
+            self.send_header("Upgrade", "echo")
+            self.end_headers()
+            self.wfile.flush()
+            while data := self.connection.recv(4096):
+                self.connection.sendall(data)
+            self.close_connection = True
+            return
         body = f"hello from {self.headers.get('Host', '?')} {self.path}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:  # noqa: N802  (http.server answers "Expect: 100-continue" first)
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -430,6 +448,40 @@ def test_an_http2_client_is_inspected_request_by_request_toward_an_http1_origin(
     assert mine["/open"]["status"] == 200 and mine["/open"]["bytes"] == len(f"hello from good.test:{web.port} /open\n")
     for ln in mine.values():
         assert ln["protocol"] == "h2" and ln["origin_protocol"] == "http/1.1" and ln["stream"] % 2 == 1
+
+
+def test_http1_expect_continue_and_an_upgrade_pass_through(
+    zen: Zen, web: Web, org: tuple[str, OrgRoot, Clients], tmp_path: Path,
+) -> None:
+    """HTTP/1.1 on both sides: the origin's 100 Continue reaches a client that waits for it before
+    sending its body, and a 101 upgrade (as WebSocket) is relayed both ways after the decision."""
+    org_id, root, admin = org
+    activate(admin, root, org_id)
+    (tmp_path / "body").write_bytes(b"y" * 5000)
+    r = subprocess.run(["curl", "-sS", "-v", "--http1.1", "--max-time", "20", "--expect100-timeout", "15",
+                        "--proxy", f"http://127.0.0.1:{zen.port}", "--proxy-user", f"{org_id}:{PROXY_SECRET}",
+                        "--cacert", str(root.crt), "-H", "Expect: 100-continue", "--data-binary",
+                        f"@{tmp_path / 'body'}", f"https://good.test:{web.port}/echo"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout == "y" * 5000, r.stderr[-1500:]
+    assert "< HTTP/1.1 100 Continue" in r.stderr
+    sock = socket.create_connection(("127.0.0.1", zen.port), timeout=10)
+    cred = base64.b64encode(f"{org_id}:{PROXY_SECRET}".encode()).decode()
+    sock.sendall(f"CONNECT good.test:{web.port} HTTP/1.1\r\nProxy-Authorization: Basic {cred}\r\n\r\n".encode())
+    assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    tls = ssl.create_default_context(cafile=str(root.crt)).wrap_socket(sock, server_hostname="good.test")
+    tls.sendall(b"GET /upgrade HTTP/1.1\r\nHost: good.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += tls.recv(1)
+    assert head.startswith(b"HTTP/1.1 101")
+    for word in (b"ping", b"pong" * 1000):
+        tls.sendall(word)
+        got = b""
+        while len(got) < len(word):
+            got += tls.recv(65536)
+        assert got == word
+    tls.close()
 
 
 def test_bypass_relay_decrypts_nothing(web: Web, workdir: Path) -> None:

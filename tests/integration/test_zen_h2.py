@@ -8,17 +8,25 @@ ignores HTTPS_PROXY, fullstorydev/grpcurl#166: through a tunnel too) and grpcio 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
+import hyperframe.frame
 import pytest
 
 from tests.grpc_origin import count, say
@@ -219,3 +227,112 @@ def test_grpc_unary_and_server_stream_through_the_zen(
         assert say(ch, "proxied") == "proxied"
         assert count(ch, 4) == ["1", "2", "3", "4"]
     assert len(logged(zen, org_id, "/keyward.test.Echo/Count", 2)) >= 2
+
+
+# -- bad input: each abuse ends its own connection with the right HTTP/2 error, counted; others go on
+
+def _raw_h2(zen: Zen, org_id: str, root: OrgRoot, port: int) -> tuple[ssl.SSLSocket, h2.connection.H2Connection]:
+    """An HTTP/2 connection through the ZEN with the settings exchange done, for hand-made frames."""
+    sock = socket.create_connection(("127.0.0.1", zen.port), timeout=10)
+    cred = base64.b64encode(f"{org_id}:{PROXY_SECRET}".encode()).decode()
+    sock.sendall(f"CONNECT good.test:{port} HTTP/1.1\r\nHost: good.test:{port}\r\n"
+                 f"Proxy-Authorization: Basic {cred}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    ctx = ssl.create_default_context(cafile=str(root.crt))
+    ctx.set_alpn_protocols(["h2"])
+    tls = ctx.wrap_socket(sock, server_hostname="good.test")
+    assert tls.selected_alpn_protocol() == "h2"
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    conn.initiate_connection()
+    tls.sendall(conn.data_to_send())
+    while not any(isinstance(e, h2.events.RemoteSettingsChanged) for e in conn.receive_data(tls.recv(65536))):
+        pass
+    tls.sendall(conn.data_to_send())  # the SETTINGS ack: the ZEN's limits now apply
+    return tls, conn
+
+
+def _goaway(tls: ssl.SSLSocket) -> int | None:
+    """Read frames until the ZEN's GOAWAY; its error code (None: closed without one)."""
+    buf = b""
+    try:
+        while True:
+            while len(buf) >= 9:
+                length = int.from_bytes(buf[:3], "big")
+                if len(buf) < 9 + length:
+                    break
+                if buf[3] == 0x7:  # GOAWAY
+                    return int.from_bytes(buf[9 + 4:9 + 8], "big")
+                buf = buf[9 + length:]
+            data = tls.recv(65536)
+            if not data:
+                return None
+            buf += data
+    except (ConnectionError, ssl.SSLError, OSError):
+        return None
+
+
+def _headers(conn: h2.connection.H2Connection, path: str, extra: list[tuple[bytes, bytes]] | None = None
+             ) -> list[tuple[bytes, bytes]]:
+    return [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"good.test"), (b":path", path.encode()),
+            *(extra or [])]
+
+
+def test_floods_and_invalid_frames_end_only_their_own_connection(
+    zen: Zen, h2o: H2Origin, org: tuple[str, OrgRoot, Clients],  # noqa: F811
+) -> None:
+    org_id, root, _ = org
+    codes: dict[str, int | None] = {}
+
+    tls, conn = _raw_h2(zen, org_id, root, h2o.port)  # PING flood (CVE-2019-9512)
+    pings = []
+    for i in range(1000):
+        ping = hyperframe.frame.PingFrame(0)
+        ping.opaque_data = i.to_bytes(8, "big")
+        pings.append(ping.serialize())
+    tls.sendall(b"".join(pings))
+    codes["ping"] = _goaway(tls)
+
+    tls, conn = _raw_h2(zen, org_id, root, h2o.port)  # SETTINGS flood (CVE-2019-9515)
+    tls.sendall(hyperframe.frame.SettingsFrame(0, settings={4: 65535}).serialize() * 1000)
+    codes["settings"] = _goaway(tls)
+
+    tls, conn = _raw_h2(zen, org_id, root, h2o.port)  # rapid reset (CVE-2023-44487)
+    for _ in range(600):
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, _headers(conn, "/slow?ms=5000"), end_stream=True)
+        conn.reset_stream(sid, 8)
+    tls.sendall(conn.data_to_send())
+    codes["reset"] = _goaway(tls)
+
+    tls, conn = _raw_h2(zen, org_id, root, h2o.port)  # more concurrent streams than the ZEN allows
+    frames = b""
+    for i in range(150):
+        block = conn.encoder.encode(_headers(conn, "/slow?ms=5000"))
+        frame = hyperframe.frame.HeadersFrame(1 + 2 * i, flags=["END_HEADERS", "END_STREAM"])
+        frame.data = block
+        frames += frame.serialize()
+    tls.sendall(frames)
+    codes["streams"] = _goaway(tls)
+
+    tls, conn = _raw_h2(zen, org_id, root, h2o.port)  # a header block over the limit (64 KiB)
+    conn.send_headers(1, _headers(conn, "/hello", [(b"x-big", b"a" * 100_000)]), end_stream=True)
+    tls.sendall(conn.data_to_send())
+    codes["headers"] = _goaway(tls)
+
+    tls, conn = _raw_h2(zen, org_id, root, h2o.port)  # DATA on stream 0: not a valid frame
+    tls.sendall(b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x")
+    codes["invalid"] = _goaway(tls)
+
+    assert codes == {"ping": 0xb, "settings": 0xb, "reset": 0xb, "streams": 0x1, "headers": 0xb,
+                     "invalid": 0x1}, codes
+    # Counted, and the ZEN serves the others as before.
+    r = curl(zen, org_id, root, "--http2", f"https://good.test:{h2o.port}/hello")
+    assert r.returncode == 0 and "over h2" in r.stdout, r.stderr
+    port = next(json.loads(ln)["port"] for ln in zen.log.read_text().splitlines() if '"metrics listening"' in ln)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    floods = re.search(r'keyward_zen_h2_errors_total\{kind="flood",side="client"\} (\d+)', text)
+    assert floods and float(floods.group(1)) >= 3, text[-3000:]
