@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 
 from data_plane.http1 import Head
+from data_plane.policy import split_target
 
 Header = tuple[bytes, bytes]
 
@@ -132,9 +133,11 @@ def request_from_h2(headers: list[Header]) -> Request:
 
 
 def request_from_h1(head: Head, default_authority: str) -> Request:
+    """An HTTP/1.1 request; an absolute-form target's authority wins over Host (RFC 9112 3.2.2)."""
     headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in head.headers]
-    authority = head.get("host") or default_authority
-    return Request(head.start[0], authority, head.start[1], _end_to_end(headers))
+    target_authority, path = split_target(head.start[1])
+    authority = target_authority or head.get("host") or default_authority
+    return Request(head.start[0], authority, path, _end_to_end(headers))
 
 
 def response_from_h2(headers: list[Header]) -> Response:

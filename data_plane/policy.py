@@ -75,8 +75,54 @@ def connect_action(p: OrgPolicy, host: str, have_key: bool) -> Action:
     return Action.REFUSE if p.fail_closed else Action.TUNNEL
 
 
+_UNRESERVED_OR_SLASH = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/")
+"""Decoded before matching; "/" too, since many origins decode ``%2F`` into a separator."""
+
+
+def normalize_path(path: str) -> str:
+    """The path as the origin will understand it, for prefix matching (RFC 3986 section 6.2.2):
+    percent-encoded unreserved characters and slashes decoded (``/%70rivate`` is ``/private``),
+    dot segments removed (``/public/../private``), empty segments kept; letter case kept (paths
+    are case-sensitive). The query stays as it is. Used only to match, never to forward."""
+    path, q, query = path.partition("?")
+    out, i = [], 0
+    while i < len(path):
+        c = path[i]
+        if c == "%" and len(path) - i >= 3 and all(h in "0123456789abcdefABCDEF" for h in path[i + 1:i + 3]):
+            ch = chr(int(path[i + 1:i + 3], 16))
+            out.append(ch if ch in _UNRESERVED_OR_SLASH else "%" + path[i + 1:i + 3].upper())
+            i += 3
+        else:
+            out.append(c)
+            i += 1
+    segments: list[str] = []
+    parts = "".join(out).split("/")
+    for n, seg in enumerate(parts):
+        if seg == ".":
+            if n == len(parts) - 1:
+                segments.append("")
+        elif seg == "..":
+            if len(segments) > 1:
+                segments.pop()
+            if n == len(parts) - 1:
+                segments.append("")
+        else:
+            segments.append(seg)
+    return "/".join(segments) + q + query
+
+
+def split_target(target: str) -> tuple[str | None, str]:
+    """An HTTP/1.1 request target: (authority, path). The absolute form
+    (``https://host/path``, which origins must accept) names its own authority."""
+    scheme, sep, rest = target.partition("://")
+    if sep and scheme.lower() in ("http", "https"):
+        authority, slash, path = rest.partition("/")
+        return authority.rpartition("@")[2], "/" + path if slash else "/"
+    return None, target
+
+
 def url_blocked(p: OrgPolicy, host: str, path: str) -> bool:
-    url = host.lower() + path
+    url = host.lower().rstrip(".") + normalize_path(path)
     return any(url.startswith(prefix) for prefix in p.blocked_url_prefixes)
 
 

@@ -336,3 +336,56 @@ def test_floods_and_invalid_frames_end_only_their_own_connection(
         text = resp.read().decode()
     floods = re.search(r'keyward_zen_h2_errors_total\{kind="flood",side="client"\} (\d+)', text)
     assert floods and float(floods.group(1)) >= 3, text[-3000:]
+
+
+@pytest.mark.parametrize("client", ["--http2", "--http1.1"])
+def test_encoded_and_dotted_paths_do_not_escape_a_blocked_prefix(
+    zen: Zen, h2o: H2Origin, org: tuple[str, OrgRoot, Clients], client: str,  # noqa: F811
+) -> None:
+    """The origin decodes %70 to p, %2F to / and resolves dot segments; the ZEN matches the
+    prefix on the path as the origin will read it, and on an absolute-form target's own host."""
+    org_id, root, _ = org
+    base = f"https://good.test:{h2o.port}"
+    tries = ["/%70rivate/secret", "/public/../private/secret", "/private%2Fsecret", "/./private/secret"]
+    before = len(h2o.seen)
+    for path in tries:
+        r = curl(zen, org_id, root, client, "--path-as-is", "-w", "\n%{http_code}", f"{base}{path}")
+        assert r.returncode == 0 and r.stdout.endswith("\n403"), (path, r.stdout, r.stderr)
+    if client == "--http1.1":  # the absolute form names its own authority (RFC 9112 3.2.2)
+        r = curl(zen, org_id, root, client, "--request-target", f"https://good.test:{h2o.port}/private/secret",
+                 "-H", "Host: elsewhere.test", "-w", "\n%{http_code}", f"{base}/")
+        assert r.returncode == 0 and r.stdout.endswith("\n403"), r.stdout
+    assert [p for _, _, p in h2o.seen[before:] if "private" in p.lower() or "%" in p] == []
+
+
+def test_a_stream_its_client_does_not_read_stalls_no_other_stream(
+    zen: Zen, h2o: H2Origin, org: tuple[str, OrgRoot, Clients],  # noqa: F811
+) -> None:
+    """Stream 1 downloads 20 MB and its client never opens that stream's window again (the
+    connection's window it does, as a client reading other streams would): stream 3 on the
+    same connection still gets its answer, while stream 1 holds at its 64 KiB window."""
+    org_id, root, _ = org
+    tls, conn = _raw_h2(zen, org_id, root, h2o.port)
+    conn.send_headers(1, _headers(conn, "/big?bytes=20000000"), end_stream=True)
+    tls.sendall(conn.data_to_send())
+    got = {1: 0, 3: 0}
+    ended: set[int] = set()
+    asked = False
+    tls.settimeout(15)
+    while 3 not in ended:
+        for ev in conn.receive_data(tls.recv(65536)):
+            if isinstance(ev, h2.events.DataReceived):
+                got[ev.stream_id] += len(ev.data)
+                if ev.stream_id == 1:
+                    conn.increment_flow_control_window(ev.flow_controlled_length)  # the connection's only
+                else:
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, h2.events.StreamEnded):
+                ended.add(ev.stream_id)
+        if got[1] >= 65535 and not asked:  # stream 1's window is used up: now ask on stream 3
+            conn.send_headers(3, _headers(conn, "/hello"), end_stream=True)
+            asked = True
+        tls.sendall(conn.data_to_send())
+    assert got[3] == len("hello from good.test /hello over h2\n") and 1 not in ended
+    assert got[1] == 65535  # no more than the window the client gave it
+    tls.close()
