@@ -64,6 +64,16 @@ async def read_head(reader: asyncio.StreamReader, timeout: float = 60) -> Head |
     return Head(start + [""] * (3 - len(start)), headers, raw)
 
 
+def chunk_size(line: bytes) -> int:
+    """The size on a chunk's first line (``line`` as read, CRLF included): hex digits only, then
+    optional whitespace and extensions. Anything else (a sign, "0x", "_", nothing at all) is an
+    error, never a guess: the ZEN must frame a body exactly as the other side does."""
+    size = line[:-2].split(b";", 1)[0].rstrip(b" \t")
+    if not size or size.lstrip(b"0123456789abcdefABCDEF"):
+        raise HttpError("bad chunk size")
+    return int(size, 16)
+
+
 async def copy_body(head: Head, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                     is_response: bool, request_method: str = "") -> tuple[int, bool]:
     """Copy the body that follows ``head``. Returns (bytes, read_until_close)."""
@@ -76,8 +86,8 @@ async def copy_body(head: Head, reader: asyncio.StreamReader, writer: asyncio.St
         n = 0
         while True:
             line = await reader.readuntil(b"\r\n")
+            size = chunk_size(line)  # checked before it goes on: the other side must not see another framing
             writer.write(line)
-            size = int(line.split(b";", 1)[0].strip() or b"0", 16)
             if size == 0:
                 while True:  # trailers, then the empty line
                     t = await reader.readuntil(b"\r\n")
@@ -86,10 +96,18 @@ async def copy_body(head: Head, reader: asyncio.StreamReader, writer: asyncio.St
                         break
                 await writer.drain()
                 return n, False
-            data = await reader.readexactly(size + 2)
-            writer.write(data)
+            left = size
+            while left:  # as it arrives: a chunk may be as large as a whole body
+                data = await reader.read(min(left, 65536))
+                if not data:
+                    raise HttpError("connection closed in the middle of a chunk")
+                writer.write(data)
+                left -= len(data)
+                await writer.drain()
+            if await reader.readexactly(2) != b"\r\n":
+                raise HttpError("a chunk not followed by CRLF")
+            writer.write(b"\r\n")
             n += size
-            await writer.drain()
     cl = head.get("content-length")
     if cl is not None:
         if not cl.isdigit():
@@ -169,6 +187,14 @@ class BodyReader:
         return self._done and not self._chunked
 
     async def read(self) -> bytes | None:
+        try:
+            return await self._read()
+        except asyncio.IncompleteReadError:
+            raise HttpError("connection closed in the middle of a chunked body") from None
+        except asyncio.LimitOverrunError:
+            raise HttpError("a chunk size or trailer line too long") from None
+
+    async def _read(self) -> bytes | None:
         if self._done:
             return None
         if self.until_close:
@@ -180,12 +206,13 @@ class BodyReader:
         if self._chunked:
             if self._left == 0:
                 line = await self._reader.readuntil(b"\r\n")
-                try:
-                    self._left = int(line.split(b";", 1)[0].strip() or b"0", 16)
-                except ValueError:
-                    raise HttpError("bad chunk size") from None
+                self._left = chunk_size(line)
                 if self._left == 0:
+                    size = 0
                     while (t := await self._reader.readuntil(b"\r\n")) != b"\r\n":
+                        size += len(t)
+                        if size > MAX_HEAD:
+                            raise HttpError("trailers too large")
                         k, sep, v = t.decode("latin-1").partition(":")
                         if sep:
                             self.trailers.append((k.strip().lower().encode("latin-1"), v.strip().encode("latin-1")))

@@ -47,6 +47,17 @@ def host_matches(pattern: str, host: str) -> bool:
     return host == pattern
 
 
+def cert_name_covers(san: str, host: str) -> bool:
+    """Whether a certificate's DNS name (or IP address) covers ``host`` (already normalised), as a TLS
+    client checks it: a wildcard stands for exactly one left-most label, never for the domain itself
+    nor for deeper names (RFC 6125 6.4.3; unlike ``host_matches``, the policy's patterns)."""
+    san = san.lower().rstrip(".")
+    if san.startswith("*."):
+        label, dot, rest = host.partition(".")
+        return bool(label) and bool(dot) and rest == san[2:]
+    return host == san
+
+
 def org_for(policies: dict[str, OrgPolicy], source_ip: str) -> str | None:
     """The org whose location networks hold ``source_ip`` (most specific wins), if any; otherwise
     the caller must authenticate (proxyauth)."""
@@ -141,7 +152,7 @@ def request_verdict(p: OrgPolicy, name: str, names: tuple[str, ...], host: str, 
     403; a host to tunnel (do not inspect, outside the name constraints) or not covered gets
     a 421, so the client opens a connection of its own, decided by its own CONNECT."""
     host = (host or name).lower().rstrip(".")
-    if host != name and not any(host_matches(n.lower(), host) for n in names):
+    if host != name and not any(cert_name_covers(n, host) for n in names):
         return Verdict.MISDIRECTED
     action = connect_action(p, host, have_key=True)
     if action is Action.BLOCK or url_blocked(p, host, path):
