@@ -64,6 +64,21 @@ async def read_head(reader: asyncio.StreamReader, timeout: float = 60) -> Head |
     return Head(start + [""] * (3 - len(start)), headers, raw)
 
 
+def check_framing(head: Head, *, is_request: bool) -> None:
+    """Refuse a message whose body length two parsers could read differently (request smuggling,
+    RFC 9112 section 6.3): Transfer-Encoding with Content-Length, a request whose last transfer
+    coding is not chunked, several Content-Length values that differ, or one that is not a number.
+    The ZEN frames a body exactly once; the origin must see the same framing."""
+    te = [v for k, v in head.headers if k.lower() == "transfer-encoding"]
+    cls = {v.strip() for k, v in head.headers if k.lower() == "content-length"}
+    if te and cls:
+        raise HttpError("a message with both Transfer-Encoding and Content-Length is refused (request smuggling)")
+    if te and is_request and ",".join(te).split(",")[-1].strip().lower() != "chunked":
+        raise HttpError("a request's last transfer coding must be chunked")
+    if len(cls) > 1 or any(not v.isdigit() for v in cls):
+        raise HttpError("Content-Length must be one number")
+
+
 def chunk_size(line: bytes) -> int:
     """The size on a chunk's first line (``line`` as read, CRLF included): hex digits only, then
     optional whitespace and extensions. Anything else (a sign, "0x", "_", nothing at all) is an

@@ -21,7 +21,7 @@ from h2.errors import ErrorCodes
 
 from data_plane import metrics
 from data_plane.h2conn import H2Endpoint, Inbound, StreamReset, code_name
-from data_plane.http1 import BodyReader, HttpError, copy_body, read_head, splice
+from data_plane.http1 import BodyReader, HttpError, check_framing, copy_body, read_head, splice
 from data_plane.messages import Header, MessageError, Request, Response, page_response, request_from_h1, \
     request_from_h2
 from data_plane.policy import OrgPolicy, Verdict, request_verdict
@@ -147,6 +147,7 @@ class Session:
         each request a stream; the response re-framed, chunked when its length is unknown)."""
         try:
             while (head := await read_head(reader)) is not None:
+                check_framing(head, is_request=True)
                 req = request_from_h1(head, self.name)
                 body = BodyReader(head, reader, is_response=False)
                 if not await self._h1_request(writer, req, body, upstream) or head.wants_close() or not body.done:
@@ -198,6 +199,7 @@ class Session:
                            o_reader: asyncio.StreamReader, o_writer: asyncio.StreamWriter) -> None:
         """HTTP/1.1 on both sides: heads parsed and decided, bytes copied as they are."""
         while (head := await read_head(c_reader)) is not None:
+            check_framing(head, is_request=True)
             req = request_from_h1(head, self.name)
             verdict = self.verdict(req)
             if verdict is not Verdict.FORWARD:

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from data_plane import metrics
 from data_plane.clienthello import MAX_HELLO, ClientHello, NotTls, decide, needed, parse
 from data_plane.h2conn import H2Endpoint
-from data_plane.http1 import Head, HttpError, copy_body, read_head, splice
+from data_plane.http1 import Head, HttpError, check_framing, copy_body, read_head, splice
 from data_plane.inspect import Session
 from data_plane.keys import KeyManager, OrgKey
 from data_plane.mint import Minter
@@ -346,6 +346,7 @@ class Proxy:
 
     async def _plain(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, org: str, head: Head) -> bool:
         """Forward one absolute-URI request. True to keep the client connection."""
+        check_framing(head, is_request=True)
         from urllib.parse import urlsplit
 
         u = urlsplit(head.start[1])

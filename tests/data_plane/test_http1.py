@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from data_plane.http1 import MAX_HEAD, BodyReader, Head, HttpError, chunk_size, copy_body, read_head
+from data_plane.http1 import MAX_HEAD, BodyReader, Head, HttpError, check_framing, chunk_size, copy_body, read_head
 
 
 def _reader(*parts: bytes, eof: bool = True) -> asyncio.StreamReader:
@@ -272,3 +272,21 @@ async def test_a_request_without_length_has_no_body() -> None:
     assert body.empty and body.done and not body.until_close
     assert await body.read() is None
     assert (await read_head(r)) is not None  # the next request is still there
+
+
+@pytest.mark.parametrize("headers, request_, why", [
+    ([("Content-Length", "5"), ("Transfer-Encoding", "chunked")], True, "both"),
+    ([("Transfer-Encoding", "chunked, gzip")], True, "last transfer coding"),
+    ([("Content-Length", "5"), ("Content-Length", "6")], True, "one number"),
+    ([("Content-Length", "+5")], True, "one number"),
+])
+def test_framing_two_parsers_could_read_differently_is_refused(
+        headers: list[tuple[str, str]], request_: bool, why: str) -> None:
+    with pytest.raises(HttpError, match=why):
+        check_framing(Head(["POST", "/", "HTTP/1.1"], headers, b""), is_request=request_)
+
+
+@pytest.mark.parametrize("headers", [[], [("Content-Length", "5")], [("Content-Length", "5"), ("content-length", "5")],
+                                     [("Transfer-Encoding", "gzip, chunked")]])
+def test_framing_that_can_only_be_read_one_way_passes(headers: list[tuple[str, str]]) -> None:
+    check_framing(Head(["POST", "/", "HTTP/1.1"], headers, b""), is_request=True)

@@ -484,6 +484,28 @@ def test_http1_expect_continue_and_an_upgrade_pass_through(
     tls.close()
 
 
+def test_a_request_two_parsers_could_frame_differently_is_refused(
+    zen: Zen, web: Web, org: tuple[str, OrgRoot, Clients],
+) -> None:
+    """Request smuggling: Content-Length and Transfer-Encoding together, where an origin reading
+    Content-Length would take a hidden second request (to a blocked prefix) for the next one."""
+    org_id, root, admin = org
+    activate(admin, root, org_id)
+    sock = socket.create_connection(("127.0.0.1", zen.port), timeout=10)
+    cred = base64.b64encode(f"{org_id}:{PROXY_SECRET}".encode()).decode()
+    sock.sendall(f"CONNECT good.test:{web.port} HTTP/1.1\r\nProxy-Authorization: Basic {cred}\r\n\r\n".encode())
+    assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    tls = ssl.create_default_context(cafile=str(root.crt)).wrap_socket(sock, server_hostname="good.test")
+    hidden = b"GET /private/secret HTTP/1.1\r\nHost: good.test\r\n\r\n"
+    tls.sendall(b"POST /echo HTTP/1.1\r\nHost: good.test\r\nContent-Length: %d\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n%b" % (5 + len(hidden), hidden))
+    answer = b""
+    while chunk := tls.recv(65536):
+        answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400") and b"request smuggling" in answer, answer[:300]
+    assert b"hello from" not in answer
+
+
 def test_bypass_relay_decrypts_nothing(web: Web, workdir: Path) -> None:
     log = workdir / f"bypass-{uuid.uuid4().hex[:6]}.log"
     env = dict(os.environ, KEYWARD_BYPASS_LISTEN="127.0.0.1:0")
