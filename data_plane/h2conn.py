@@ -140,6 +140,7 @@ class H2Endpoint:
         self.responses: dict[int, asyncio.Queue[tuple[str, list[Header]]]] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._changed = asyncio.Event()
+        self._written: asyncio.Future[None] | None = None
         self.closed = False
         self.goaway = False
         self.error: str | None = None
@@ -288,15 +289,25 @@ class H2Endpoint:
     # -- sending
 
     async def flush(self) -> None:
-        data = self.conn.data_to_send()
-        if data:
-            self.writer.write(data)
-            await self.writer.drain()
+        """Send what h2 has queued, once per turn of the event loop for all the connection's
+        streams (one TLS record and one system call instead of one per frame), then wait
+        while the socket's buffer is full."""
+        await self._flush_nowait()
+        await self.writer.drain()
 
-    def _flush_nowait(self) -> None:
+    def _flush_nowait(self) -> asyncio.Future[None]:
+        if self._written is None:
+            self._written = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(self._write_out)
+        return self._written
+
+    def _write_out(self) -> None:
+        done, self._written = self._written, None
         data = self.conn.data_to_send()
         if data and not self.writer.is_closing():
             self.writer.write(data)
+        if done is not None and not done.done():
+            done.set_result(None)
 
     def ack(self, sid: int, flow: int) -> None:
         if flow and not self.closed:
