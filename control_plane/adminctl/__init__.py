@@ -62,7 +62,7 @@ def run(a: argparse.Namespace) -> int:
         code: int = a.run(a)
         return code
     except CliError as e:
-        print(f"keyward: {e}", file=sys.stderr)
+        print(f"keyward: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message
         return e.code
     except KeyboardInterrupt:
         return 130

@@ -40,6 +40,8 @@ def walk(p: argparse.ArgumentParser, path: str = "") -> list[Node]:
             for name, sp in act.choices.items():
                 n.subs.append(name)
                 below += walk(sp, f"{path}/{name}")
+        elif not act.option_strings and act.choices is not None:
+            n.subs += [str(c) for c in act.choices]  # a positional with choices: offered like a command
         elif act.option_strings:
             n.opts += act.option_strings
             if act.nargs != 0:
@@ -72,20 +74,24 @@ def bash(root: argparse.ArgumentParser, prog: str = "keyward") -> str:
 }}
 {fn}() {{
   [ -n "${{ZSH_VERSION-}}" ] && setopt localoptions ksharrays
-  local cur="${{COMP_WORDS[COMP_CWORD]}}" prev="" path="" w i skip=0 ch
+  local cur="${{COMP_WORDS[COMP_CWORD]}}" prev="" kwpath="" w i skip=0 ch
   local _kw_subs _kw_opts _kw_valued
   [ "$COMP_CWORD" -gt 0 ] && prev="${{COMP_WORDS[COMP_CWORD-1]}}"
   for ((i = 1; i < COMP_CWORD; i++)); do
     w="${{COMP_WORDS[i]}}"
     if [ "$skip" = 1 ]; then skip=0; continue; fi
-    {fn}_node "$path"
+    {fn}_node "$kwpath"
     case " $_kw_valued " in *" $w "*) skip=1; continue;; esac
     case "$w" in -*) continue;; esac
-    case " $_kw_subs " in *" $w "*) path="$path/$w";; esac
+    case " $_kw_subs " in *" $w "*) kwpath="$kwpath/$w";; esac
   done
-  {fn}_node "$path"
+  {fn}_node "$kwpath"
   COMPREPLY=()
-  ch="$({fn}_choices "$path:$prev")"
+  if [ "$prev" = --identity ] && [ -d "${{KEYWARD_PKI_DIR-}}" ]; then
+    ch="$(cd "$KEYWARD_PKI_DIR" 2>/dev/null && ls *.key 2>/dev/null | sed 's/\\.key$//' | grep -vx -e ca -e server)"
+    COMPREPLY=($(compgen -W "$ch" -- "$cur")); return 0
+  fi
+  ch="$({fn}_choices "$kwpath:$prev")"
   if [ -n "$ch" ]; then COMPREPLY=($(compgen -W "$ch" -- "$cur")); return 0; fi
   case " $_kw_valued " in *" $prev "*) return 0;; esac
   if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "$_kw_opts" -- "$cur")); return 0; fi

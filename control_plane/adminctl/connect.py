@@ -184,7 +184,7 @@ class Conn:
         S = grpc.StatusCode
         local = msg.startswith(("failed to connect to all addresses", "errors resolving", "DNS resolution failed"))
         if code is S.UNAVAILABLE and (local or not self._ready.is_set()):
-            return CliError(f"cannot reach the CA at {self.target.addr}: {_why(msg)}", UNREACHABLE)
+            return CliError(f"cannot reach the CA at {self.target.addr}: {_why(msg, self.target)}", UNREACHABLE)
         if code is S.DEADLINE_EXCEEDED and "did not finish within its deadline" not in msg:
             state = "did not answer" if self._ready.is_set() else "could not be reached"
             return CliError(f"the CA at {self.target.addr} {state} within {self.timeout:g}s (--timeout); "
@@ -201,13 +201,15 @@ class Conn:
         return CliError(f"{code.name}: {msg or 'no detail'}" + (f"; {extra}" if extra else ""), REFUSED)
 
 
-def _why(msg: str) -> str:
+def _why(msg: str, t: Target) -> str:
     """The useful end of a connection failure, with what to check."""
-    if "CERTIFICATE_VERIFY_FAILED" in msg:
-        return ("TLS handshake failed: the CA's certificate is not signed by the --cacert trust anchor "
-                "(or does not name the address; see --server-name)")
-    if "Tls handshake failed" in msg or "handshake" in msg.lower():
-        return f"TLS handshake failed ({msg.rsplit(': ', 1)[-1]}); check --cacert, --cert and --key"
+    if "handshake failed" in msg.lower():
+        reason = msg.rsplit("OPENSSL_internal:", 1)[-1].removesuffix(": OK")
+        return (f"TLS handshake failed: the CA's certificate does not verify against {t.cacert} ({reason}); "
+                "give the platform CA's ca.crt (--cacert, KEYWARD_PKI_DIR), or --server-name for another address")
+    if "Socket closed" in msg or "Connection reset" in msg:
+        return (f"the CA closed the connection: it probably does not accept the client certificate {t.cert} "
+                "(not issued by the platform CA?)")
     if "Connection refused" in msg:
         return "connection refused (is the CA running there? `make up`, or check --addr/KEYWARD_CA_ADDR)"
     return f"{msg} (check --addr/KEYWARD_CA_ADDR)"

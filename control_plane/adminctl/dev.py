@@ -38,8 +38,9 @@ def add(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                          "CA:TRUE pathlen:0, keyUsage keyCertSign+cRLSign, and the name constraints the CSR "
                          f"requests copied as they are (the CA checks all of these on upload). {NFP}.")
     p.add_argument("csr", metavar="CSR")
-    p.add_argument("--root-dir", metavar="DIR", help="the root from `keyward dev org-root` (default: ./NAME-root, "
-                                                     "NAME being the CSR file's name without .csr)")
+    p.add_argument("--root-dir", metavar="DIR", help="the root from `keyward dev org-root` (default: NAME-root "
+                                                     "beside the CSR, else ./NAME-root; NAME: the CSR's file name "
+                                                     "without .csr)")
     p.add_argument("--out", metavar="CERT", help="where to write the certificate (default: the CSR's path with .crt)")
     p.add_argument("--days", type=int, default=365, help="validity, capped by the root's (default 365)")
     p.set_defaults(run=sign)
@@ -81,7 +82,8 @@ def sign(a: argparse.Namespace) -> int:
     except OSError as e:
         raise CliError(f"cannot read CSR {csr_path}: {e.strerror} (make one with `keyward key request ORG`)") from None
     stem = csr_path.name.removesuffix(".csr")
-    root_dir = Path(a.root_dir or f"{stem}-root")
+    beside = csr_path.parent / f"{stem}-root"
+    root_dir = Path(a.root_dir) if a.root_dir else beside if (beside / "root.crt").exists() else Path(f"{stem}-root")
     try:
         root, root_key = pki.load_root(root_dir)
     except (OSError, ValueError) as e:

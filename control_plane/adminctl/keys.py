@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 
 from control_plane.adminctl.connect import REFUSED, CliError, connect, leaf, org_hint
-from control_plane.adminctl.output import add_output, enum, print_json, table, ts
+from control_plane.adminctl.output import add_output, enum, note, print_json, table, ts
 from protos.keyward.v1 import keyward_pb2 as pb
 
 ALGORITHMS = {
@@ -92,6 +92,7 @@ def request(a: argparse.Namespace) -> int:
                        f"write it with --out -, or request again (which discards this pending key)") from None
     if a.output == "json":
         print_json(r)
+        note(f"CSR of pending key {r.key_id} written to {out.resolve()}")
         return 0
     alg = enum(pb.KeyAlgorithm.Name(r.algorithm), "KEY_ALGORITHM_")
     print(f"pending key {r.key_id} ({alg}) of {a.org!r}: CSR written to {out.resolve()}\n"

@@ -122,7 +122,8 @@ def load_file(path: str) -> pb.Policy:
         json_format.ParseDict(data, p)
     except json_format.ParseError as e:
         names = ", ".join(f.name for f in pb.Policy.DESCRIPTOR.fields)
-        raise CliError(f"{path}: {e} (Policy fields: {names})") from None
+        first = (str(e).strip().splitlines() or ["invalid"])[0]
+        raise CliError(f"{path}: {first} (Policy fields: {names})") from None
     return p
 
 
