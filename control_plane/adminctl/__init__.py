@@ -9,7 +9,7 @@ store, the service or key custody (an import-linter contract). Each command is o
     keys        key request|upload|list|revoke
     pools       pool list|register|bind|unbind|deregister
     audit       audit list, health
-    dev         dev org-root|sign (NOT FOR PRODUCTION; devstack.pki's code)
+    dev         dev org-root|sign|org-admin (NOT FOR PRODUCTION; devstack.pki's code)
     completion  completion bash|zsh
 
 docs/cli.md documents every command.
@@ -30,7 +30,8 @@ EPILOG = f"""everyday admin commands (each has --help with an example):
   keyward pool list|register|bind|unbind|deregister
   keyward audit list [ORG]               audit events (paged); keyward audit verify checks the chain in the DB
   keyward health                         the CA's grpc.health.v1 status
-  keyward dev org-root|sign              a throwaway org root and CSR signing (NOT FOR PRODUCTION)
+  keyward dev org-root|sign|org-admin    a throwaway org root, CSR signing, a dev org-admin identity
+                                         (NOT FOR PRODUCTION)
   keyward completion bash|zsh            shell completion
 
 environment (admin commands):

@@ -1,10 +1,13 @@
-"""``keyward dev org-root|sign``: a throwaway org root CA and the signing of an intermediate's CSR
-with it, for trying keyward without an org PKI. NOT FOR PRODUCTION: a real org root lives offline
-(or in an HSM) and signs with its own tooling. The code is ``devstack.pki``'s."""
+"""``keyward dev org-root|sign|org-admin``: a throwaway org root CA, the signing of an intermediate's
+CSR with it, and a dev org-admin identity, for trying keyward without an org PKI.
+
+NOT FOR PRODUCTION: a real org root lives offline (or in an HSM) and signs with its own tooling;
+real identities come from the platform's PKI. The code is ``devstack.pki``'s."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from cryptography import x509
@@ -44,6 +47,35 @@ def add(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--out", metavar="CERT", help="where to write the certificate (default: the CSR's path with .crt)")
     p.add_argument("--days", type=int, default=365, help="validity, capped by the root's (default 365)")
     p.set_defaults(run=sign)
+
+    p = leaf(dsub, "org-admin", f"issue the identity org-admin-ORG from the dev platform CA ({NFP})", ca=False,
+             example="keyward dev org-admin acme         # then: --identity org-admin-acme",
+             description="Issue org-admin-ORG.crt/.key (spiffe://keyward/org-admin/ORG) into the dev PKI folder, "
+                         "signed by its ca.key, which only the dev PKI of `make up` keeps there. In a real "
+                         f"install the platform's PKI issues identities. {NFP}.")
+    p.add_argument("org", metavar="ORG")
+    p.add_argument("--pki-dir", metavar="DIR", help="the dev PKI (default: $KEYWARD_PKI_DIR)")
+    p.set_defaults(run=org_admin)
+
+
+def org_admin(a: argparse.Namespace) -> int:
+    from devstack import pki
+
+    if not ID_RE.fullmatch(a.org):
+        raise CliError(f"{a.org!r} is not an org id: 3-63 lowercase letters, digits or '-', starting with a letter")
+    d = a.pki_dir or os.environ.get("KEYWARD_PKI_DIR")
+    if not d:
+        raise CliError("set KEYWARD_PKI_DIR (`source .run/env` after `make up`) or give --pki-dir DIR")
+    pki_dir = Path(d)
+    if not (pki_dir / "ca.key").is_file():
+        raise CliError(f"{pki_dir}/ca.key not found: only the dev PKI (`make up`) keeps its CA key there")
+    try:
+        pki.org_admin(pki_dir, a.org)
+    except (OSError, ValueError) as e:
+        raise CliError(f"cannot issue org-admin-{a.org} in {pki_dir}: {getattr(e, 'strerror', None) or e}") from None
+    print(f"{NFP}: issued {pki_dir}/org-admin-{a.org}.crt and .key (spiffe://keyward/org-admin/{a.org}); "
+          f"use it with --identity org-admin-{a.org} (or KEYWARD_IDENTITY=org-admin-{a.org})")
+    return 0
 
 
 def org_root(a: argparse.Namespace) -> int:

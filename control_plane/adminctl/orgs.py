@@ -93,7 +93,7 @@ def create(a: argparse.Namespace) -> int:
         print_json(o)
     else:
         print(f"created organization {o.org_id!r}\n{_show_org(o)}\n\nnext: an identity for its admin "
-              f"(dev: python -m devstack.pki org-admin $KEYWARD_PKI_DIR {o.org_id}), then "
+              f"(dev stack: keyward dev org-admin {o.org_id}), then "
               f"keyward key request {o.org_id} --identity org-admin-{o.org_id}")
     return 0
 

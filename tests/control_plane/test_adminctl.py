@@ -60,7 +60,8 @@ def test_the_whole_flow(kw: Run, platform: Clients, pki_dir: Path, tmp_path: Pat
     got = json.loads(ok(kw("org", "get", org, "-o", "json", identity="platform-admin")))
     assert got["org_id"] == org and got["display_name"] == "Test Org" and got["policy_version"] == "1"
     assert got["policy"]["permitted_dns_subtrees"] == [f"{org}.test"] and got["active_key_id"] == ""
-    pki.org_admin(pki_dir, org)
+    assert f"--identity {admin}" in ok(kw("dev", "org-admin", org))
+    assert (pki_dir / f"{admin}.crt").is_file()
 
     # Org admin: CSR to a file, a throwaway root, signed, uploaded: ACTIVE.
     out = ok(kw("key", "request", org, "--algorithm", "ec-p256", identity=admin))
@@ -127,8 +128,12 @@ def test_the_whole_flow(kw: Run, platform: Clients, pki_dir: Path, tmp_path: Pat
         {"status": "SERVING"}
 
 
-def test_org_list_as_platform_and_as_org_admin(kw: Run, platform: Clients, pki_dir: Path, new_org_id: str) -> None:
-    ok(kw("org", "create", new_org_id, identity="platform-admin"))
+def test_org_list_as_platform_and_as_org_admin(kw: Run, platform: Clients, pki_dir: Path, tmp_path: Path,
+                                              new_org_id: str) -> None:
+    (tmp_path / "p.json").write_text(json.dumps({"fail_mode": "closed", "blocked_hosts": ["a.example"]}))
+    o = json.loads(ok(kw("org", "create", new_org_id, "--policy", "p.json", "--block-host", "b.example", "-o", "json",
+                         identity="platform-admin")))
+    assert o["policy"]["fail_mode"] == "FAIL_MODE_CLOSED" and o["policy"]["blocked_hosts"] == ["a.example", "b.example"]
     listed = json.loads(ok(kw("org", "list", "-o", "json", identity="platform-admin")))["organizations"]
     assert new_org_id in {o["org_id"] for o in listed}
     assert new_org_id in ok(kw("org", "list", identity="platform-admin"))
