@@ -9,8 +9,8 @@ import argparse
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from control_plane.adminctl.connect import REFUSED, connect, leaf, org_hint, platform_hint
-from control_plane.adminctl.output import add_output, note, print_json, table, ts
+from control_plane.adminctl.connect import REFUSED, CliError, connect, leaf, org_hint, platform_hint
+from control_plane.adminctl.output import add_output, print_json, table, ts
 from protos.keyward.v1 import keyward_pb2 as pb
 
 PAGE = 1000
@@ -46,8 +46,7 @@ def add_health(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def audit_list(a: argparse.Namespace) -> int:
     if a.limit < 1:
-        note("keyward: --limit must be at least 1")
-        return 2
+        raise CliError("--limit must be at least 1 (or give --all)")
     events: list[pb.AuditEvent] = []
     after, more = a.after_seq, False
     hint = org_hint(a.org) if a.org else platform_hint() + " (or give ORG)"

@@ -229,7 +229,8 @@ def org_hint(org: str) -> str:
 
 EXIT_CODES = """exit codes:
   0  done
-  1  the CA refused or failed the request (its message says why), or health is not SERVING
+  1  the CA refused or failed the request (its message says why), health is not SERVING,
+     or the command failed unexpectedly
   2  usage or a local problem: no identity, a missing or malformed file, bad flags
   3  no answer from the CA: cannot connect, TLS handshake failed, or --timeout elapsed"""
 
