@@ -182,8 +182,10 @@ class Conn:
         code: grpc.StatusCode = e.code()
         msg = " ".join(str(e.details() or "").split())
         S = grpc.StatusCode
-        local = msg.startswith(("failed to connect to all addresses", "errors resolving", "DNS resolution failed"))
-        if code is S.UNAVAILABLE and (local or not self._ready.is_set()):
+        # UNAVAILABLE from gRPC itself (no connection, or it broke), not the CA's own (e.g. no database primary).
+        local = msg.startswith(("failed to connect to all addresses", "errors resolving", "DNS resolution failed")) \
+            or any(s in msg for s in ("Socket closed", "Connection reset", "Broken pipe", "GOAWAY"))
+        if code is S.UNAVAILABLE and local:
             return CliError(f"cannot reach the CA at {self.target.addr}: {_why(msg, self.target)}", UNREACHABLE)
         if code is S.DEADLINE_EXCEEDED and "did not finish within its deadline" not in msg:
             state = "did not answer" if self._ready.is_set() else "could not be reached"

@@ -16,7 +16,7 @@ from cryptography import x509
 
 from devstack import pki
 from devstack.pg import PgCluster, free_port
-from tests.helpers import ROOT, CAProcess, Clients
+from tests.helpers import ROOT, CAProcess, Clients, start_ca, wait_for
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -239,3 +239,21 @@ def test_help_version_and_completion(kw: Run, tmp_path: Path) -> None:
     assert r.stdout.splitlines() == ["get set", "ec-p256 ec-p384", "table json", "platform-admin"], \
         r.stdout + r.stderr
     assert ok(kw("completion", "zsh")).count("bashcompinit") == 2
+
+
+def test_a_ca_without_its_database_answers_unavailable_exit_1(
+        kw: Run, workdir: Path, pki_dir: Path, master_secret: tuple[bytes, Path]) -> None:
+    """The CA's own UNAVAILABLE (no database) is an answer (exit 1, with the request id to retry a
+    write with), not an unreachable CA (exit 3)."""
+    cluster = PgCluster(workdir / f"none-{uuid.uuid4().hex[:6]}", (free_port(), free_port(), free_port()))
+    ca = start_ca(cluster, pki_dir, master_secret[1], workdir / "ca-nodb", wait_serving=False)
+    try:
+        wait_for(lambda: "could not ensure the schema" in ca.log_text(), 30, "the CA to find no database")
+        env = {"KEYWARD_CA_ADDR": ca.addr}
+        r = kw("health", identity="platform-admin", env=env)
+        assert r.returncode == 1 and "NOT_SERVING" in r.stdout, r.stdout + r.stderr
+        err = one_line_error(kw("org", "create", "nodb", "--request-id", "retry-me", identity="platform-admin",
+                                env=env), 1)
+        assert err.startswith("keyward: UNAVAILABLE: ") and "--request-id retry-me" in err
+    finally:
+        ca.stop()
