@@ -4,6 +4,8 @@
     keyward audit verify   check the audit log's hash chain (KEYWARD_DB_DSN)
     keyward db status|failover|rejoin|backup|restore|backup-agent
                            Postgres cluster operations (KEYWARD_DB_CLUSTER)
+    keyward org|key|pool|health|dev|completion, keyward audit list
+                           the admin commands, a client of the API (control_plane.adminctl, docs/cli.md)
 """
 
 from __future__ import annotations
@@ -152,13 +154,33 @@ def _proxy_verifier(from_stdin: bool) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("keyward")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="keyward", description="keyward Central Authority")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    argv = sys.argv[1:] if argv is None else argv
+    words = [w for w in argv if not w.startswith("-")]
+    if words[:1] and words[0] in ("org", "key", "pool", "health", "dev", "completion", "audit"):
+        # Before grpc is imported: its core would print its own log lines around our one-line errors.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    from control_plane import adminctl
+
+    ap = argparse.ArgumentParser(prog="keyward", description="keyward: the Central Authority and its admin "
+                                 "command line", epilog=adminctl.EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"keyward {_version()}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     sub.add_parser("serve", help="run the Central Authority")
-    audit = sub.add_parser("audit", help="audit log tools")
-    audit_sub = audit.add_subparsers(dest="audit_cmd", required=True)
-    audit_sub.add_parser("verify", help="verify the audit log's hash chain")
+    audit = sub.add_parser("audit", help="audit log: list events (API), verify the hash chain (database)")
+    audit_sub = audit.add_subparsers(dest="audit_cmd", required=True, metavar="COMMAND")
+    audit_sub.add_parser("verify", help="verify the audit log's hash chain (reads KEYWARD_DB_DSN, "
+                                        "KEYWARD_DB_PASSWORD_FILE)")
     db = sub.add_parser("db", help="Postgres cluster operations")
     db.add_argument("--cluster", help="cluster spec JSON (default: $KEYWARD_DB_CLUSTER)")
     db_sub = db.add_subparsers(dest="db_cmd", required=True)
@@ -178,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     pv = sub.add_parser("proxy-verifier", help="make a proxy credential and the verifier for an org's policy")
     pv.add_argument("--stdin", action="store_true",
                     help="read the secret from stdin (default: make a random one and print it once)")
+    adminctl.register(ap, sub, audit_sub)
     a = ap.parse_args(argv)
+    if getattr(a, "run", None) is not None:
+        return adminctl.run(a)
     if a.cmd == "proxy-verifier":
         return _proxy_verifier(a.stdin)
     if a.cmd == "serve":
