@@ -80,9 +80,15 @@ def activate(org: str, who: str) -> str:
     return str(csr["key_id"])
 
 
+ACME, BANK = "demo-acme", "demo-bank"
+"""The demo's own organizations: never the names the README's tutorial uses (acme, bank), so a
+tutorial after the demo starts from nothing, and the demo never rotates a user's key."""
+MARK = " (keyward demo)"
+"""Ends the display name of every org the demo creates: a re-run touches only those."""
+
 PROXY_SECRET = "acme-demo-proxy-credential"
-"""acme's users authenticate to a ZEN as acme:PROXY_SECRET; the policy holds only its verifier
-(``keyward proxy-verifier`` makes both for real orgs)."""
+"""demo-acme's users authenticate to a ZEN as demo-acme:PROXY_SECRET; the policy holds only its
+verifier (``keyward proxy-verifier`` makes both for real orgs)."""
 
 
 def acme_policy() -> dict[str, Any]:
@@ -97,10 +103,24 @@ def ensure_org(org: str, policy: dict[str, Any]) -> None:
         print(f"  issued dev identity org-admin-{org}.crt (spiffe://keyward/org-admin/{org})")
     r = stack.grpcurl(PKI, "platform-admin", "keyward.v1.Admin/GetOrganization", json.dumps({"org_id": org}))
     if r.returncode == 0:
-        print(f"  organization {org!r} exists already (demo re-run): its key will be rotated")
+        if not json.loads(r.stdout).get("display_name", "").endswith(MARK):
+            raise SystemExit(f"organization {org!r} exists and was not made by the demo: the demo leaves it alone. "
+                             "Run the demo on a fresh stack (make down; rm -rf .run) or rename that org.")
+        print(f"  organization {org!r} exists already (made by an earlier demo run): its key will be rotated")
         return
     call("platform-admin", "keyward.v1.Admin/CreateOrganization",
-         {"org_id": org, "display_name": org.capitalize() + " Corp", "policy": policy})
+         {"org_id": org, "display_name": org.split("-")[-1].capitalize() + " Corp" + MARK, "policy": policy})
+
+
+def bind_private(pool: str, org: str) -> None:
+    """Add ``org`` to the private pool, keeping every org already bound to it (RegisterZenPool
+    replaces the list: the demo must not unbind a user's org)."""
+    pools = call("platform-admin", "keyward.v1.Admin/ListZenPools", {}).get("pools", [])
+    bound = next((list(p.get("org_ids", [])) for p in pools if p.get("name") == pool), [])
+    if org in bound:
+        return
+    call("platform-admin", "keyward.v1.Admin/RegisterZenPool",
+         {"pool": {"name": pool, "visibility": "POOL_VISIBILITY_PRIVATE", "org_ids": sorted({*bound, org})}})
 
 
 def open_as_zen(kp: dict[str, Any]) -> None:
@@ -182,24 +202,24 @@ def zen_demo() -> None:
                     zport = int(json.loads(line)["port"])
             time.sleep(0.1)
         print(f"  ZEN (pool 'public') listening on 127.0.0.1:{zport}; origin shop.test on port {oport}")
-        cmd = ["curl", "-sS", "--max-time", "20", "--proxy", f"http://127.0.0.1:{zport}", "--proxy-user", f"acme:{PROXY_SECRET}",
-               "--cacert", str(DEMO / "acme-root" / "root.crt"), f"https://shop.test:{oport}/"]
-        print(f"$ curl --proxy http://127.0.0.1:{zport} --proxy-user acme:{PROXY_SECRET} --cacert acme-root/root.crt "
+        cmd = ["curl", "-sS", "--max-time", "20", "--proxy", f"http://127.0.0.1:{zport}", "--proxy-user", f"{ACME}:{PROXY_SECRET}",
+               "--cacert", str(DEMO / f"{ACME}-root" / "root.crt"), f"https://shop.test:{oport}/"]
+        print(f"$ curl --proxy http://127.0.0.1:{zport} --proxy-user {ACME}:{PROXY_SECRET} --cacert {ACME}-root/root.crt "
               f"https://shop.test:{oport}/")
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
         print("  " + (r.stdout.strip() or r.stderr.strip()))
         if r.returncode != 0:
             raise SystemExit("curl through the ZEN failed")
-        o = subprocess.run(["openssl", "s_client", "-proxy", f"127.0.0.1:{zport}", "-proxy_user", "acme",
+        o = subprocess.run(["openssl", "s_client", "-proxy", f"127.0.0.1:{zport}", "-proxy_user", ACME,
                             "-proxy_pass", f"pass:{PROXY_SECRET}", "-connect", f"shop.test:{oport}", "-servername", "shop.test"],
                            input="", capture_output=True, text=True, timeout=30)
         chain = [ln.strip() for ln in o.stdout.splitlines() if ln.strip()[:2] in ("0 ", "1 ") or
                  ln.strip().startswith(("s:", "i:"))]
-        print(f"$ openssl s_client -proxy 127.0.0.1:{zport} -proxy_user acme -proxy_pass pass:{PROXY_SECRET} -connect shop.test:{oport}")
+        print(f"$ openssl s_client -proxy 127.0.0.1:{zport} -proxy_user {ACME} -proxy_pass pass:{PROXY_SECRET} -connect shop.test:{oport}")
         for ln in chain[:4]:
             print(f"  {ln}")
         kids = subprocess.run(["pgrep", "-P", str(zen.pid)], capture_output=True, text=True).stdout.split()
-        print(f"  acme's key lives only in signer process(es) {', '.join(kids) or '-'} (mlock'd, not dumpable); "
+        print(f"  {ACME}'s key lives only in signer process(es) {', '.join(kids) or '-'} (mlock'd, not dumpable); "
               f"the ZEN process {zen.pid} holds no copy of it")
     finally:
         zen.terminate()
@@ -213,15 +233,15 @@ def main() -> None:
     DEMO.mkdir(parents=True, exist_ok=True)
     pg = stack.cluster()
 
-    step("2. Platform admin creates organization 'acme'")
-    ensure_org("acme", acme_policy())
+    step(f"2. Platform admin creates organization '{ACME}'")
+    ensure_org(ACME, acme_policy())
 
     step("3. Org admin asks for a CSR; signs it with the org's root (openssl); uploads the intermediate")
-    old_rows = pg.psql("SELECT key_id FROM intermediate_keys WHERE org_id = 'acme' AND state = 'active'")
-    key_id = activate("acme", "org-admin-acme")
+    old_rows = pg.psql(f"SELECT key_id FROM intermediate_keys WHERE org_id = '{ACME}' AND state = 'active'")
+    key_id = activate(ACME, f"org-admin-{ACME}")
 
-    step("4. A public ZEN fetches acme's key: it arrives ENCRYPTED, with the intermediate and chain")
-    kp = call("zen-public", "keyward.v1.KeyDistribution/GetKeyPair", {"org_id": "acme"})
+    step(f"4. A public ZEN fetches {ACME}'s key: it arrives ENCRYPTED, with the intermediate and chain")
+    kp = call("zen-public", "keyward.v1.KeyDistribution/GetKeyPair", {"org_id": ACME})
     print(f"  key {kp['key_id']} v{kp['version']}: {len(kp['encrypted_private_key'])} base64 chars of AES-256-GCM "
           f"ciphertext ({kp['keylib_format']}); not after {kp['not_after']}")
     assert kp["key_id"] == key_id
@@ -230,20 +250,19 @@ def main() -> None:
     open_as_zen(kp)
 
     step("6. A private-only org: its key goes to its private pool, never to a public one")
-    ensure_org("bank", {"private_zen_only": True, "fail_mode": "FAIL_MODE_CLOSED"})
-    call("platform-admin", "keyward.v1.Admin/RegisterZenPool",
-         {"pool": {"name": "private", "visibility": "POOL_VISIBILITY_PRIVATE", "org_ids": ["bank"]}})
-    activate("bank", "org-admin-bank")
-    call("zen-public", "keyward.v1.KeyDistribution/GetKeyPair", {"org_id": "bank"}, expect_ok=False)
-    priv = call("zen-private", "keyward.v1.KeyDistribution/GetKeyPair", {"org_id": "bank"})
-    print(f"  private pool got bank's key {priv['key_id']} (encrypted)")
+    ensure_org(BANK, {"private_zen_only": True, "fail_mode": "FAIL_MODE_CLOSED"})
+    bind_private("private", BANK)
+    activate(BANK, f"org-admin-{BANK}")
+    call("zen-public", "keyward.v1.KeyDistribution/GetKeyPair", {"org_id": BANK}, expect_ok=False)
+    priv = call("zen-private", "keyward.v1.KeyDistribution/GetKeyPair", {"org_id": BANK})
+    print(f"  private pool got {BANK}'s key {priv['key_id']} (encrypted)")
 
-    step("7. Rotation: a new intermediate replaces acme's key; the old one is deleted from the database")
-    new_id = activate("acme", "org-admin-acme")
-    rows = pg.psql("SELECT key_id || ' ' || state FROM intermediate_keys WHERE org_id = 'acme'")
-    print(f"  intermediate_keys rows for acme now: {rows.splitlines()}")
+    step(f"7. Rotation: a new intermediate replaces {ACME}'s key; the old one is deleted from the database")
+    new_id = activate(ACME, f"org-admin-{ACME}")
+    rows = pg.psql(f"SELECT key_id || ' ' || state FROM intermediate_keys WHERE org_id = '{ACME}'")
+    print(f"  intermediate_keys rows for {ACME} now: {rows.splitlines()}")
     assert key_id not in rows and new_id in rows and len(rows.splitlines()) == 1
-    listed = call("org-admin-acme", "keyward.v1.Admin/ListIntermediates", {"org_id": "acme"})
+    listed = call(f"org-admin-{ACME}", "keyward.v1.Admin/ListIntermediates", {"org_id": ACME})
     for i in listed.get("intermediates", [])[:3]:
         print(f"  {i['key_id']}  {i['state']}")
     if old_rows:
@@ -269,9 +288,9 @@ def main() -> None:
     from dbops import backup as dbbackup
 
     spec = pg.spec()
-    retired = base64.b64decode(kp["encrypted_private_key"])  # acme's key from step 4, rotated out in step 7
+    retired = base64.b64decode(kp["encrypted_private_key"])  # the key from step 4, rotated out in step 7
     active = base64.b64decode(call("zen-public", "keyward.v1.KeyDistribution/GetKeyPair",
-                                   {"org_id": "acme"})["encrypted_private_key"])
+                                   {"org_id": ACME})["encrypted_private_key"])
     deadline = time.monotonic() + 120
     while True:
         bs = dbbackup.list_backups(spec)
@@ -293,19 +312,18 @@ def main() -> None:
     prim = pg.primary()
     print(f"$ kill -9 <all processes of {prim.name}>   (the primary)")
     local.kill_node(spec.node(prim.name))
-    kp2 = call("zen-public", "keyward.v1.KeyDistribution/GetKeyPair", {"org_id": "acme"})
-    print(f"  ZEN still got acme's key {kp2['key_id']} while no primary runs (read from a standby)")
+    kp2 = call("zen-public", "keyward.v1.KeyDistribution/GetKeyPair", {"org_id": ACME})
+    print(f"  ZEN still got {ACME}'s key {kp2['key_id']} while no primary runs (read from a standby)")
     t0 = time.monotonic()
     print("$ keyward db failover")
     rep = failover.failover(spec)
     for s_ in rep.steps:
         print(f"  {s_}")
-    call("org-admin-acme", "keyward.v1.Admin/UpdatePolicy",
-         {"org_id": "acme", "policy": acme_policy()})
+    call(f"org-admin-{ACME}", "keyward.v1.Admin/UpdatePolicy", {"org_id": ACME, "policy": acme_policy()})
     print(f"  first write acknowledged by the new primary {rep.new_primary} "
           f"{time.monotonic() - t0:.1f}s after the failover started")
 
-    step("12. A ZEN intercepts acme's HTTPS traffic with a leaf minted from acme's intermediate")
+    step(f"12. A ZEN intercepts {ACME}'s HTTPS traffic with a leaf minted from {ACME}'s intermediate")
     zen_demo()
 
     print("\nDemo complete. The stack keeps running: `source .run/env` and use grpcurl as in the README; "

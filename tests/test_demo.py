@@ -28,11 +28,11 @@ def test_demo_runs_end_to_end_and_stops() -> None:
         assert r.returncode == 0, out[-3000:] + r.stderr[-3000:] + logs
         assert "matches the intermediate's public key: yes" in out
         assert "refused: ERROR: Code: PermissionDenied" in out
-        assert "private pool got bank's key" in out
+        assert "private pool got demo-bank's key" in out
         assert "INTERMEDIATE_STATE_ROTATED" in out
         assert "audit chain OK" in out and "Demo complete" in out
         assert "retired key's ciphertext found in 0 of" in out and "rejoined" in out
-        assert "hello from shop.test" in out and "i:CN = acme keyward intermediate" in out
+        assert "hello from shop.test" in out and "i:CN = demo-acme keyward intermediate" in out
         envfile = (run / "env").read_text()
         for var in ("KEYWARD_CA_ADDR", "KEYWARD_DB_DSN", "KEYWARD_PKI_DIR"):
             assert var in envfile
@@ -40,9 +40,29 @@ def test_demo_runs_end_to_end_and_stops() -> None:
         seen = subprocess.run(["bash", "-c", f". '{run}/env' && env"], capture_output=True, text=True,
                               timeout=30, env={"PATH": os.environ.get("PATH", "")}).stdout
         assert f"KEYWARD_DB_CLUSTER={run}" in seen and "KEYWARD_CA_ADDR=" in seen, seen
-        for f in ("ca.crt", "platform-admin.crt", "platform-admin.key", "org-admin-acme.crt", "zen-public.key",
+        for f in ("ca.crt", "platform-admin.crt", "platform-admin.key", "org-admin-demo-acme.crt", "zen-public.key",
                   "zen-private.crt"):
             assert (run / "pki" / f).exists(), f
+        # A re-run touches only the demo's own orgs: one it did not make, even under one of its names,
+        # is left alone (the demo stops and says why), and binding its private org keeps the user's.
+        user_org = "user-" + os.urandom(3).hex()
+        code = f"""
+import json
+from devstack import demo, stack
+r = stack.grpcurl(demo.PKI, "platform-admin", "keyward.v1.Admin/CreateOrganization",
+                  json.dumps({{"org_id": "{user_org}", "display_name": "theirs", "policy": {{"private_zen_only": True}}}}))
+assert r.returncode == 0, r.stderr
+pools = demo.call("platform-admin", "keyward.v1.Admin/ListZenPools", {{}})["pools"]
+bound = next(p["org_ids"] for p in pools if p["name"] == "private")
+demo.call("platform-admin", "keyward.v1.Admin/RegisterZenPool", {{"pool": {{"name": "private",
+          "visibility": "POOL_VISIBILITY_PRIVATE", "org_ids": bound + ["{user_org}"]}}}})
+demo.bind_private("private", demo.BANK)
+pools = demo.call("platform-admin", "keyward.v1.Admin/ListZenPools", {{}})["pools"]
+assert "{user_org}" in next(p["org_ids"] for p in pools if p["name"] == "private"), pools
+demo.ensure_org("{user_org}", {{}})
+"""
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and "was not made by the demo: the demo leaves it alone" in r.stderr, r.stderr[-2000:]
     finally:
         d = subprocess.run([sys.executable, "-m", "devstack.stack", "down"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=120)
