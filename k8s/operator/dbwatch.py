@@ -150,7 +150,8 @@ async def check(w: DbWatch, cfg: OperatorConfig, kube: Kube, body: Any,
         await _annotate(cfg, kube, body, v.primary)
     elif isinstance(v, dbplan.SplitBrain):
         await kube.event(body, type="Warning", reason="SplitBrain",
-                         message=f"{', '.join(v.primaries)} all answer as primary: no automatic action; fence all but one")
+                         message=f"{', '.join(v.primaries)} all answer as primary: no automatic action; "
+                                 "fence all but one")
     elif isinstance(v, dbplan.Waiting):
         w.lost_since = v.lost_since
         if v.newly_lost:

@@ -1,13 +1,12 @@
-"""The operator's decisions, as pure functions over plain dicts.
+"""The operator's building blocks, as pure functions over plain dicts.
 
 * What a ZenPool becomes: a Deployment, a Service and a PodDisruptionBudget.
 * Private-ZEN-only placement: a private pool runs only on nodes labelled and
   tainted ``keyward.io/zen-pool=<pool>``, never beside a public ZEN.
-* Bypass: a pool's Service points at the bypass relay only while the CA has
-  no ready endpoint AND the pool has no ready ZEN, and never for a pool
-  serving a fail-closed org.
+* Registration order, misplaced pods, conditions.
 
-(The database failover's decisions are ``dbops.plan``'s.)
+``plan`` composes them into one pass's plan (and holds the bypass rule); the
+database failover's decisions are ``dbops.plan``'s.
 """
 
 from __future__ import annotations
@@ -186,11 +185,6 @@ def misplaced_pods(pool: str, spec: Obj, pods: list[Obj], nodes: list[Obj]) -> l
             if (p.get("metadata", {}).get("labels") or {}).get(POOL_LABEL) == pool
             and p.get("spec", {}).get("nodeName")
             and owner.get(p["spec"]["nodeName"]) != pool]
-
-
-def bypass_wanted(*, ca_ready: bool, pool_ready: bool, serves_fail_closed_org: bool) -> bool:
-    """Both planes down, and no fail-closed org behind the pool."""
-    return not ca_ready and not pool_ready and not serves_fail_closed_org
 
 
 def pool_labels(rel: Release, pool: str) -> dict[str, str]:
