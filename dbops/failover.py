@@ -92,6 +92,8 @@ def execute(spec: ClusterSpec, plan: FailoverPlan, *, fence: Callable[[Node, Nod
     new = plan.promote
     rep = FailoverReport(old_primary=plan.old_primary.name if plan.old_primary else "?", new_primary=new.name,
                          promoted_lsn=plan.at_lsn)
+    rep.steps.append(f"old primary: {plan.old_primary.name} ({plan.old_primary_by})" if plan.old_primary
+                     else f"old primary unknown ({plan.old_primary_by}); every server down is fenced")
     fencer = fence or (lambda n, p: local.fence(spec, n, p))
     for n in plan.fence:
         try:
