@@ -8,13 +8,13 @@ only protobuf user in the operator.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 
 import grpc
 from cryptography import x509
 
 from k8s.operator.config import OperatorConfig
 from k8s.operator.pki import Root, issue
+from k8s.operator.plan import PoolState
 from keylib.tlsid import renewal_due
 from protos.keyward.v1 import keyward_pb2 as pb
 from protos.keyward.v1 import keyward_pb2_grpc as pbg
@@ -28,12 +28,7 @@ class CARefused(RuntimeError):
     """The CA answered with an error a person must act on (bad org, etc.)."""
 
 
-@dataclass(frozen=True)
-class PoolState:
-    name: str
-    visibility: str
-    org_ids: tuple[str, ...]
-    serves_fail_closed_org: bool
+__all__ = ["CAClient", "CARefused", "CAUnavailable", "PoolState"]
 
 
 def _state(p: pb.ZenPool) -> PoolState:

@@ -1,14 +1,16 @@
-"""The database failover driver: the I/O shell around ``dbops.failover``.
+"""The database failover driver: the I/O shell around ``dbops.plan``.
 
-Every interval the operator asks each Postgres server its role (real SQL).
-While one answers as primary, the pods' role labels and the role ConfigMap
+Every interval the operator asks each Postgres server its role (real SQL)
+and ``dbops.plan.watch`` decides what to do (the one decision module, shared
+with ``keyward db failover`` and a local watch agent). While one server
+answers as primary, the pods' role labels and the role ConfigMap
 (``<release>-postgres-role``, read by the servers' start script) are kept
-in step with it. When none has answered as primary for
-``failover_after`` seconds, it runs the failover of the Postgres issue:
-fence the old primary (role ConfigMap first, so a restart comes back as a
-standby; then its pod is deleted), promote the standby with the most WAL,
-re-point the other. A refusal (too few standbys to be sure no write is
-lost) is reported as an Event and retried; it is never forced.
+in step with it. When none has answered as primary for ``failover_after``
+seconds, the plan is carried out by ``dbops.failover.execute``: fence the
+old primary (role ConfigMap first, so a restart comes back as a standby;
+then its pod is deleted), promote the standby with the most WAL, re-point
+the other. A refusal (too few standbys to be sure no write is lost) is
+reported as an Event and retried; it is never forced.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from typing import Any
 
 
 from dbops import local
-from dbops.failover import FailoverRefused, failover
+from dbops import plan as dbplan
+from dbops.failover import FailoverRefused, execute
 from dbops.spec import ClusterSpec, Node
 from dbops.status import cluster_status
 from k8s.operator import metrics
-from k8s.operator import reconcile as rc
 from k8s.operator.config import OperatorConfig
 from k8s.operator.kube import Kube, KubeError, Obj, path
 
@@ -121,38 +123,49 @@ async def _annotate(cfg: OperatorConfig, kube: Kube, body: Any, primary: str) ->
                          {"metadata": {"annotations": {"keyward.io/primary": primary}}})
 
 
+async def _refused(w: DbWatch, kube: Kube, body: Any, reason: str) -> None:
+    metrics.FAILOVERS.labels("refused").inc()
+    if reason != w.last_refusal:  # reported once per reason, not every check
+        w.last_refusal = reason
+        await kube.event(body, type="Warning", reason="FailoverRefused", message=reason)
+
+
 async def check(w: DbWatch, cfg: OperatorConfig, kube: Kube, body: Any,
                 logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
     """One look at the servers; ``body`` is the Postgres StatefulSet (Events go to it)."""
     spec = await cluster(w, cfg, kube)
     sts = await asyncio.to_thread(cluster_status, spec)
-    primaries = [s.node.name for s in sts if s.reachable and s.role == "primary"]
-    metrics.PRIMARY_UP.set(1 if len(primaries) == 1 else 0)
-    if len(primaries) == 1:
-        if w.lost_since is not None:
-            await kube.event(body, type="Normal", reason="PrimaryBack", message=f"{primaries[0]} answers as primary again")
+    # The last primary seen: an annotation, so it outlives operator restarts (a primary lost while
+    # no operator ran still counts), and nothing is lost before one was ever seen (a fresh install).
+    seen = (body.get("metadata", {}).get("annotations") or {}).get("keyward.io/primary")
+    v = dbplan.watch(spec, sts, last_primary=seen, lost_since=w.lost_since, now=time.monotonic(),
+                     after=cfg.failover_after, rejoin=any(n.datadir for n in spec.nodes))
+    metrics.PRIMARY_UP.set(1 if isinstance(v, dbplan.Healthy) else 0)
+    if isinstance(v, dbplan.Healthy):
+        if v.back:
+            await kube.event(body, type="Normal", reason="PrimaryBack", message=f"{v.primary} answers as primary again")
         w.lost_since, w.last_refusal = None, ""
-        for c in await repair_roles(cfg, kube, spec, primaries[0]):
+        for c in await repair_roles(cfg, kube, spec, v.primary):
             logger.info("role repaired: %s", c)
-        await _annotate(cfg, kube, body, primaries[0])
-        return
-    if len(primaries) > 1:
+        await _annotate(cfg, kube, body, v.primary)
+    elif isinstance(v, dbplan.SplitBrain):
         await kube.event(body, type="Warning", reason="SplitBrain",
-                   message=f"{', '.join(primaries)} all answer as primary: no automatic action; fence all but one")
-        return
-    if not (body.get("metadata", {}).get("annotations") or {}).get("keyward.io/primary"):
-        # No primary was ever seen (a fresh install still starting): nothing is lost yet. The
-        # annotation outlives operator restarts, so a primary lost while no operator ran still counts.
-        return
-    now = time.monotonic()
-    if w.lost_since is None:
-        w.lost_since = now
-        await kube.event(body, type="Warning", reason="PrimaryLost",
-                   message=f"no Postgres server answers as primary; failing over in {cfg.failover_after:g}s "
-                           "unless one returns")
-        return
-    if not rc.failover_due(w.lost_since, now, cfg.failover_after):
-        return
+                         message=f"{', '.join(v.primaries)} all answer as primary: no automatic action; "
+                                 "fence all but one")
+    elif isinstance(v, dbplan.Waiting):
+        w.lost_since = v.lost_since
+        if v.newly_lost:
+            await kube.event(body, type="Warning", reason="PrimaryLost",
+                             message=f"no Postgres server answers as primary; failing over in {cfg.failover_after:g}s "
+                                     "unless one returns")
+    elif isinstance(v, dbplan.NoFailover):
+        await _refused(w, kube, body, v.reason)
+    else:
+        await _fail_over(w, cfg, kube, body, spec, v)
+
+
+async def _fail_over(w: DbWatch, cfg: OperatorConfig, kube: Kube, body: Any, spec: ClusterSpec,
+                     plan: dbplan.FailoverPlan) -> None:
     loop = asyncio.get_running_loop()
 
     def fence(node: Node, new: Node) -> None:  # runs in the failover's thread
@@ -161,12 +174,9 @@ async def check(w: DbWatch, cfg: OperatorConfig, kube: Kube, body: Any,
             local.fence(spec, node, new)
 
     try:
-        rep = await asyncio.to_thread(failover, spec, fence=fence, rejoin=any(n.datadir for n in spec.nodes))
+        rep = await asyncio.to_thread(execute, spec, plan, fence=fence)
     except FailoverRefused as e:
-        metrics.FAILOVERS.labels("refused").inc()
-        if str(e) != w.last_refusal:
-            w.last_refusal = str(e)
-            await kube.event(body, type="Warning", reason="FailoverRefused", message=str(e))
+        await _refused(w, kube, body, str(e))
         return
     except Exception as e:  # a server died mid-way: report, and start over from fresh status next time
         metrics.FAILOVERS.labels("error").inc()

@@ -1,33 +1,30 @@
-"""The operator's kopf handlers: the I/O shell around ``reconcile``.
+"""The operator's kopf handlers: the I/O shell around ``plan`` and ``reconcile``.
 
 One ZenPool becomes a Deployment, a Service and a PodDisruptionBudget, an
 mTLS identity Secret and a registration with the CA. Every ``interval`` each
-pool is checked again: private placement (refused with a condition and an
-Event when unsafe), misplaced pods (evicted), registration (private only
-once no pod remains on a shared node), bypass (both planes down, never for a
-fail-closed org) and status. The Postgres StatefulSet is watched the same
-way for a lost primary (see ``dbwatch``).
-
-``register(registry, cfg)`` attaches everything to a kopf registry, so the
-tests run the real kopf machinery with their own settings.
+pool is checked again: ``sync_pool`` observes it, ``plan`` decides (placement,
+evictions, registration order, bypass, status) and ``sync_pool`` carries the
+plan out. The Postgres StatefulSet is watched the same way for a lost primary
+(see ``dbwatch``). ``register(registry, cfg)`` attaches everything to a kopf
+registry, so the tests run the real kopf machinery with their own settings.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import datetime as dt
 import hashlib
-import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import kopf
 
-from k8s.operator import dbwatch, metrics, pki
+from k8s.operator import dbwatch, metrics, pki, plan
 from k8s.operator import reconcile as rc
 from k8s.operator.ca_client import CAClient, CARefused, CAUnavailable, PoolState
 from k8s.operator.config import OperatorConfig
@@ -108,19 +105,20 @@ def _owner(body: Mapping[str, Any]) -> list[Obj]:
              "uid": meta.get("uid"), "controller": True, "blockOwnerDeletion": True}] if meta.get("uid") else []
 
 
-async def _identity_digest(st: State, name: str, body: Mapping[str, Any]) -> str:
-    """The pool's identity Secret, renewed when due; its certificate's digest goes into the
-    pod template, so a renewed identity rolls the ZENs (they read it at start)."""
+async def _identity(st: State, name: str, body: Mapping[str, Any] | None = None) -> str | None:
+    """The digest of the pool's identity certificate if it is current (None: none, or due); with
+    ``body``, issued (or renewed) first. The digest goes into the pod template, so a renewed
+    identity rolls the ZENs (they read it at start)."""
     secret = f"{_names(st.rel, name)}-tls"
-    _, pem = await pki.ensure_identity(st.kube, st.cfg, st.ca.root, secret, f"zen-pool/{name}", owners=_owner(body))
-    return hashlib.sha256(pem).hexdigest()[:16]
+    pem = await pki.current_identity(st.kube, st.cfg, st.ca.root, secret) if body is None else (
+        await pki.ensure_identity(st.kube, st.cfg, st.ca.root, secret, f"zen-pool/{name}", owners=_owner(body)))[1]
+    return hashlib.sha256(pem).hexdigest()[:16] if pem is not None else None
 
 
-async def _apply_objects(st: State, name: str, spec: Obj, bypassed: bool, body: Mapping[str, Any],
-                         digest: str, nodes: list[Obj]) -> None:
-    rel = st.rel
+async def _apply_objects(st: State, name: str, deployment: Obj, bypassed: bool, body: Mapping[str, Any],
+                         digest: str) -> None:
     owners = _owner(body)
-    dep = rc.pool_deployment(rel, name, spec, st.cfg.zen_resources_dict())
+    dep = copy.deepcopy(deployment)
     dep["metadata"]["ownerReferences"] = owners
     dep["spec"]["template"]["metadata"]["annotations"] = {"keyward.io/identity": digest}
     old = await st.kube.get(path("apps/v1", "deployments", st.cfg.namespace, dep["metadata"]["name"]))
@@ -128,16 +126,15 @@ async def _apply_objects(st: State, name: str, spec: Obj, bypassed: bool, body: 
         rc.prune_placement(old["spec"]["template"]["spec"], dep["spec"]["template"]["spec"])
     await st.kube.apply("apps/v1", "deployments", dep)
     await _apply_service(st, name, bypassed, owners)
-    await _sync_pdb(st, name, spec, nodes, owners)
 
 
-async def _sync_pdb(st: State, name: str, spec: Obj, nodes: list[Obj], owners: list[Obj]) -> None:
-    """The pool's PodDisruptionBudget, present only while it can protect something (checked every
-    pass: nodes come and go)."""
+async def _sync_pdb(st: State, name: str, wanted: bool, owners: list[Obj]) -> None:
+    """The pool's PodDisruptionBudget, present only while the plan wants it (checked every pass:
+    nodes come and go)."""
     pdb = rc.pool_pdb(st.rel, name)
     p = path("policy/v1", "poddisruptionbudgets", st.cfg.namespace, pdb["metadata"]["name"])
     old = await st.kube.get(p)
-    if rc.pdb_wanted(name, spec, nodes):
+    if wanted:
         if old is None or old.get("spec", {}).get("maxUnavailable") != pdb["spec"]["maxUnavailable"]:
             pdb["metadata"]["ownerReferences"] = owners
             await st.kube.apply("policy/v1", "poddisruptionbudgets", pdb)
@@ -156,12 +153,37 @@ async def _apply_service(st: State, name: str, bypassed: bool, owners: list[Obj]
     await st.kube.apply("v1", "services", svc)
 
 
-async def _ca_ready(st: State) -> bool:
-    """Any ready endpoint behind the CA's Service (EndpointSlice readiness; unknown counts as ready)."""
-    slices = await st.kube.list(path("discovery.k8s.io/v1", "endpointslices", st.cfg.namespace),
-                                {"kubernetes.io/service-name": f"{st.rel.name}-ca"})
-    return any((ep.get("conditions") or {}).get("ready") is not False
-               for s in slices for ep in s.get("endpoints") or [])
+async def _ask(st: State, name: str, q: plan.Question) -> plan.Answer:
+    """The CA's answer to a planner's question; its failures are answers too."""
+    try:
+        if isinstance(q, plan.Register):
+            pool = await st.ca.register(name, q.visibility, list(q.organizations))
+            st.forget_pools()
+            return plan.Answer(pool)
+        return plan.Answer((await st.ca_pools()).get(name))
+    except CAUnavailable as e:
+        return plan.Answer(unavailable=str(e))
+    except CARefused as e:
+        return plan.Answer(refused=str(e))
+
+
+V = TypeVar("V", plan.SpecView, plan.PoolView)
+P = TypeVar("P", plan.SpecPlan, plan.PoolPlan)
+
+
+async def _decide(st: State, view: V, planner: Callable[[V], P | plan.Question]) -> P:
+    """Plan; answer each question the planner asks of the CA, and plan again with the answer."""
+    for _ in range(3):
+        p = planner(view)
+        if not isinstance(p, (plan.AskCA, plan.Register)):
+            return p
+        view = view.answered(p, await _ask(st, view.name, p))
+    raise RuntimeError(f"pool {view.name}: the planner asked the CA more than it may")
+
+
+async def _post(st: State, body: Obj, events: list[plan.Event]) -> None:
+    for e in events:
+        await st.kube.event(body, type=e.type, reason=e.reason, message=e.message)
 
 
 async def _evict(st: State, pod: str) -> str:
@@ -188,148 +210,49 @@ async def reconcile_pool(st: State, name: str, *, force: bool) -> None:
             return  # gone or going: the delete handler owns it now
         sp: Obj = {}
         try:
-            await sync_pool(st, name, dict(zp.get("spec") or {}), dict(zp.get("status") or {}),
-                            zp,
-                            sp,
-                            force=force)
+            await sync_pool(st, name, zp, sp, force=force)
         finally:
             if sp:
                 await st.kube.patch(path(f"{GROUP}/{VERSION}", PLURAL, st.cfg.namespace, name, "status"),
                                     {"status": sp})
 
 
-async def sync_pool(st: State, name: str, spec: Obj, status: Obj, body: Obj, sp: Obj, *, force: bool) -> None:
-    """One pass over a pool; status changes go into ``sp`` (a merge patch of ``status``)."""
-    cfg, rel, kube = st.cfg, st.rel, st.kube
-    conds: list[Obj] = list(status.get("conditions") or [])
-    now = _now()
+async def sync_pool(st: State, name: str, zp: Obj, sp: Obj, *, force: bool) -> None:
+    """One pass over a pool: observe, let ``plan`` decide, carry the plan out. Status changes go
+    into ``sp`` (a merge patch of ``status``): facts as they happen, conditions once all is done."""
+    kube, ns, rel, status = st.kube, st.cfg.namespace, st.rel, dict(zp.get("status") or {})
     nodes = await kube.list(path("v1", "nodes"))
-    problems = rc.placement_problems(name, spec, nodes)
-    # Stored as JSON text: a merge patch would keep keys the spec has since dropped.
-    applied: Obj | None = json.loads(status["applied"]) if status.get("applied") else None
-    registered: Obj | None = status.get("registered")
-    if problems:
-        msg = "spec not applied: " + "; ".join(problems)
-        if status.get("refused") != msg:
-            await st.kube.event(body, type="Warning", reason="PlacementRefused", message=msg)
-        sp["refused"] = msg
-        conds = rc.set_condition(conds, "Placement", False, "Refused", msg, now)
-    else:
-        if status.get("refused"):
-            sp["refused"] = None
-        private = spec.get("visibility") == "private"
-        conds = rc.set_condition(conds, "Placement", True, "DedicatedNodes" if private else "Public",
-                                 f"pods run only on nodes labelled and tainted {rc.POOL_LABEL}={name}" if private
-                                 else f"pods avoid nodes dedicated to private pools ({rc.POOL_LABEL})", now)
-        digest = await _identity_digest(st, name, body)
-        if force or applied != dict(spec) or status.get("identity") != digest:
-            held = False
-            if rc.widens_placement(registered, spec):
-                try:
-                    await st.ca.register(name, "public", [])
-                    st.forget_pools()
-                    registered = {"visibility": "public", "organizations": []}
-                    sp["registered"] = registered
-                    await st.kube.event(body, type="Normal", reason="Registered",
-                               message="registered with the CA as public, before leaving the dedicated nodes")
-                except (CAUnavailable, CARefused) as e:
-                    held = True
-                    conds = rc.set_condition(
-                        conds, "Placement", False, "WaitingForCA",
-                        "still registered private with the CA: its pods leave the dedicated nodes only after "
-                        f"the CA stops sending it private keys ({e})", now)
-            if not held:
-                await _apply_objects(st, name, spec, bool(status.get("bypass")), body, digest, nodes)
-                sp["identity"] = digest
-                if applied is not None and applied != dict(spec):
-                    await st.kube.event(body, type="Normal", reason="Applied",
-                               message=f"pool updated: visibility={spec.get('visibility')} "
-                                       f"replicas={spec.get('replicas', 2)}")
-                applied = dict(spec)
-                sp["applied"] = json.dumps(applied, sort_keys=True)
-    if applied is None:
-        sp["conditions"] = conds
+    s = await _decide(st, plan.SpecView(rel, name, dict(zp.get("spec") or {}), status, nodes, await _identity(st, name),
+                                        _now(), force, st.cfg.zen_resources_dict()), plan.plan_spec)
+    sp.update(s.status)
+    await _post(st, zp, s.events)
+    if s.deployment is not None:
+        digest = s.identity or str(await _identity(st, name, zp))
+        await _apply_objects(st, name, s.deployment, bool(status.get("bypass")), zp, digest)
+        sp.update(s.applied_status, identity=digest)
+        await _post(st, zp, s.applied_events)
+    if s.runs is None:
+        sp["conditions"] = s.conditions
         return
-
-    await _sync_pdb(st, name, applied, nodes, _owner(body))
-    dep = await kube.get(path("apps/v1", "deployments", cfg.namespace, _names(rel, name))) or {}
-    ready = int((dep.get("status") or {}).get("readyReplicas") or 0)
-    pods = await kube.list(path("v1", "pods", cfg.namespace), rc.pool_labels(rel, name))
-    node_of = {p["metadata"]["name"]: (p.get("spec") or {}).get("nodeName") for p in pods}
-    for pod in rc.misplaced_pods(name, applied, pods, nodes):
-        how = await _evict(st, pod)
-        await st.kube.event(body, type="Warning", reason="PodEvicted",
-                   message=f"pod {pod} of private pool {name} ran on node {node_of[pod]}, which is not dedicated "
-                           f"to the pool: {how}")
-
-    # Registration with the CA.
-    vis, orgs = rc.registration(applied)
-    want = {"visibility": vis, "organizations": orgs}
-    # Only what the CA said of the pool as it is now counts; anything else is unknown (fail-closed).
-    fail_closed = status.get("servesFailClosedOrg") if registered == want else None
-    # Evicted pods still count: they run until their grace period ends.
-    wait = rc.may_register(name, applied, pods, nodes, dep or None)
-    try:
-        if wait:
-            conds = rc.set_condition(conds, "Registered", False, "WaitingForPlacement", wait, now)
-        else:
-            known = (await st.ca_pools()).get(name)
-            if registered != want or known is None or \
-                    (known.visibility, list(known.org_ids)) != (vis, orgs):
-                known = await st.ca.register(name, vis, orgs)
-                st.forget_pools()
-                sp["registered"] = want
-                await st.kube.event(body, type="Normal", reason="Registered",
-                           message=f"registered with the CA as {vis}" + (f" for {', '.join(orgs)}" if orgs else ""))
-            fail_closed = known.serves_fail_closed_org
-            sp["servesFailClosedOrg"] = fail_closed
-            conds = rc.set_condition(conds, "Registered", True, "Registered",
-                                     f"the CA authorizes this pool as {vis}", now)
-    except CAUnavailable as e:
-        conds = rc.set_condition(conds, "Registered", registered == want, "CAUnavailable", str(e), now)
-    except CARefused as e:
-        if not any(c.get("reason") == "CARefused" and c.get("message") == str(e) for c in conds):
-            await st.kube.event(body, type="Warning", reason="RegistrationRefused", message=str(e))
-        conds = rc.set_condition(conds, "Registered", False, "CARefused", str(e), now)
-
-    # Bypass: both planes down, and no fail-closed org behind the pool (unknown counts as fail-closed).
-    ca_ready = await _ca_ready(st)
-    serves_fc = True if fail_closed is None else bool(fail_closed)
-    want_bypass = rc.bypass_wanted(ca_ready=ca_ready, pool_ready=ready > 0, serves_fail_closed_org=serves_fc)
-    # Always written (`kubectl get zenpools` shows false, not a blank), and only what the Service
-    # really does: if switching it fails, the status keeps the old value and the next pass retries.
-    sp["bypass"] = bool(status.get("bypass"))
-    if want_bypass != bool(status.get("bypass")):
-        await _apply_service(st, name, want_bypass)
-        sp["bypass"] = want_bypass
-        if want_bypass:
-            await st.kube.event(body, type="Warning", reason="BypassOn",
-                       message=f"the CA has no ready endpoint and pool {name} has no ready ZEN: its Service now "
-                               "points at the bypass relay (traffic forwarded, nothing decrypted)")
-        else:
-            await st.kube.event(body, type="Normal", reason="BypassOff",
-                       message=f"{'the CA' if ca_ready else 'a ZEN of the pool'} is ready again: the Service "
-                               "points back at the pool's ZENs")
-    if not ca_ready and ready == 0 and serves_fc:
-        conds = rc.set_condition(conds, "Bypass", False, "FailClosed",
-                                 "both planes are down, but the pool serves a fail-closed org (or the operator "
-                                 "has not yet learnt that it does not): traffic is refused, never bypassed", now)
-    else:
-        conds = rc.set_condition(conds, "Bypass", want_bypass, "BothPlanesDown" if want_bypass else "PlanesReady",
-                                 "traffic goes through the bypass relay" if want_bypass else
-                                 "traffic goes through the pool's ZENs", now)
-
-    conds = rc.set_condition(conds, "Ready", ready > 0, "ZensReady" if ready else "NoReadyZen",
-                             f"{ready} of {applied.get('replicas', 2)} ZEN(s) ready", now)
-    # Observed, not desired: what `kubectl scale` and `kubectl get zenpools` report (the desired count
-    # is spec.replicas).
-    sp["replicas"] = int((dep.get("status") or {}).get("replicas") or 0)
-    sp["readyReplicas"] = ready
-    metrics.READY_ZENS.labels(name).set(ready)
-    metrics.BYPASS.labels(name).set(1 if status.get("bypass") or sp.get("bypass") else 0)
-    sp["selector"] = selector_string(rc.pool_labels(rel, name))
-    sp["observedGeneration"] = (body.get("metadata") or {}).get("generation")
-    sp["conditions"] = conds
+    ca = await kube.list(path("discovery.k8s.io/v1", "endpointslices", ns),
+                         {"kubernetes.io/service-name": f"{rel.name}-ca"})
+    p = await _decide(st, plan.PoolView(
+        name, s.runs, {**status, **sp, "conditions": s.conditions}, nodes,
+        await kube.get(path("apps/v1", "deployments", ns, _names(rel, name))),
+        await kube.list(path("v1", "pods", ns), rc.pool_labels(rel, name)), plan.ca_ready(ca), _now(),
+        (zp.get("metadata") or {}).get("generation")), plan.plan_pool)
+    sp.update(p.status, selector=selector_string(rc.pool_labels(rel, name)))
+    await _post(st, zp, p.events)
+    await _sync_pdb(st, name, p.pdb, _owner(zp))
+    for e in p.evict:
+        await _post(st, zp, [e.event(name, await _evict(st, e.pod))])
+    if p.switch:  # if switching fails, the status keeps the old value and the next pass retries
+        await _apply_service(st, name, p.bypass.on)
+        sp["bypass"] = p.bypass.on
+        await _post(st, zp, p.switch)
+    sp["conditions"] = p.conditions
+    metrics.READY_ZENS.labels(name).set(p.ready)
+    metrics.BYPASS.labels(name).set(1 if sp["bypass"] else 0)
 
 
 async def remove_pool(st: State, name: str) -> None:

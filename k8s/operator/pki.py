@@ -116,6 +116,11 @@ def _current(s: Obj | None, root: Root) -> bytes | None:
     return None if renewal_due(x509.load_pem_x509_certificate(pem)) else pem
 
 
+async def current_identity(kube: Kube, cfg: OperatorConfig, root: Root, secret: str) -> bytes | None:
+    """The identity Secret's certificate (PEM) if it is current: signed by ``root`` and not due."""
+    return _current(await kube.get(path("v1", "secrets", cfg.namespace, secret)), root)
+
+
 async def ensure_identity(kube: Kube, cfg: OperatorConfig, root: Root, secret: str, spiffe_path: str, *,
                           server: bool = False, dns: tuple[str, ...] = (), ips: tuple[str, ...] = (),
                           owners: list[Obj] | None = None) -> tuple[bool, bytes]:

@@ -1,12 +1,12 @@
-"""The operator's decisions, as pure functions over plain dicts.
+"""The operator's building blocks, as pure functions over plain dicts.
 
 * What a ZenPool becomes: a Deployment, a Service and a PodDisruptionBudget.
 * Private-ZEN-only placement: a private pool runs only on nodes labelled and
   tainted ``keyward.io/zen-pool=<pool>``, never beside a public ZEN.
-* Bypass: a pool's Service points at the bypass relay only while the CA has
-  no ready endpoint AND the pool has no ready ZEN, and never for a pool
-  serving a fail-closed org.
-* Database failover: due when the primary has been lost for the set time.
+* Registration order, misplaced pods, conditions.
+
+``plan`` composes them into one pass's plan (and holds the bypass rule); the
+database failover's decisions are ``dbops.plan``'s.
 """
 
 from __future__ import annotations
@@ -185,15 +185,6 @@ def misplaced_pods(pool: str, spec: Obj, pods: list[Obj], nodes: list[Obj]) -> l
             if (p.get("metadata", {}).get("labels") or {}).get(POOL_LABEL) == pool
             and p.get("spec", {}).get("nodeName")
             and owner.get(p["spec"]["nodeName"]) != pool]
-
-
-def bypass_wanted(*, ca_ready: bool, pool_ready: bool, serves_fail_closed_org: bool) -> bool:
-    """Both planes down, and no fail-closed org behind the pool."""
-    return not ca_ready and not pool_ready and not serves_fail_closed_org
-
-
-def failover_due(primary_lost_since: float | None, now: float, after_seconds: float) -> bool:
-    return primary_lost_since is not None and now - primary_lost_since >= after_seconds
 
 
 def pool_labels(rel: Release, pool: str) -> dict[str, str]:

@@ -13,6 +13,7 @@ from k8s.operator import handlers as h
 from k8s.operator import reconcile as rc
 from k8s.operator.config import OperatorConfig
 from k8s.operator.kube import Endpoint, Kube, KubeError
+from k8s.operator.plan import PoolState
 
 
 class FakeCA:
@@ -81,31 +82,21 @@ async def test_a_failed_bypass_switch_is_not_recorded_as_done(monkeypatch: pytes
     status = {"applied": json.dumps(spec, sort_keys=True), "identity": "d", "bypass": False,
               "registered": {"visibility": "public", "organizations": []}, "servesFailClosedOrg": False}
 
-    async def digest(*_: Any) -> str:
+    async def identity(*_: Any) -> str:
         return "d"
-
-    async def nothing(*_: Any, **__: Any) -> None:
-        return None
-
-    async def ca_down(_: Any) -> bool:
-        return False
 
     async def service_patch_fails(*_: Any, **__: Any) -> None:
         raise KubeError(500, "etcdserver: request timed out")
 
-    class Known:
-        visibility, org_ids, serves_fail_closed_org = "public", (), False
-
     async def pools() -> dict[str, Any]:
-        return {"p": Known()}
-    monkeypatch.setattr(h, "_identity_digest", digest)
-    monkeypatch.setattr(h, "_sync_pdb", nothing)
-    monkeypatch.setattr(h, "_ca_ready", ca_down)
+        return {"p": PoolState("p", "public", (), False)}
+    monkeypatch.setattr(h, "_identity", identity)
     monkeypatch.setattr(h, "_apply_service", service_patch_fails)
-    st = state(Api(), FakeCA([]))
+    st = state(Api(), FakeCA([]))  # no EndpointSlice: the CA has no ready endpoint; no ZEN is ready either
     monkeypatch.setattr(st, "ca_pools", pools)
     sp: dict[str, Any] = {}
     with pytest.raises(KubeError):
-        await h.sync_pool(st, "p", spec, status, {"metadata": {"name": "p"}}, sp, force=False)
+        await h.sync_pool(st, "p", {"metadata": {"name": "p"}, "spec": spec, "status": status}, sp, force=False)
     # reconcile_pool writes ``sp`` as the status whatever happened: the Service did not switch.
     assert sp.get("bypass") is False, sp
+    assert "conditions" not in sp  # nor does a Bypass condition claim it did

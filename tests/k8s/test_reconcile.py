@@ -9,8 +9,6 @@ import kubernetes_validate
 from k8s.operator.reconcile import (
     POOL_LABEL,
     Release,
-    bypass_wanted,
-    failover_due,
     misplaced_pods,
     may_register,
     prune_placement,
@@ -106,14 +104,6 @@ def test_misplaced_private_pods_are_found() -> None:
             {"metadata": {"name": "bad", "labels": {POOL_LABEL: "eu-bank"}}, "spec": {"nodeName": "shared"}},
             {"metadata": {"name": "pending", "labels": {POOL_LABEL: "eu-bank"}}, "spec": {}}]
     assert misplaced_pods("eu-bank", {"visibility": "private"}, pods, nodes) == ["bad"]
-
-
-def test_bypass_and_failover_decisions() -> None:
-    assert bypass_wanted(ca_ready=False, pool_ready=False, serves_fail_closed_org=False)
-    assert not bypass_wanted(ca_ready=True, pool_ready=False, serves_fail_closed_org=False)
-    assert not bypass_wanted(ca_ready=False, pool_ready=True, serves_fail_closed_org=False)
-    assert not bypass_wanted(ca_ready=False, pool_ready=False, serves_fail_closed_org=True)
-    assert failover_due(100.0, 131.0, 30) and not failover_due(100.0, 120.0, 30) and not failover_due(None, 1e9, 30)
 
 
 def test_placement_pruned_when_visibility_changes() -> None:
