@@ -1,0 +1,64 @@
+"""The key-event log (``key_events``): what WatchKeys streams are made of.
+
+Contract: :func:`emit` appends an event inside the caller's write
+transaction and notifies :data:`NOTIFY_CHANNEL` (delivered at commit, never
+before). Events carry no key material and no policy, only ids and numbers,
+so a batch of :meth:`Events.events_after` is bounded in bytes as well as in
+rows. Reads are replica-ok: the event log is distribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from psycopg import AsyncConnection
+
+from control_plane.store.rows import KeyEventRow, event_row
+from control_plane.store.tx import Conn, Database, db_errors
+
+NOTIFY_CHANNEL = "keyward_key_events"
+
+
+async def emit(conn: Conn, org_id: str, kind: str, *, key_id: str = "", version: int = 0,
+               policy_version: int = 0, audience: str = "") -> None:
+    await conn.execute(
+        "INSERT INTO key_events (org_id, kind, key_id, version, policy_version, audience)"
+        " VALUES (%s, %s, %s, %s, %s, %s)",
+        (org_id, kind, key_id, version, policy_version, audience),
+    )
+    await conn.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
+
+
+class Events(Database):
+    async def events_after(self, seq: int, limit: int = 500) -> list[KeyEventRow]:
+        """At most ``limit`` events after ``seq``. Every column is short and bounded (ids,
+        names, numbers), so a batch is bounded in bytes too: about 200 bytes an event."""
+        async def q(conn: Conn) -> list[KeyEventRow]:
+            cur = await conn.execute("SELECT seq, org_id, kind, key_id, version, policy_version, audience, at"
+                                     " FROM key_events WHERE seq > %s ORDER BY seq LIMIT %s",
+                                     (seq, limit))
+            return [event_row(r) for r in await cur.fetchall()]
+        return await self._replica_read(q)
+
+    async def last_event_seq(self) -> int:
+        async def q(conn: Conn) -> int:
+            cur = await conn.execute("SELECT coalesce(max(seq), 0) AS s FROM key_events")
+            row = await cur.fetchone()
+            return int(row["s"]) if row else 0
+        return await self._replica_read(q)
+
+    async def notifications(self) -> AsyncIterator[None]:
+        """Yield each time key events may have been added (LISTEN on the primary). The
+        caller polls as well, with its own timer: a lost notification delays, never loses.
+        (``notifies(timeout=...)`` never returned inside the CA's event loop, so no timeout here.)"""
+        with db_errors():
+            extra: dict[str, Any] = {"password": self._password} if self._password is not None else {}
+            conn = await AsyncConnection.connect(self._dsn, autocommit=True, **extra)
+        try:
+            with db_errors():
+                await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                async for _ in conn.notifies():
+                    yield None
+        finally:
+            await conn.close()

@@ -1,0 +1,123 @@
+"""ZEN pools: which orgs each pool serves.
+
+Contract: a change of a pool's visibility or bindings, and its
+deregistration, write in the same transaction an ``access_revoked`` event
+for every org the pool no longer serves (its ZENs drop those keys).
+"""
+
+from __future__ import annotations
+
+from control_plane.errors import NotFound
+from control_plane.store.audit import append_audit
+from control_plane.store.events import emit
+from control_plane.store.rows import NO_REQUEST, Actor, OrgRow, PoolRow, RequestKey, org_row
+from control_plane.store.tx import Conn
+from control_plane.store.work import Requests, remember, replay
+
+
+async def pool_row(conn: Conn, name: str) -> PoolRow | None:
+    cur = await conn.execute("SELECT visibility FROM zen_pools WHERE name = %s", (name,))
+    r = await cur.fetchone()
+    if r is None:
+        return None
+    cur = await conn.execute("SELECT org_id FROM zen_pool_orgs WHERE pool = %s ORDER BY org_id", (name,))
+    orgs = tuple(x["org_id"] for x in await cur.fetchall())
+    cur = await conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM organizations o WHERE o.policy->>'fail_mode' = 'closed' AND "
+        "(CASE WHEN %s = 'public' THEN NOT coalesce((o.policy->>'private_zen_only')::boolean, false) "
+        "ELSE o.org_id = ANY(%s) END)) AS closed", (r["visibility"], list(orgs)))
+    closed = await cur.fetchone()
+    return PoolRow(name=name, visibility=r["visibility"], org_ids=orgs,
+                   serves_fail_closed=bool(closed and closed["closed"]))
+
+
+async def served_ids(conn: Conn, pool: PoolRow) -> set[str]:
+    if pool.visibility == "private":
+        return set(pool.org_ids)
+    cur = await conn.execute("SELECT org_id FROM organizations "
+                             "WHERE NOT coalesce((policy->>'private_zen_only')::boolean, false)")
+    return {r["org_id"] for r in await cur.fetchall()}
+
+
+class Pools(Requests):
+    async def get_pool(self, name: str) -> PoolRow | None:
+        """Replica-ok: used to authorize key distribution."""
+        return await self._replica_read(lambda conn: pool_row(conn, name))
+
+    async def orgs_served(self, pool: PoolRow) -> list[OrgRow]:
+        """Every org the pool serves (replica-ok: distribution)."""
+        async def q(conn: Conn) -> list[OrgRow]:
+            if pool.visibility == "public":
+                cur = await conn.execute(
+                    "SELECT o.*, NULL AS active_key_id FROM organizations o "
+                    "WHERE NOT coalesce((o.policy->>'private_zen_only')::boolean, false) ORDER BY o.org_id")
+            else:
+                cur = await conn.execute(
+                    "SELECT o.*, NULL AS active_key_id FROM organizations o "
+                    "WHERE o.org_id = ANY(%s) ORDER BY o.org_id", (list(pool.org_ids),))
+            return [org_row(r) for r in await cur.fetchall()]
+        return await self._replica_read(q)
+
+    async def list_pools(self) -> list[PoolRow]:
+        async with self._tx(write=False) as conn:
+            cur = await conn.execute("SELECT name FROM zen_pools ORDER BY name")
+            names = [r["name"] for r in await cur.fetchall()]
+            out = []
+            for n in names:
+                p = await pool_row(conn, n)
+                if p:
+                    out.append(p)
+            return out
+
+    async def register_pool(self, actor: Actor, name: str, visibility: str, org_ids: list[str],
+                            request_id: RequestKey = NO_REQUEST) -> PoolRow:
+        """Create or update a pool. A change of visibility or of bound orgs
+        revokes, in the same transaction, every org the pool no longer serves
+        (its ZENs drop those keys on the ACCESS_REVOKED event). The operator
+        moves a pool's pods to dedicated nodes *before* registering it private."""
+        async with self._tx(write=True) as conn:
+            old = await pool_row(conn, name)
+            if old is not None and await replay(conn, request_id, actor, "RegisterZenPool") is not None:
+                return old
+            await remember(conn, request_id, actor, "RegisterZenPool", {"pool": name})
+            if org_ids:
+                cur = await conn.execute("SELECT org_id FROM organizations WHERE org_id = ANY(%s)", (org_ids,))
+                known = {r["org_id"] for r in await cur.fetchall()}
+                unknown = sorted(set(org_ids) - known)
+                if unknown:
+                    raise NotFound(f"organization(s) not found: {', '.join(unknown)}")
+            before = await served_ids(conn, old) if old else set()
+            if old is None:
+                await conn.execute("INSERT INTO zen_pools (name, visibility) VALUES (%s, %s)", (name, visibility))
+            else:
+                await conn.execute("UPDATE zen_pools SET visibility = %s, updated_at = now() WHERE name = %s",
+                                   (visibility, name))
+            await conn.execute("DELETE FROM zen_pool_orgs WHERE pool = %s", (name,))
+            for o in sorted(set(org_ids)):
+                await conn.execute("INSERT INTO zen_pool_orgs (pool, org_id) VALUES (%s, %s)", (name, o))
+            row = await pool_row(conn, name)
+            assert row is not None
+            for o in sorted(before - await served_ids(conn, row)):
+                await emit(conn, o, "access_revoked", audience=f"pool:{name}")
+            change = f" (was {old.visibility})" if old and old.visibility != visibility else ""
+            await append_audit(conn, actor, "RegisterZenPool",
+                               detail=f"pool={name} visibility={visibility}{change} "
+                                      f"orgs={','.join(sorted(set(org_ids)))}")
+        return row
+
+    async def deregister_pool(self, actor: Actor, name: str, request_id: RequestKey = NO_REQUEST) -> PoolRow:
+        """Delete a pool; every org it served gets ACCESS_REVOKED for it."""
+        async with self._tx(write=True) as conn:
+            old = await pool_row(conn, name)
+            if old is None:
+                done = await replay(conn, request_id, actor, "DeregisterZenPool")
+                if done is not None:  # a retry of a deregistration that did commit
+                    return PoolRow(name=name, visibility=done["visibility"], org_ids=tuple(done["org_ids"]))
+                raise NotFound(f"ZEN pool {name!r} is not registered")
+            await remember(conn, request_id, actor, "DeregisterZenPool",
+                           {"pool": name, "visibility": old.visibility, "org_ids": list(old.org_ids)})
+            for o in sorted(await served_ids(conn, old)):
+                await emit(conn, o, "access_revoked", audience=f"pool:{name}")
+            await conn.execute("DELETE FROM zen_pools WHERE name = %s", (name,))
+            await append_audit(conn, actor, "DeregisterZenPool", detail=f"pool={name} visibility={old.visibility}")
+        return old
