@@ -10,6 +10,7 @@ rows. Reads are replica-ok: the event log is distribution.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -20,12 +21,23 @@ from control_plane.store.tx import Conn, Database, db_errors
 NOTIFY_CHANNEL = "keyward_key_events"
 
 
-async def emit(conn: Conn, org_id: str, kind: str, *, key_id: str = "", version: int = 0,
-               policy_version: int = 0, audience: str = "") -> None:
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to write (its ``seq`` and time are the database's)."""
+
+    org_id: str
+    kind: str
+    key_id: str = ""
+    version: int = 0
+    policy_version: int = 0
+    audience: str = ""
+
+
+async def emit(conn: Conn, ev: NewEvent) -> None:
     await conn.execute(
         "INSERT INTO key_events (org_id, kind, key_id, version, policy_version, audience)"
         " VALUES (%s, %s, %s, %s, %s, %s)",
-        (org_id, kind, key_id, version, policy_version, audience),
+        (ev.org_id, ev.kind, ev.key_id, ev.version, ev.policy_version, ev.audience),
     )
     await conn.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
 

@@ -20,15 +20,13 @@ from typing import Any
 from control_plane.certs import CertInfo, KeyAlgorithm
 from control_plane.custody import PendingKey
 from control_plane.errors import FailedPrecondition, NotFound
-from control_plane.store.audit import append_audit
-from control_plane.store.events import emit
 from control_plane.store.orgs import ORG_SELECT
 from control_plane.store.pools import pool_row
 from control_plane.store.rows import (
     NO_REQUEST, ActiveKey, Actor, IntermediateRow, OrgRow, PoolRow, RequestKey, intermediate_row, org_row,
 )
 from control_plane.store.tx import Conn
-from control_plane.store.work import Requests, remember, replay
+from control_plane.store.work import Writes
 
 
 async def tombstone(conn: Conn, r: dict[str, Any], state: str, reason: str) -> None:
@@ -51,35 +49,32 @@ async def intermediate(conn: Conn, org_id: str, key_id: str) -> IntermediateRow:
     raise NotFound(f"key {key_id} not found in organization {org_id!r}")
 
 
-class Keys(Requests):
+class Keys(Writes):
     async def add_pending_key(self, actor: Actor, pending: PendingKey,
                               request_id: RequestKey = NO_REQUEST) -> dict[str, Any]:
         """Store a new sealed pending key; a previous pending key is discarded.
         Returns the request's result (the stored one, for a replayed request)."""
-        result = {"key_id": pending.key_id, "csr_pem": pending.csr_pem, "algorithm": pending.algorithm.value,
-                  "spki_sha256": pending.spki_sha256.hex()}
-        async with self._tx(write=True) as conn:
-            done = await replay(conn, request_id, actor, "RequestIntermediateCsr")
-            if done is not None:
-                return done
-            await remember(conn, request_id, actor, "RequestIntermediateCsr", result)
-            cur = await conn.execute("SELECT 1 FROM organizations WHERE org_id = %s", (pending.org_id,))
+        async with self._work(actor, "RequestIntermediateCsr", request_id) as w:
+            if w.replayed is not None:
+                return w.replayed
+            cur = await w.conn.execute("SELECT 1 FROM organizations WHERE org_id = %s", (pending.org_id,))
             if not await cur.fetchone():
                 raise NotFound(f"organization {pending.org_id!r} not found")
-            cur = await conn.execute(
+            cur = await w.conn.execute(
                 "DELETE FROM intermediate_keys WHERE org_id = %s AND state = 'pending' RETURNING *",
                 (pending.org_id,))
             for old in await cur.fetchall():
-                await tombstone(conn, old, "discarded", "replaced by a newer CSR")
+                await tombstone(w.conn, old, "discarded", "replaced by a newer CSR")
                 self.on_retire()
-            await conn.execute(
+            await w.conn.execute(
                 "INSERT INTO intermediate_keys (key_id, org_id, state, algorithm, keylib_format, spki_sha256,"
                 " sealed_key) VALUES (%s, %s, 'pending', %s, %s, %s, %s)",
                 (pending.key_id, pending.org_id, pending.algorithm.value, pending.keylib_format,
                  pending.spki_sha256, pending.sealed))
-            await append_audit(conn, actor, "RequestIntermediateCsr", org_id=pending.org_id,
-                               key_id=pending.key_id, detail=f"algorithm={pending.algorithm.value}")
-        return result
+            w.result = {"key_id": pending.key_id, "csr_pem": pending.csr_pem,
+                        "algorithm": pending.algorithm.value, "spki_sha256": pending.spki_sha256.hex()}
+            w.audit(org_id=pending.org_id, key_id=pending.key_id, detail=f"algorithm={pending.algorithm.value}")
+        return w.result
 
     async def activate(
         self,
@@ -94,15 +89,14 @@ class Keys(Requests):
         returns (info, certificate_pem, chain_pem) or raises. The previous
         active key and certificate are deleted in the same transaction.
         """
-        async with self._tx(write=True) as conn:
-            cur = await conn.execute("SELECT * FROM organizations WHERE org_id = %s FOR UPDATE", (org_id,))
+        async with self._work(actor, "UploadIntermediateCertificate", request_id) as w:
+            if w.replayed is not None:
+                return await intermediate(w.conn, org_id, w.replayed["key_id"])
+            cur = await w.conn.execute("SELECT * FROM organizations WHERE org_id = %s FOR UPDATE", (org_id,))
             org = await cur.fetchone()
             if org is None:
                 raise NotFound(f"organization {org_id!r} not found")
-            done = await replay(conn, request_id, actor, "UploadIntermediateCertificate")
-            if done is not None:
-                return await intermediate(conn, org_id, done["key_id"])
-            cur = await conn.execute(
+            cur = await w.conn.execute(
                 "SELECT * FROM intermediate_keys WHERE org_id = %s AND state = 'pending' FOR UPDATE", (org_id,))
             pending = await cur.fetchone()
             if pending is None:
@@ -110,16 +104,16 @@ class Keys(Requests):
                     f"organization {org_id!r} has no pending key: call RequestIntermediateCsr, "
                     "sign its CSR, then upload the certificate")
             ci, cert_pem, chain_pem = validate(bytes(pending["spki_sha256"]))
-            cur = await conn.execute(
+            cur = await w.conn.execute(
                 "DELETE FROM intermediate_keys WHERE org_id = %s AND state = 'active' RETURNING *", (org_id,))
             retired = await cur.fetchall()
             for old in retired:
-                await tombstone(conn, old, "rotated", f"replaced by {pending['key_id']}")
+                await tombstone(w.conn, old, "rotated", f"replaced by {pending['key_id']}")
                 self.on_retire()
             version = org["key_version"] + 1
-            await conn.execute("UPDATE organizations SET key_version = %s, updated_at = now() WHERE org_id = %s",
-                               (version, org_id))
-            cur = await conn.execute(
+            await w.conn.execute("UPDATE organizations SET key_version = %s, updated_at = now() WHERE org_id = %s",
+                                 (version, org_id))
+            cur = await w.conn.execute(
                 "UPDATE intermediate_keys SET state = 'active', version = %s, certificate_pem = %s, chain_pem = %s,"
                 " subject = %s, serial_hex = %s, not_before = %s, not_after = %s, activated_at = now()"
                 " WHERE key_id = %s RETURNING *, NULL::timestamptz AS ended_at",
@@ -128,43 +122,38 @@ class Keys(Requests):
             row = await cur.fetchone()
             assert row is not None
             key_id = str(pending["key_id"])
-            await remember(conn, request_id, actor, "UploadIntermediateCertificate", {"key_id": key_id})
-            await emit(conn, org_id, "rotated", key_id=key_id, version=version)
+            w.result = {"key_id": key_id}
+            w.emit(org_id, "rotated", key_id=key_id, version=version)
             detail = f"version={version} serial={ci.serial_hex}"
             if retired:
                 detail += " retired=" + ",".join(str(r["key_id"]) for r in retired)
-            await append_audit(conn, actor, "UploadIntermediateCertificate", org_id=org_id,
-                               key_id=key_id, detail=detail)
+            w.audit(org_id=org_id, key_id=key_id, detail=detail)
         return intermediate_row(row)
 
     async def revoke(self, actor: Actor, org_id: str, key_id: str, reason: str,
                      request_id: RequestKey = NO_REQUEST) -> IntermediateRow:
-        async with self._tx(write=True) as conn:
-            if await replay(conn, request_id, actor, "RevokeIntermediate") is not None:
-                return await intermediate(conn, org_id, key_id)
-            await remember(conn, request_id, actor, "RevokeIntermediate", {"key_id": key_id})
-            cur = await conn.execute(
-                "DELETE FROM intermediate_keys WHERE org_id = %s AND key_id = %s RETURNING *",
-                (org_id, key_id))
+        async with self._work(actor, "RevokeIntermediate", request_id) as w:
+            if w.replayed is not None:
+                return await intermediate(w.conn, org_id, key_id)
+            cur = await w.conn.execute(
+                "DELETE FROM intermediate_keys WHERE org_id = %s AND key_id = %s RETURNING *", (org_id, key_id))
             r = await cur.fetchone()
             if r is None:
-                cur = await conn.execute(
+                cur = await w.conn.execute(
                     "SELECT state FROM intermediate_history WHERE org_id = %s AND key_id = %s", (org_id, key_id))
                 h = await cur.fetchone()
                 if h:
                     raise FailedPrecondition(f"key {key_id} is already {h['state']}; nothing to revoke")
                 raise NotFound(f"key {key_id} not found in organization {org_id!r}")
-            state = "revoked" if r["state"] == "active" else "discarded"
-            await tombstone(conn, r, state, reason or "revoked by admin")
+            await tombstone(w.conn, r, "revoked" if r["state"] == "active" else "discarded",
+                            reason or "revoked by admin")
             self.on_retire()
+            w.result = {"key_id": key_id}
             if r["state"] == "active":
-                await emit(conn, org_id, "revoked", key_id=key_id, version=r["version"] or 0)
-            await append_audit(conn, actor, "RevokeIntermediate", org_id=org_id, key_id=key_id,
-                               detail=f"was={r['state']} reason={reason[:100]}")
-            cur = await conn.execute("SELECT * FROM intermediate_history WHERE key_id = %s", (key_id,))
-            t = await cur.fetchone()
-        assert t is not None
-        return intermediate_row(t)
+                w.emit(org_id, "revoked", key_id=key_id, version=r["version"] or 0)
+            w.audit(org_id=org_id, key_id=key_id, detail=f"was={r['state']} reason={reason[:100]}")
+            t = await intermediate(w.conn, org_id, key_id)
+        return t
 
     async def list_intermediates(self, org_id: str) -> list[IntermediateRow]:
         async with self._tx(write=False) as conn:

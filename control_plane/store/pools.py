@@ -7,12 +7,12 @@ for every org the pool no longer serves (its ZENs drop those keys).
 
 from __future__ import annotations
 
+from typing import Any
+
 from control_plane.errors import NotFound
-from control_plane.store.audit import append_audit
-from control_plane.store.events import emit
 from control_plane.store.rows import NO_REQUEST, Actor, OrgRow, PoolRow, RequestKey, org_row
 from control_plane.store.tx import Conn
-from control_plane.store.work import Requests, remember, replay
+from control_plane.store.work import Writes
 
 
 async def pool_row(conn: Conn, name: str) -> PoolRow | None:
@@ -39,7 +39,7 @@ async def served_ids(conn: Conn, pool: PoolRow) -> set[str]:
     return {r["org_id"] for r in await cur.fetchall()}
 
 
-class Pools(Requests):
+class Pools(Writes):
     async def get_pool(self, name: str) -> PoolRow | None:
         """Replica-ok: used to authorize key distribution."""
         return await self._replica_read(lambda conn: pool_row(conn, name))
@@ -74,50 +74,56 @@ class Pools(Requests):
         """Create or update a pool. A change of visibility or of bound orgs
         revokes, in the same transaction, every org the pool no longer serves
         (its ZENs drop those keys on the ACCESS_REVOKED event). The operator
-        moves a pool's pods to dedicated nodes *before* registering it private."""
-        async with self._tx(write=True) as conn:
-            old = await pool_row(conn, name)
-            if old is not None and await replay(conn, request_id, actor, "RegisterZenPool") is not None:
-                return old
-            await remember(conn, request_id, actor, "RegisterZenPool", {"pool": name})
-            if org_ids:
-                cur = await conn.execute("SELECT org_id FROM organizations WHERE org_id = ANY(%s)", (org_ids,))
-                known = {r["org_id"] for r in await cur.fetchall()}
-                unknown = sorted(set(org_ids) - known)
+        moves a pool's pods to dedicated nodes *before* registering it private.
+        A replay answers with the pool as it is (as it was registered, if it is gone since)."""
+        bound = sorted(set(org_ids))
+        async with self._work(actor, "RegisterZenPool", request_id) as w:
+            old = await pool_row(w.conn, name)
+            if w.replayed is not None:
+                return old or _stored_pool(name, w.replayed)
+            if bound:
+                cur = await w.conn.execute("SELECT org_id FROM organizations WHERE org_id = ANY(%s)", (bound,))
+                unknown = sorted(set(bound) - {r["org_id"] for r in await cur.fetchall()})
                 if unknown:
                     raise NotFound(f"organization(s) not found: {', '.join(unknown)}")
-            before = await served_ids(conn, old) if old else set()
+            before = await served_ids(w.conn, old) if old else set()
             if old is None:
-                await conn.execute("INSERT INTO zen_pools (name, visibility) VALUES (%s, %s)", (name, visibility))
+                await w.conn.execute("INSERT INTO zen_pools (name, visibility) VALUES (%s, %s)", (name, visibility))
             else:
-                await conn.execute("UPDATE zen_pools SET visibility = %s, updated_at = now() WHERE name = %s",
-                                   (visibility, name))
-            await conn.execute("DELETE FROM zen_pool_orgs WHERE pool = %s", (name,))
-            for o in sorted(set(org_ids)):
-                await conn.execute("INSERT INTO zen_pool_orgs (pool, org_id) VALUES (%s, %s)", (name, o))
-            row = await pool_row(conn, name)
+                await w.conn.execute("UPDATE zen_pools SET visibility = %s, updated_at = now() WHERE name = %s",
+                                     (visibility, name))
+            await w.conn.execute("DELETE FROM zen_pool_orgs WHERE pool = %s", (name,))
+            for o in bound:
+                await w.conn.execute("INSERT INTO zen_pool_orgs (pool, org_id) VALUES (%s, %s)", (name, o))
+            row = await pool_row(w.conn, name)
             assert row is not None
-            for o in sorted(before - await served_ids(conn, row)):
-                await emit(conn, o, "access_revoked", audience=f"pool:{name}")
+            w.result = {"pool": name, "visibility": visibility, "org_ids": bound}
+            for o in sorted(before - await served_ids(w.conn, row)):
+                w.emit(o, "access_revoked", audience=f"pool:{name}")
             change = f" (was {old.visibility})" if old and old.visibility != visibility else ""
-            await append_audit(conn, actor, "RegisterZenPool",
-                               detail=f"pool={name} visibility={visibility}{change} "
-                                      f"orgs={','.join(sorted(set(org_ids)))}")
+            w.audit(detail=f"pool={name} visibility={visibility}{change} orgs={','.join(bound)}")
         return row
 
     async def deregister_pool(self, actor: Actor, name: str, request_id: RequestKey = NO_REQUEST) -> PoolRow:
-        """Delete a pool; every org it served gets ACCESS_REVOKED for it."""
-        async with self._tx(write=True) as conn:
-            old = await pool_row(conn, name)
+        """Delete a pool; every org it served gets ACCESS_REVOKED for it. A replay
+        answers with the pool as it was deregistered."""
+        async with self._work(actor, "DeregisterZenPool", request_id) as w:
+            if w.replayed is not None:  # a retry of a deregistration that did commit
+                return _stored_pool(name, w.replayed)
+            old = await pool_row(w.conn, name)
             if old is None:
-                done = await replay(conn, request_id, actor, "DeregisterZenPool")
-                if done is not None:  # a retry of a deregistration that did commit
-                    return PoolRow(name=name, visibility=done["visibility"], org_ids=tuple(done["org_ids"]))
                 raise NotFound(f"ZEN pool {name!r} is not registered")
-            await remember(conn, request_id, actor, "DeregisterZenPool",
-                           {"pool": name, "visibility": old.visibility, "org_ids": list(old.org_ids)})
-            for o in sorted(await served_ids(conn, old)):
-                await emit(conn, o, "access_revoked", audience=f"pool:{name}")
-            await conn.execute("DELETE FROM zen_pools WHERE name = %s", (name,))
-            await append_audit(conn, actor, "DeregisterZenPool", detail=f"pool={name} visibility={old.visibility}")
+            w.result = {"pool": name, "visibility": old.visibility, "org_ids": list(old.org_ids)}
+            for o in sorted(await served_ids(w.conn, old)):
+                w.emit(o, "access_revoked", audience=f"pool:{name}")
+            await w.conn.execute("DELETE FROM zen_pools WHERE name = %s", (name,))
+            w.audit(detail=f"pool={name} visibility={old.visibility}")
         return old
+
+
+def _stored_pool(name: str, result: dict[str, Any]) -> PoolRow:
+    """The pool a request log entry describes (entries of registrations before the
+    unit of work named the pool only: such a pool is gone for the caller)."""
+    if "visibility" not in result:
+        raise NotFound(f"ZEN pool {name!r} is not registered")
+    return PoolRow(name=name, visibility=result["visibility"], org_ids=tuple(result["org_ids"]))
