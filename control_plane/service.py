@@ -627,13 +627,12 @@ class KeyDistributionService(_Base, pb_grpc.KeyDistributionServicer):
             orgs = {check_id(o, "org_ids entry") for o in request.org_ids}
             if len(orgs) > 1000:
                 raise InvalidArgument("watch at most 1000 org_ids per stream (or none: every org the pool serves)")
-            for o in sorted(orgs):  # the same rule, and the same refusal, as GetKeyPair
-                org = None if pool.visibility == "private" and o not in pool.org_ids else \
-                    await self.store.get_org(o, replica_ok=True)
-                if org is None or not pool.serves(o, org.policy.private_zen_only):
-                    denied_org = o
-                    metrics.KEYS_REFUSED.labels(o if org is not None else "-").inc()
-                    raise authz.key_refusal(pool.name, o)
+            refused = await self.store.unserved(pool.name, orgs)  # the rule, and the refusal, of GetKeyPair
+            if refused:
+                denied_org = refused[0]
+                known = await self.store.get_org(denied_org, replica_ok=True) is not None
+                metrics.KEYS_REFUSED.labels(denied_org if known else "-").inc()
+                raise authz.key_refusal(pool.name, denied_org)
             await self.hub.ready(5.0)
             # Where the log ends now, not where the hub last looked (up to a poll behind): an event
             # committed before this stream opened is history (after_seq), never sent as news.

@@ -1,12 +1,15 @@
 """ZEN pools: which orgs each pool serves.
 
-Contract: a change of a pool's visibility or bindings, and its
+Contract: which orgs a pool serves is asked of the view ``pool_orgs_served``
+(schema.sql), the SQL form of :func:`control_plane.authz.pool_serves`, and of
+nothing else. A change of a pool's visibility or bindings, and its
 deregistration, write in the same transaction an ``access_revoked`` event
 for every org the pool no longer serves (its ZENs drop those keys).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from control_plane.errors import NotFound
@@ -23,19 +26,16 @@ async def pool_row(conn: Conn, name: str) -> PoolRow | None:
     cur = await conn.execute("SELECT org_id FROM zen_pool_orgs WHERE pool = %s ORDER BY org_id", (name,))
     orgs = tuple(x["org_id"] for x in await cur.fetchall())
     cur = await conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM organizations o WHERE o.policy->>'fail_mode' = 'closed' AND "
-        "(CASE WHEN %s = 'public' THEN NOT coalesce((o.policy->>'private_zen_only')::boolean, false) "
-        "ELSE o.org_id = ANY(%s) END)) AS closed", (r["visibility"], list(orgs)))
+        "SELECT EXISTS (SELECT 1 FROM pool_orgs_served s JOIN organizations o USING (org_id)"
+        " WHERE s.pool = %s AND o.policy->>'fail_mode' = 'closed') AS closed", (name,))
     closed = await cur.fetchone()
     return PoolRow(name=name, visibility=r["visibility"], org_ids=orgs,
                    serves_fail_closed=bool(closed and closed["closed"]))
 
 
-async def served_ids(conn: Conn, pool: PoolRow) -> set[str]:
-    if pool.visibility == "private":
-        return set(pool.org_ids)
-    cur = await conn.execute("SELECT org_id FROM organizations "
-                             "WHERE NOT coalesce((policy->>'private_zen_only')::boolean, false)")
+async def served_ids(conn: Conn, pool: str) -> set[str]:
+    """The orgs ``pool`` serves (none when it is not registered)."""
+    cur = await conn.execute("SELECT org_id FROM pool_orgs_served WHERE pool = %s", (pool,))
     return {r["org_id"] for r in await cur.fetchall()}
 
 
@@ -47,16 +47,22 @@ class Pools(Writes):
     async def orgs_served(self, pool: PoolRow) -> list[OrgRow]:
         """Every org the pool serves (replica-ok: distribution)."""
         async def q(conn: Conn) -> list[OrgRow]:
-            if pool.visibility == "public":
-                cur = await conn.execute(
-                    "SELECT o.*, NULL AS active_key_id FROM organizations o "
-                    "WHERE NOT coalesce((o.policy->>'private_zen_only')::boolean, false) ORDER BY o.org_id")
-            else:
-                cur = await conn.execute(
-                    "SELECT o.*, NULL AS active_key_id FROM organizations o "
-                    "WHERE o.org_id = ANY(%s) ORDER BY o.org_id", (list(pool.org_ids),))
+            cur = await conn.execute(
+                "SELECT o.*, NULL AS active_key_id FROM pool_orgs_served s JOIN organizations o USING (org_id)"
+                " WHERE s.pool = %s ORDER BY o.org_id", (pool.name,))
             return [org_row(r) for r in await cur.fetchall()]
         return await self._replica_read(q)
+
+    async def unserved(self, pool: str, org_ids: Collection[str]) -> list[str]:
+        """Those of ``org_ids`` the pool does not serve, missing orgs included, sorted
+        (replica-ok: distribution)."""
+        async def q(conn: Conn) -> list[str]:
+            cur = await conn.execute(
+                "SELECT x.org_id FROM unnest(%s::text[]) AS x(org_id) WHERE NOT EXISTS"
+                " (SELECT 1 FROM pool_orgs_served s WHERE s.pool = %s AND s.org_id = x.org_id) ORDER BY 1",
+                (sorted(org_ids), pool))
+            return [r["org_id"] for r in await cur.fetchall()]
+        return await self._replica_read(q) if org_ids else []
 
     async def list_pools(self) -> list[PoolRow]:
         async with self._tx(write=False) as conn:
@@ -86,7 +92,7 @@ class Pools(Writes):
                 unknown = sorted(set(bound) - {r["org_id"] for r in await cur.fetchall()})
                 if unknown:
                     raise NotFound(f"organization(s) not found: {', '.join(unknown)}")
-            before = await served_ids(w.conn, old) if old else set()
+            before = await served_ids(w.conn, name)
             if old is None:
                 await w.conn.execute("INSERT INTO zen_pools (name, visibility) VALUES (%s, %s)", (name, visibility))
             else:
@@ -98,7 +104,7 @@ class Pools(Writes):
             row = await pool_row(w.conn, name)
             assert row is not None
             w.result = {"pool": name, "visibility": visibility, "org_ids": bound}
-            for o in sorted(before - await served_ids(w.conn, row)):
+            for o in sorted(before - await served_ids(w.conn, name)):
                 w.emit(o, "access_revoked", audience=f"pool:{name}")
             change = f" (was {old.visibility})" if old and old.visibility != visibility else ""
             w.audit(detail=f"pool={name} visibility={visibility}{change} orgs={','.join(bound)}")
@@ -114,7 +120,7 @@ class Pools(Writes):
             if old is None:
                 raise NotFound(f"ZEN pool {name!r} is not registered")
             w.result = {"pool": name, "visibility": old.visibility, "org_ids": list(old.org_ids)}
-            for o in sorted(await served_ids(w.conn, old)):
+            for o in sorted(await served_ids(w.conn, name)):
                 w.emit(o, "access_revoked", audience=f"pool:{name}")
             await w.conn.execute("DELETE FROM zen_pools WHERE name = %s", (name,))
             w.audit(detail=f"pool={name} visibility={old.visibility}")

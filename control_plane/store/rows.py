@@ -11,6 +11,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
+from control_plane import authz
 from control_plane.certs import KeyAlgorithm
 from control_plane.policy import Policy
 
@@ -35,9 +36,8 @@ class PoolRow:
     """At least one org it serves is fail-closed (the operator never bypasses it)."""
 
     def serves(self, org_id: str, private_zen_only: bool) -> bool:
-        if self.visibility == "public":
-            return not private_zen_only
-        return org_id in self.org_ids
+        """The rule, :func:`control_plane.authz.pool_serves`, for this pool."""
+        return authz.pool_serves(self.visibility, self.org_ids, org_id, private_zen_only)
 
 
 @dataclass(frozen=True)

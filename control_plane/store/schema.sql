@@ -22,6 +22,18 @@ CREATE TABLE IF NOT EXISTS zen_pool_orgs (
     org_id  text NOT NULL REFERENCES organizations(org_id) ON DELETE CASCADE,
     PRIMARY KEY (pool, org_id)
 );
+-- THE rule "pool P may receive org O's keys", for every query that asks it: a
+-- public pool serves every org that is not private_zen_only; a private pool
+-- serves the orgs bound to it, and those only. Its Python twin is
+-- control_plane.authz.pool_serves (tests/control_plane/store/test_pools.py holds
+-- the two to one table of cases).
+CREATE OR REPLACE VIEW pool_orgs_served AS
+SELECT p.name AS pool, o.org_id
+FROM zen_pools p
+JOIN organizations o ON CASE
+    WHEN p.visibility = 'public' THEN NOT coalesce((o.policy->>'private_zen_only')::boolean, false)
+    ELSE EXISTS (SELECT 1 FROM zen_pool_orgs b WHERE b.pool = p.name AND b.org_id = o.org_id)
+END;
 CREATE TABLE IF NOT EXISTS intermediate_keys (
     key_id          uuid PRIMARY KEY,
     org_id          text NOT NULL REFERENCES organizations(org_id),
