@@ -5,7 +5,9 @@
   same refusal whether or not that org exists (no oracle).
 * ZEN pool: the KeyDistribution service only, for the orgs its pool serves
   (:func:`pool_serves`, the one rule; its SQL twin is the view
-  ``pool_orgs_served`` in ``control_plane/store/schema.sql``).
+  ``pool_orgs_served`` in ``control_plane/store/schema.sql``), and only the
+  key events whose audience, fixed when the event was written, names its
+  pool (:func:`event_reaches`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,14 @@ def pool_serves(visibility: str, bound_org_ids: Collection[str], org_id: str, pr
     if visibility == "public":
         return not private_zen_only
     return org_id in bound_org_ids
+
+
+def event_reaches(pool: str, audience: Collection[str]) -> bool:
+    """May a pool's WatchKeys stream carry a key event? Only when the event is for it:
+    its audience, fixed when it was written, holds the pools that served its org then
+    (for ACCESS_REVOKED: the pools that lost it). Why that is right when bindings
+    change afterwards: :mod:`control_plane.store.events`."""
+    return pool in audience
 
 
 def key_refusal(pool: str, org_id: str) -> PermissionDenied:

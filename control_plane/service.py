@@ -590,23 +590,20 @@ class KeyDistributionService(_Base, pb_grpc.KeyDistributionServicer):
             policy_version=org.policy_version)
 
     async def _deliverable(self, pool_name: str, ev: KeyEventRow, orgs: set[str]) -> pb.KeyEvent | None:
-        """The message for ``ev`` on this pool's stream, or None when the pool must not see it."""
-        if orgs and ev.org_id not in orgs:
-            return None
-        pool = await self.store.get_pool(pool_name)
-        if pool is None:
-            return None
-        if ev.kind == "access_revoked":
-            mine = ev.audience == f"pool:{pool.name}" or (ev.audience == "public" and pool.visibility == "public")
-            return event_to_pb(ev) if mine else None
-        org = await self.store.get_org(ev.org_id, replica_ok=True)
-        if org is not None and ev.kind == "policy_changed" and org.policy_version < ev.policy_version:
-            org = await self.store.get_org(ev.org_id)  # a standby behind the event: ask the primary
-        if org is None or not pool.serves(ev.org_id, org.policy.private_zen_only):
+        """The message for ``ev`` on this pool's stream, or None when the pool must not see it.
+
+        Whether it may is a pure check of the event's audience, fixed when it was written
+        (:func:`authz.event_reaches`): no read. A policy change reads the org for its policy,
+        which is sent only while it is still the one the event made (the audience was entitled
+        to exactly that one); a later change follows in the log otherwise."""
+        if (orgs and ev.org_id not in orgs) or not authz.event_reaches(pool_name, ev.audience):
             return None
         msg = event_to_pb(ev)
         if ev.kind == "policy_changed":
-            if org.policy_version > ev.policy_version:
+            org = await self.store.get_org(ev.org_id, replica_ok=True)
+            if org is not None and org.policy_version < ev.policy_version:
+                org = await self.store.get_org(ev.org_id)  # a standby behind the event: ask the primary
+            if org is None or org.policy_version != ev.policy_version:
                 # A later change follows in the log; only the newest policy is ever worth sending.
                 return None
             msg.policy.CopyFrom(self._policies.get(org))

@@ -1,10 +1,30 @@
 """The key-event log (``key_events``): what WatchKeys streams are made of.
 
-Contract: :func:`emit` appends an event inside the caller's write
-transaction and notifies :data:`NOTIFY_CHANNEL` (delivered at commit, never
-before). Events carry no key material and no policy, only ids and numbers,
-so a batch of :meth:`Events.events_after` is bounded in bytes as well as in
-rows. Reads are replica-ok: the event log is distribution.
+Contract
+--------
+* :func:`emit` appends an event inside the caller's write transaction and
+  notifies :data:`NOTIFY_CHANNEL` (delivered at commit, never before). Events
+  carry no key material and no policy, only ids, numbers and their audience,
+  so a batch of :meth:`Events.events_after` is bounded in bytes as well as in
+  rows. Reads are replica-ok: the event log is distribution.
+* Each event's **audience** is fixed when it is written: the names of the
+  pools it is for. An event about an org (rotated, revoked, policy_changed)
+  is for the pools that serve the org in the writing transaction, after its
+  change (the view ``pool_orgs_served``); an ``access_revoked`` is for exactly
+  the pools that lose the org by that change. Delivery is then a pure check,
+  :func:`control_plane.authz.event_reaches`: no read per event per watcher.
+
+Why "when written" is right when a pool's bindings change afterwards: the
+log is a history, and a stream is the part of it the pool was entitled to,
+in commit order. Every change that ends a pool's service of an org writes,
+in that same transaction, the ``access_revoked`` for that pool; so a pool
+that lost an org is told so right after the last event it was entitled to,
+and hears nothing of it afterwards. A pool that gains an org was not
+entitled to its earlier events and is not sent them, live or replayed (a
+check at delivery time once sent a replaying public pool the rotations an
+org made while it was private-only); it learns the org's policy and key
+from GetKeyPair, which applies the rule of the moment. A live stream and a
+replay of the same range therefore carry the same events.
 """
 
 from __future__ import annotations
@@ -30,14 +50,17 @@ class NewEvent:
     key_id: str = ""
     version: int = 0
     policy_version: int = 0
-    audience: str = ""
+    audience: tuple[str, ...] | None = None
+    """The pools it is for; None: the pools serving the org when it is written."""
 
 
 async def emit(conn: Conn, ev: NewEvent) -> None:
     await conn.execute(
         "INSERT INTO key_events (org_id, kind, key_id, version, policy_version, audience)"
-        " VALUES (%s, %s, %s, %s, %s, %s)",
-        (ev.org_id, ev.kind, ev.key_id, ev.version, ev.policy_version, ev.audience),
+        " VALUES (%s, %s, %s, %s, %s, coalesce(%s::text[],"
+        " ARRAY(SELECT s.pool FROM pool_orgs_served s WHERE s.org_id = %s ORDER BY s.pool)))",
+        (ev.org_id, ev.kind, ev.key_id, ev.version, ev.policy_version,
+         None if ev.audience is None else sorted(ev.audience), ev.org_id),
     )
     await conn.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
 
@@ -45,7 +68,8 @@ async def emit(conn: Conn, ev: NewEvent) -> None:
 class Events(Database):
     async def events_after(self, seq: int, limit: int = 500) -> list[KeyEventRow]:
         """At most ``limit`` events after ``seq``. Every column is short and bounded (ids,
-        names, numbers), so a batch is bounded in bytes too: about 200 bytes an event."""
+        names, numbers, the names of the pools serving the org), so a batch is bounded in
+        bytes too: about 200 bytes an event, and a pool's name for each pool it is for."""
         async def q(conn: Conn) -> list[KeyEventRow]:
             cur = await conn.execute("SELECT seq, org_id, kind, key_id, version, policy_version, audience, at"
                                      " FROM key_events WHERE seq > %s ORDER BY seq LIMIT %s",

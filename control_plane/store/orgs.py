@@ -2,7 +2,9 @@
 
 Contract: an org is created once and never deleted; every policy change bumps
 ``policy_version`` and writes a ``policy_changed`` event (ZENs serving the org
-learn it at once), in the transaction that makes it.
+learn it at once), in the transaction that makes it, after an
+``access_revoked`` for the pools the change takes the org from (made
+private-only: the public pools).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 
 from control_plane.errors import Aborted, AlreadyExists, NotFound
 from control_plane.policy import Policy
+from control_plane.store.pools import serving_pools
 from control_plane.store.rows import NO_REQUEST, Actor, OrgRow, RequestKey, org_row
 from control_plane.store.tx import Conn
 from control_plane.store.work import Writes
@@ -70,14 +73,15 @@ class Orgs(Writes):
                     f"policy of {org_id!r} is at version {old['policy_version']}, not {expected_version}: "
                     "re-read it and apply your change again")
             new_version = old["policy_version"] + 1
+            before = await serving_pools(w.conn, org_id)
             await w.conn.execute(
                 "UPDATE organizations SET policy = %s, policy_version = %s, updated_at = now() WHERE org_id = %s",
                 (json.dumps(policy.to_json()), new_version, org_id))
             w.result = {"org_id": org_id}
-            was_private = bool(old["policy"].get("private_zen_only", False))
-            if policy.private_zen_only and not was_private:
-                # Public pools lose the org: they must drop its key now.
-                w.emit(org_id, "access_revoked", audience="public")
+            lost = before - await serving_pools(w.conn, org_id)
+            if lost:
+                # Made private-only: the public pools lose the org and must drop its key now.
+                w.emit(org_id, "access_revoked", audience=lost)
             w.emit(org_id, "policy_changed", policy_version=new_version)
             w.audit(org_id=org_id, detail=f"policy_version={new_version} private_zen_only={policy.private_zen_only}")
             # The policy just written is known: read back the rest only (re-parsing a large

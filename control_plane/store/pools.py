@@ -39,6 +39,12 @@ async def served_ids(conn: Conn, pool: str) -> set[str]:
     return {r["org_id"] for r in await cur.fetchall()}
 
 
+async def serving_pools(conn: Conn, org_id: str) -> set[str]:
+    """The pools that serve ``org_id``."""
+    cur = await conn.execute("SELECT pool FROM pool_orgs_served WHERE org_id = %s", (org_id,))
+    return {r["pool"] for r in await cur.fetchall()}
+
+
 class Pools(Writes):
     async def get_pool(self, name: str) -> PoolRow | None:
         """Replica-ok: used to authorize key distribution."""
@@ -105,7 +111,7 @@ class Pools(Writes):
             assert row is not None
             w.result = {"pool": name, "visibility": visibility, "org_ids": bound}
             for o in sorted(before - await served_ids(w.conn, name)):
-                w.emit(o, "access_revoked", audience=f"pool:{name}")
+                w.emit(o, "access_revoked", audience=[name])
             change = f" (was {old.visibility})" if old and old.visibility != visibility else ""
             w.audit(detail=f"pool={name} visibility={visibility}{change} orgs={','.join(bound)}")
         return row
@@ -121,7 +127,7 @@ class Pools(Writes):
                 raise NotFound(f"ZEN pool {name!r} is not registered")
             w.result = {"pool": name, "visibility": old.visibility, "org_ids": list(old.org_ids)}
             for o in sorted(await served_ids(w.conn, name)):
-                w.emit(o, "access_revoked", audience=f"pool:{name}")
+                w.emit(o, "access_revoked", audience=[name])
             await w.conn.execute("DELETE FROM zen_pools WHERE name = %s", (name,))
             w.audit(detail=f"pool={name} visibility={old.visibility}")
         return old

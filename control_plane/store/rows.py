@@ -83,7 +83,8 @@ class KeyEventRow:
     version: int
     policy_version: int
     """For policy_changed: the version the change made (the policy itself is the org's)."""
-    audience: str  # "" (everyone serving the org) | "public" | "pool:<name>"
+    audience: tuple[str, ...]
+    """The pools it is for, fixed when it was written (:mod:`control_plane.store.events`)."""
     at: dt.datetime
 
 
@@ -141,5 +142,5 @@ def intermediate_row(r: dict[str, Any]) -> IntermediateRow:
 def event_row(r: dict[str, Any]) -> KeyEventRow:
     return KeyEventRow(
         seq=r["seq"], org_id=r["org_id"], kind=r["kind"], key_id=r["key_id"], version=r["version"],
-        policy_version=r["policy_version"], audience=r["audience"], at=r["at"],
+        policy_version=r["policy_version"], audience=tuple(r["audience"]), at=r["at"],
     )

@@ -80,12 +80,32 @@ CREATE TABLE IF NOT EXISTS key_events (
     key_id          text NOT NULL DEFAULT '',
     version         bigint NOT NULL DEFAULT 0,
     policy_version  bigint NOT NULL DEFAULT 0,
-    audience        text NOT NULL DEFAULT '',
+    -- The pools the event is for, fixed when it is written (control_plane/store/events.py).
+    audience        text[] NOT NULL DEFAULT '{}',
     at              timestamptz NOT NULL DEFAULT now()
 );
 -- Events reference a policy version, never carry the policy: a replay of the
 -- log costs rows of a few hundred bytes, however large policies are.
 ALTER TABLE key_events DROP COLUMN IF EXISTS policy;
+-- The audience was once a word ('' every pool serving the org, 'public' every
+-- public pool, 'pool:<name>' one pool) that each delivery read against the pools
+-- and orgs of the moment: now it is the pools themselves. Old rows get the pools
+-- their word names at the time of this migration.
+DO $$
+BEGIN
+    IF (SELECT data_type FROM information_schema.columns WHERE table_schema = current_schema()
+        AND table_name = 'key_events' AND column_name = 'audience') = 'text' THEN
+        ALTER TABLE key_events RENAME COLUMN audience TO audience_word;
+        ALTER TABLE key_events ADD COLUMN audience text[] NOT NULL DEFAULT '{}';
+        UPDATE key_events e SET audience = CASE
+            WHEN left(e.audience_word, 5) = 'pool:' THEN ARRAY[substr(e.audience_word, 6)]
+            WHEN e.audience_word = 'public' THEN
+                ARRAY(SELECT p.name FROM zen_pools p WHERE p.visibility = 'public' ORDER BY p.name)
+            ELSE ARRAY(SELECT s.pool FROM pool_orgs_served s WHERE s.org_id = e.org_id ORDER BY s.pool)
+        END WHERE e.kind <> 'genesis';
+        ALTER TABLE key_events DROP COLUMN audience_word;
+    END IF;
+END $$;
 -- after_seq 0 means "no replay" (proto3 cannot tell it from unset), so the first
 -- real event must have seq >= 2: a ZEN told "the log ends at 0" would otherwise
 -- resume with 0 and miss every event made while it was away. Never delivered.

@@ -29,7 +29,7 @@ service audits the refusal in a transaction of its own).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,9 +83,11 @@ class Work:
     audit_row: _AuditRow | None = None
 
     def emit(self, org_id: str, kind: str, *, key_id: str = "", version: int = 0, policy_version: int = 0,
-             audience: str = "") -> None:
+             audience: Collection[str] | None = None) -> None:
+        """Queue an event; ``audience`` None: for the pools serving the org when it is written
+        (after every change of this write), see :mod:`control_plane.store.events`."""
         self.events.append(NewEvent(org_id, kind, key_id=key_id, version=version, policy_version=policy_version,
-                                    audience=audience))
+                                    audience=None if audience is None else tuple(sorted(audience))))
 
     def audit(self, *, org_id: str = "", key_id: str = "", detail: str = "") -> None:
         self.audit_row = _AuditRow(org_id, key_id, detail)
