@@ -2,17 +2,21 @@
 
 Contract
 --------
-* Every write is one transaction that also appends its audit row, so an
-  action and its audit event commit together or not at all; write
-  transactions are serialized by one advisory lock (:mod:`.tx`).
+* Every admin write is one unit of work (:mod:`.work`): one transaction,
+  under one advisory lock, that looks up the request id, mutates, then
+  remembers the request, writes its key events and appends its audit row,
+  so an action and its audit event commit together or not at all.
+* Which orgs a pool serves is asked of one view, ``pool_orgs_served``, the
+  SQL form of :func:`control_plane.authz.pool_serves`; each key event names
+  its audience when it is written (:mod:`.events`).
 * Retiring a key is a hard DELETE of its row, sealed key and certificate, in
   the same transaction; the WAL that carried it is then removed from every
   server (:mod:`.keys`, :mod:`.wal`).
 * Library errors become :mod:`control_plane.errors` classes.
 
 Modules: :mod:`.tx` (connections, transactions, replica reads, migration of
-``schema.sql``), :mod:`.rows` (the values returned), :mod:`.work` (idempotent
-writes), and one module per kind of object: :mod:`.orgs`, :mod:`.pools`,
+``schema.sql``), :mod:`.rows` (the values returned), :mod:`.work` (the unit
+of work), and one module per kind of object: :mod:`.orgs`, :mod:`.pools`,
 :mod:`.keys`, :mod:`.audit`, :mod:`.events` (the key-event log), :mod:`.wal`.
 """
 
