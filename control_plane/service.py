@@ -590,23 +590,20 @@ class KeyDistributionService(_Base, pb_grpc.KeyDistributionServicer):
             policy_version=org.policy_version)
 
     async def _deliverable(self, pool_name: str, ev: KeyEventRow, orgs: set[str]) -> pb.KeyEvent | None:
-        """The message for ``ev`` on this pool's stream, or None when the pool must not see it."""
-        if orgs and ev.org_id not in orgs:
-            return None
-        pool = await self.store.get_pool(pool_name)
-        if pool is None:
-            return None
-        if ev.kind == "access_revoked":
-            mine = ev.audience == f"pool:{pool.name}" or (ev.audience == "public" and pool.visibility == "public")
-            return event_to_pb(ev) if mine else None
-        org = await self.store.get_org(ev.org_id, replica_ok=True)
-        if org is not None and ev.kind == "policy_changed" and org.policy_version < ev.policy_version:
-            org = await self.store.get_org(ev.org_id)  # a standby behind the event: ask the primary
-        if org is None or not pool.serves(ev.org_id, org.policy.private_zen_only):
+        """The message for ``ev`` on this pool's stream, or None when the pool must not see it.
+
+        Whether it may is a pure check of the event's audience, fixed when it was written
+        (:func:`authz.event_reaches`): no read. A policy change reads the org for its policy,
+        which is sent only while it is still the one the event made (the audience was entitled
+        to exactly that one); a later change follows in the log otherwise."""
+        if (orgs and ev.org_id not in orgs) or not authz.event_reaches(pool_name, ev.audience):
             return None
         msg = event_to_pb(ev)
         if ev.kind == "policy_changed":
-            if org.policy_version > ev.policy_version:
+            org = await self.store.get_org(ev.org_id, replica_ok=True)
+            if org is not None and org.policy_version < ev.policy_version:
+                org = await self.store.get_org(ev.org_id)  # a standby behind the event: ask the primary
+            if org is None or org.policy_version != ev.policy_version:
                 # A later change follows in the log; only the newest policy is ever worth sending.
                 return None
             msg.policy.CopyFrom(self._policies.get(org))
@@ -627,13 +624,12 @@ class KeyDistributionService(_Base, pb_grpc.KeyDistributionServicer):
             orgs = {check_id(o, "org_ids entry") for o in request.org_ids}
             if len(orgs) > 1000:
                 raise InvalidArgument("watch at most 1000 org_ids per stream (or none: every org the pool serves)")
-            for o in sorted(orgs):  # the same rule, and the same refusal, as GetKeyPair
-                org = None if pool.visibility == "private" and o not in pool.org_ids else \
-                    await self.store.get_org(o, replica_ok=True)
-                if org is None or not pool.serves(o, org.policy.private_zen_only):
-                    denied_org = o
-                    metrics.KEYS_REFUSED.labels(o if org is not None else "-").inc()
-                    raise authz.key_refusal(pool.name, o)
+            refused = await self.store.unserved(pool.name, orgs)  # the rule, and the refusal, of GetKeyPair
+            if refused:
+                denied_org = refused[0]
+                known = await self.store.get_org(denied_org, replica_ok=True) is not None
+                metrics.KEYS_REFUSED.labels(denied_org if known else "-").inc()
+                raise authz.key_refusal(pool.name, denied_org)
             await self.hub.ready(5.0)
             # Where the log ends now, not where the hub last looked (up to a poll behind): an event
             # committed before this stream opened is history (after_seq), never sent as news.

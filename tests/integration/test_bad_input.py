@@ -260,6 +260,9 @@ def test_request_id_reused_with_other_parameters_is_refused(pg: PgCluster, platf
     assert again.org_id == a.org_id and again.created_at == a.created_at  # a replay, not a second create
     _expect(pg, platform, platform.admin.CreateOrganization,
             pb.CreateOrganizationRequest(org_id=new_org_id + "x", request_id=rid), IA, "already used")
+    # Every write looks the id up first: registering a new pool with it once got ALREADY_EXISTS.
+    _expect(pg, platform, platform.admin.RegisterZenPool, pb.RegisterZenPoolRequest(pool=pb.ZenPool(
+        name=f"p-{new_org_id}", visibility=pb.POOL_VISIBILITY_PUBLIC), request_id=rid), IA, "already used")
 
 
 @pytest.mark.parametrize("method", ["/keyward.v1.Admin/CreateOrganization", "/keyward.v1.KeyDistribution/GetKeyPair",

@@ -146,6 +146,54 @@ def test_public_watchers_get_no_rotation_or_policy_event_of_a_private_only_org(
     assert (pb.KEY_EVENT_KIND_ROTATED, inter.key_id) in [(e.kind, e.key_id) for e in mine]
 
 
+def test_a_public_replay_carries_nothing_from_while_an_org_was_private_only(
+    ca: CAProcess, platform: Clients, pki_dir: Path, tmp_path: Path,
+) -> None:
+    """An org rotates while private-only, then is made public. A public stream replaying that range
+    is sent the change that made the org public, not the rotation from before: an event is for the
+    pools serving its org when it was written. (Checked at delivery time, against the org as it is
+    now, the rotation was once sent.)"""
+    public = clients(ca.addr, pki_dir, "zen-public")
+    head = public.keys.WatchKeys(pb.WatchKeysRequest(), timeout=60)
+    after = int(dict(head.initial_metadata())["keyward-event-seq"])
+    head.cancel()
+    org_id, admin, _ = _private_org(ca, platform, pki_dir, tmp_path)  # created, ROTATED: private-only
+    made_public = admin.admin.UpdatePolicy(pb.UpdatePolicyRequest(org_id=org_id, policy=pb.Policy(
+        proxy_credential_verifiers=[PROXY_VERIFIER])), timeout=30)
+    replay = public.keys.WatchKeys(pb.WatchKeysRequest(org_ids=[org_id], after_seq=after), timeout=60)
+    events = _until(replay, lambda e: e.kind == pb.KEY_EVENT_KIND_POLICY_CHANGED and e.org_id == org_id,
+                    "the change that made the org public")
+    replay.cancel()
+    assert [(pb.KeyEventKind.Name(e.kind), e.policy_version) for e in events] == \
+        [("KEY_EVENT_KIND_POLICY_CHANGED", made_public.policy_version)]
+
+
+def test_a_live_stream_and_its_replay_carry_the_same_history(
+    ca: CAProcess, platform: Clients, pki_dir: Path, tmp_path: Path, new_org_id: str,
+) -> None:
+    """A public org rotates, then is made private-only: a public pool's live stream is sent the
+    rotation, then ACCESS_REVOKED; a replay of the same range, after the change, is sent the same
+    two (each event goes to the pools entitled to it when it was written), nothing more."""
+    create_org(platform, new_org_id)
+    admin = org_admin(ca.addr, pki_dir, new_org_id)
+    public = clients(ca.addr, pki_dir, "zen-public")
+    live = public.keys.WatchKeys(pb.WatchKeysRequest(org_ids=[new_org_id]), timeout=60)
+    after = int(dict(live.initial_metadata())["keyward-event-seq"])
+    activate(admin, OrgRoot.create(tmp_path, new_org_id), new_org_id)
+    admin.admin.UpdatePolicy(pb.UpdatePolicyRequest(org_id=new_org_id, policy=pb.Policy(private_zen_only=True)),
+                             timeout=30)
+    revoked = lambda e: e.kind == pb.KEY_EVENT_KIND_ACCESS_REVOKED and e.org_id == new_org_id  # noqa: E731
+    seen = _until(live, revoked, "ACCESS_REVOKED on the live stream")
+    live.cancel()
+    replay = public.keys.WatchKeys(pb.WatchKeysRequest(after_seq=after), timeout=60)  # no filter: it is private now
+    replayed = _until(replay, revoked, "ACCESS_REVOKED on the replay")
+    replay.cancel()
+    mine = [[(e.seq, pb.KeyEventKind.Name(e.kind)) for e in events if e.org_id == new_org_id]
+            for events in (seen, replayed)]
+    assert mine[0] == mine[1]
+    assert [k for _, k in mine[0]] == ["KEY_EVENT_KIND_ROTATED", "KEY_EVENT_KIND_ACCESS_REVOKED"]
+
+
 # ------------------------------------------------------------------ rotation in the ZEN
 
 def test_a_rotation_ends_the_old_signer_and_leaves_the_old_key_in_no_process(
