@@ -109,10 +109,10 @@ async def run(cfg: config.ZenConfig) -> None:
     key = _pem("KEYWARD_ZEN_TLS_KEY_FILE", cfg.tls_key_file, "key")
     try:
         roots = (origin_context(cfg.extra_roots_file), origin_context(cfg.extra_roots_file, ("http/1.1",)))
+    except ssl.SSLError:  # an OSError too: first
+        raise StartupError(f"KEYWARD_ZEN_EXTRA_ROOTS_FILE={cfg.extra_roots_file}: no PEM certificate in it") from None
     except OSError as e:
         raise StartupError(f"KEYWARD_ZEN_EXTRA_ROOTS_FILE={cfg.extra_roots_file}: {_why(e)}") from None
-    except ssl.SSLError:
-        raise StartupError(f"KEYWARD_ZEN_EXTRA_ROOTS_FILE={cfg.extra_roots_file}: no PEM certificate in it") from None
     master = _master(cfg)
     assert isinstance(master, MasterSecret)
     client = CAClient(cfg.ca_addr, trust_pem=trust, cert_pem=cert, key_pem=key)

@@ -46,7 +46,7 @@ class ZenConfig:
         "KEYWARD_CA_ADDR", "the Central Authority (gRPC over mTLS)", default="127.0.0.1:50051", unit="host:port")
     tls_cert_file: str = _setting(
         "KEYWARD_ZEN_TLS_CERT_FILE", "this ZEN's identity toward the CA: its pool's certificate "
-        "(spiffe://<trust-domain>/zen-pool/<pool>)", unit="PEM file", required=True)
+        "(spiffe://TRUST-DOMAIN/zen-pool/POOL)", unit="PEM file", required=True)
     tls_key_file: str = _setting(
         "KEYWARD_ZEN_TLS_KEY_FILE", "the private key of that certificate", unit="PEM file", required=True)
     ca_trust_file: str = _setting(
@@ -61,7 +61,7 @@ class ZenConfig:
         unit="host=ip,...", factory=dict, shown="(DNS)")
     pac_proxies: tuple[str, ...] = _setting(
         "KEYWARD_ZEN_PAC_PROXIES", "the ZENs /proxy.pac lists", unit="host:port,...", default=(),
-        shown="this ZEN")
+        shown="(this ZEN)")
     leaf_cache_size: int = _setting(
         "KEYWARD_ZEN_LEAF_CACHE", "minted leaf certificates kept in RAM (LRU)", default=1000, unit="certificates")
     leaf_hours: int = _setting(
