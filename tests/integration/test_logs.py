@@ -14,7 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers import CAProcess, wait_for
+from devstack.pg import free_port
+from tests.helpers import CAProcess, Clients, OrgRoot, wait_for
+from tests.integration.test_zen import Web, curl, org, start_zen, web  # noqa: F401 (fixtures)
 
 
 def _grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -60,3 +62,38 @@ def test_the_ca_reports_its_master_check_value(ca: CAProcess, master_secret: tup
     [listening] = [x for x in assert_json_lines(ca.log_text(), "CA log") if x.get("msg") == "CA listening"]
     assert listening["master_check"] == mine
 
+
+
+def test_every_zen_line_is_json_and_each_502_says_why(
+    ca: CAProcess, pki_dir: Path, master_secret: tuple[bytes, Path], web: Web, workdir: Path,  # noqa: F811
+    org: tuple[str, OrgRoot, Clients],  # noqa: F811
+) -> None:
+    org_id, root, _ = org
+    z = start_zen(ca, pki_dir, master_secret[1], web, workdir)
+    try:
+        assert curl(z, org_id, f"https://good.test:{web.port}/ok", root.crt).stdout.endswith("200")
+        r = curl(z, org_id, f"https://bad.test:{web.bad_port}/", root.crt)
+        assert r.stdout.endswith("502"), r.stdout + r.stderr  # the page, over TLS
+        closed = free_port()
+        r = curl(z, org_id, f"https://good.test:{closed}/", root.crt)
+        assert r.returncode != 0 and "502" in r.stderr, r.stderr  # the page, before the tunnel
+
+        def failed() -> list[dict[str, object]]:
+            return [x for x in assert_json_lines(z.log.read_text(), "ZEN log") if x.get("status") == 502]
+        lines = wait_for(lambda: len(failed()) >= 2 and failed(), 10, "both 502s in the ZEN's access log")
+        untrusted = next(x for x in lines if x["connect"] == "bad.test")
+        assert "is not trusted" in str(untrusted["reason"]) and untrusted["org"] == org_id
+        unreachable = next(x for x in lines if x["connect"] == f"good.test:{closed}")
+        assert str(unreachable["reason"]).startswith("cannot reach good.test")
+        assert all(x["logger"] == "keyward.zen.access" for x in lines)
+    finally:
+        z.proc.terminate()
+        z.proc.wait(15)
+    recs = assert_json_lines(z.log.read_text(), "ZEN log")  # start to stop, signers' lines included
+    assert any(x.get("msg") == "ZEN listening" and x.get("master_check") for x in recs)
+
+
+def test_every_line_of_the_ca_log_is_json(ca: CAProcess) -> None:
+    """Last in this module: the session CA's whole log so far (every test of the session that ran before)."""
+    recs = assert_json_lines(ca.log_text(), "CA log")
+    assert any(x["logger"] == "grpc" for x in recs) and any(x["logger"] == "keyward.ca" for x in recs)
