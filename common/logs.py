@@ -135,6 +135,8 @@ class _Pump:
         os.dup2(w, 2)  # inheritable: child processes write into the pipe too
         os.close(w)
         self._r = r
+        self._mark = b"\0keyward-stderr-drained-" + os.urandom(8).hex().encode()
+        self._drained = threading.Event()
         self.thread = threading.Thread(target=self._run, name="keyward-stderr", daemon=True)
         self.thread.start()
 
@@ -154,12 +156,20 @@ class _Pump:
             if len(buf) > 65536:  # no newline in sight: write what there is
                 whole, buf = [*whole, buf], b""
             for raw in whole:
-                self._emit(raw)
+                if raw == self._mark:
+                    self._flush()
+                    self._drained.set()
+                else:
+                    self._emit(raw)
         if buf:
             self._emit(buf)
+        self._flush()
+        self._drained.set()
+        os.close(self._r)
+
+    def _flush(self) -> None:
         for line in self.lines.flush():
             self.sink.write_line(line)
-        os.close(self._r)
 
     def _emit(self, raw: bytes) -> None:
         try:
@@ -170,13 +180,20 @@ class _Pump:
                                              "time": rfc3339(time.time()), "level": "info", "logger": "stderr"}))
 
     def close(self, timeout: float = 2.0) -> None:
-        """At exit: put the real stderr back on fd 2 (which closes our end of the pipe), and let
-        the thread write what it still holds. Child processes still alive keep the pipe open,
-        hence the bounded wait."""
+        """At exit: put the real stderr back on fd 2, then wait (bounded) until the thread has
+        written everything this process put into the pipe before: a mark sent after it comes out
+        last. Child processes still alive may hold the pipe open, so EOF is not waited for."""
         with contextlib.suppress(Exception):
             sys.stderr.flush()
+        w = os.dup(2)
         os.dup2(self.sink.fd, 2)
-        self.thread.join(timeout)
+        try:
+            os.write(w, b"\n" + self._mark + b"\n")  # ends a last line without a newline, too
+        except OSError:
+            pass
+        finally:
+            os.close(w)
+        self._drained.wait(timeout)
 
 
 _pump: _Pump | None = None
