@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 
 from common.logs import setup
 from data_plane import config
+from keylib.master import MasterSecret
 
 log = logging.getLogger("keyward.zen")
 
@@ -72,9 +73,8 @@ def _pem(setting: str, path: str, what: str) -> bytes:
     return data
 
 
-def _master(cfg: config.ZenConfig) -> object:
+def _master(cfg: config.ZenConfig) -> MasterSecret:
     from keylib.errors import MasterSecretError, SecureMemoryError
-    from keylib.master import MasterSecret
 
     _read("KEYWARD_MASTER_SECRET_FILE", cfg.master_secret_file)  # readable at all (named in one line)
     try:
@@ -97,12 +97,7 @@ async def _listen(setting: str, addr: str,
 
 
 async def run(cfg: config.ZenConfig) -> None:
-    from data_plane import metrics
-    from data_plane.ca_client import CAClient
-    from data_plane.keys import KeyManager
-    from data_plane.mint import Minter
-    from data_plane.proxy import Proxy, origin_context
-    from keylib.master import MasterSecret
+    from data_plane.proxy import origin_context
 
     trust = _pem("KEYWARD_ZEN_CA_TRUST_FILE", cfg.ca_trust_file, "certificate")
     cert = _pem("KEYWARD_ZEN_TLS_CERT_FILE", cfg.tls_cert_file, "certificate")
@@ -114,9 +109,21 @@ async def run(cfg: config.ZenConfig) -> None:
     except OSError as e:
         raise StartupError(f"KEYWARD_ZEN_EXTRA_ROOTS_FILE={cfg.extra_roots_file}: {_why(e)}") from None
     master = _master(cfg)
-    assert isinstance(master, MasterSecret)
+    try:
+        await _serve(cfg, master, trust, cert, key, roots)
+    finally:
+        master.wipe()  # also when a port or the CA's check value stops the start
+
+
+async def _serve(cfg: config.ZenConfig, master: MasterSecret, trust: bytes, cert: bytes, key: bytes,
+                 roots: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    from data_plane import metrics
+    from data_plane.ca_client import CAClient
+    from data_plane.keys import KeyManager
+    from data_plane.mint import Minter
+    from data_plane.proxy import Proxy
+
     client = CAClient(cfg.ca_addr, trust_pem=trust, cert_pem=cert, key_pem=key)
-    del key
     km = KeyManager(client, master, require_lock=cfg.require_mlock, max_keys=cfg.max_keys)
     minter = Minter(leaf_hours=cfg.leaf_hours, cache_size=cfg.leaf_cache_size)
     km.on_key_gone.append(minter.forget)  # leaves minted under a key that is gone are forgotten with it
@@ -129,7 +136,6 @@ async def run(cfg: config.ZenConfig) -> None:
     if await km.check_master() is False:
         server.close()
         await client.close()
-        master.wipe()
         raise StartupError(km.master_problem)
     if cfg.metrics_listen:
         try:
@@ -152,8 +158,6 @@ async def run(cfg: config.ZenConfig) -> None:
         await stop.wait()
     await km.stop()
     await client.close()
-    master.wipe()
-
 
 def _parser() -> argparse.ArgumentParser:
     return argparse.ArgumentParser(
