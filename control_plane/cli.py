@@ -24,22 +24,23 @@ from keylib import proxyauth
 
 
 def _serve() -> int:
+    logs.setup()  # first: every line JSON, configuration errors included; and before grpc is imported
     from control_plane import server
     from control_plane.hardening import no_core_dumps
     from keylib.errors import KeylibError
     from keylib.master import MasterSecret
 
+    log = logging.getLogger("keyward.ca")
     try:
         cfg = config.from_env()
-        logs.setup(cfg.log_level)
+        logging.getLogger().setLevel(cfg.log_level)
         if cfg.extra:
-            logging.getLogger("keyward.ca").warning(
-                "ignoring unknown settings (typo?): %s", ", ".join(sorted(cfg.extra)))
+            log.warning("ignoring unknown settings (typo?): %s", ", ".join(sorted(cfg.extra)))
         no_core_dumps()
         master = MasterSecret.load(path=cfg.master_secret_file or None, require_lock=cfg.require_mlock)
         asyncio.run(server.serve(cfg, master))
     except (KeywardError, KeylibError) as e:
-        print(f"keyward: {e}", file=sys.stderr)
+        log.error("%s", e)  # one line, no traceback: the message names the setting
         return 2
     return 0
 
@@ -122,6 +123,9 @@ def _db(a: argparse.Namespace) -> int:
             print(f"restored {a.backup} into {a.dir}: a fresh primary on {node.host}:{node.port}")
             return 0
         if a.db_cmd == "backup-agent":
+            from common.logs import setup
+
+            setup("INFO", "keyward-backup-agent")  # a daemon: JSON lines like every keyward process
             backup.agent(spec, interval=a.interval)
             return 0
     except failover.FailoverRefused as e:

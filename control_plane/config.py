@@ -141,6 +141,9 @@ def from_env(env: Mapping[str, str] | None = None) -> CAConfig:
         raise ConfigError("KEYWARD_MAX_CALL_SECONDS is not a number") from None
     if not 0.1 <= call_s <= 600:
         raise ConfigError("KEYWARD_MAX_CALL_SECONDS must be within 0.1..600")
+    log_level = (env.get("KEYWARD_LOG_LEVEL") or "INFO").upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"KEYWARD_LOG_LEVEL={log_level!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
     return CAConfig(
         listen=env.get("KEYWARD_CA_LISTEN") or "127.0.0.1:50051",
         db_dsn=env["KEYWARD_DB_DSN"],
@@ -160,6 +163,6 @@ def from_env(env: Mapping[str, str] | None = None) -> CAConfig:
         db_pool_size=_int(env, "KEYWARD_DB_POOL_SIZE", 8, 1, 200),
         require_mlock=_bool(env, "KEYWARD_REQUIRE_MLOCK", True),
         audit_spool_file=env.get("KEYWARD_AUDIT_SPOOL_FILE", ""),
-        log_level=(env.get("KEYWARD_LOG_LEVEL") or "INFO").upper(),
+        log_level=log_level,
         extra={k: "set" for k in env if k.startswith("KEYWARD_") and k not in _KNOWN},
     )

@@ -31,6 +31,7 @@ from control_plane.store import Store
 from control_plane.validator import Validator
 from control_plane.walpurge import WalPurger
 from keylib.guard import forbid_unwrap
+from keylib.kdf import master_check_value
 from keylib.master import MasterSecret
 from protos.keyward.v1 import keyward_pb2 as pb
 from protos.keyward.v1 import keyward_pb2_grpc as pb_grpc
@@ -165,9 +166,10 @@ async def start(cfg: CAConfig, master: MasterSecret) -> RunningCA:
     validator = Validator()
     pb_grpc.add_AdminServicer_to_server(  # type: ignore[no-untyped-call]
         AdminService(store, master, cfg.trust_domain, cfg.max_call_seconds, validator=validator), server)
+    check = master_check_value(master)
     pb_grpc.add_KeyDistributionServicer_to_server(  # type: ignore[no-untyped-call]
         KeyDistributionService(store, hub, auditor, cfg.trust_domain, cfg.max_call_seconds,
-                               cfg.max_stream_seconds, cfg.max_watch_streams), server)
+                               cfg.max_stream_seconds, cfg.max_watch_streams, master_check=check), server)
     hs = HealthServicer()
     # Alive at once; ready only once the database says so (grpc's default for "" is SERVING).
     await hs.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
@@ -200,7 +202,8 @@ async def start(cfg: CAConfig, master: MasterSecret) -> RunningCA:
     tasks.append(asyncio.create_task(purger.run(), name="keyward-wal-purge"))
     # The validator's worker starts beside serving, never in its way (warm() does not raise).
     tasks.append(asyncio.create_task(asyncio.to_thread(validator.warm), name="keyward-validator-warm"))
-    log.info("CA listening", extra={"port": port})
+    # The master secret's check value is not secret: operators compare it with a ZEN's.
+    log.info("CA listening", extra={"port": port, "master_check": check})
     return RunningCA(server, port, store, hub, hs, master, tasks, extra, validator)
 
 

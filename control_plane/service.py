@@ -537,9 +537,11 @@ class _PolicyCache:
 class KeyDistributionService(_Base, pb_grpc.KeyDistributionServicer):
     def __init__(self, store: Store, hub: EventHub, auditor: KeySentAuditor, trust_domain: str,
                  max_call_seconds: float, max_stream_seconds: float = 3600.0,
-                 max_watch_streams: int = 64) -> None:
+                 max_watch_streams: int = 64, master_check: str = "") -> None:
         super().__init__(store, trust_domain, max_call_seconds)
         self.max_stream_seconds = max_stream_seconds
+        #: The master secret's check value (keylib.kdf.master_check_value): not secret.
+        self.master_check = master_check
         #: WatchKeys streams per identity: every ZEN of a pool holds one, a flood of them holds nothing.
         self._streams = Slots("WatchKeys streams", max_watch_streams,
                               "each ZEN needs one; close streams you no longer read")
@@ -588,6 +590,11 @@ class KeyDistributionService(_Base, pb_grpc.KeyDistributionServicer):
             public_key_sha256=key.spki_sha256.hex(), certificate_pem=key.certificate_pem,
             chain_pem=key.chain_pem, not_after=_ts(key.not_after), policy=policy_to_pb(org.policy),
             policy_version=org.policy_version)
+
+    @unary("GetCaInfo", audited=False)
+    async def GetCaInfo(self, request: pb.GetCaInfoRequest, context: Any, ident: Identity) -> pb.CaInfo:
+        """Any valid identity (the call wrapper checked it): a ZEN compares the check value with its own."""
+        return pb.CaInfo(master_check=self.master_check)
 
     async def _deliverable(self, pool_name: str, ev: KeyEventRow, orgs: set[str]) -> pb.KeyEvent | None:
         """The message for ``ev`` on this pool's stream, or None when the pool must not see it.

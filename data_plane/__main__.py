@@ -1,18 +1,33 @@
-"""``python -m data_plane``: run a ZEN (configuration: environment, see config.py)."""
+"""``python -m data_plane`` (or ``keyward-zen``): run a ZEN. Configuration: the environment
+(``--help`` lists every setting, from config.py).
+
+A ZEN that cannot start says why in ONE line naming the setting, file or port
+(``KEYWARD_ZEN_TLS_CERT_FILE=/x: no such file``, ``KEYWARD_ZEN_LISTEN=127.0.0.1:8080: address
+already in use``) and exits 2, without a traceback. So does a ZEN whose master secret is not
+the CA's (their check values differ): it could open no key. When the CA cannot be reached at
+start the ZEN starts anyway (held keys and fail modes matter more) and compares at first contact.
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import json
+import errno
 import logging
 import signal
+import ssl
 import sys
+from collections.abc import Awaitable, Callable
 
-from data_plane import config, metrics
-from data_plane.ca_client import CAClient
-from data_plane.keys import KeyManager
-from data_plane.mint import Minter
-from data_plane.proxy import Proxy, origin_context
+from common.logs import setup
+from data_plane import config
+from keylib.master import MasterSecret
+
+log = logging.getLogger("keyward.zen")
+
+
+class StartupError(Exception):
+    """The ZEN cannot start: the message names the setting, file or port."""
 
 
 def _harden() -> None:
@@ -25,27 +40,116 @@ def _harden() -> None:
     libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0
 
 
-async def run(cfg: config.ZenConfig) -> None:
-    from keylib.master import MasterSecret
+_WHY = {errno.ENOENT: "no such file", errno.EACCES: "permission denied", errno.EISDIR: "is a directory",
+        errno.EADDRINUSE: "address already in use", errno.EADDRNOTAVAIL: "address not available on this host"}
 
-    master = MasterSecret.load(path=cfg.master_secret_file, require_lock=cfg.require_mlock)
-    with open(cfg.ca_trust_file, "rb") as t, open(cfg.tls_cert_file, "rb") as c, open(cfg.tls_key_file, "rb") as k:
-        client = CAClient(cfg.ca_addr, trust_pem=t.read(), cert_pem=c.read(), key_pem=k.read())
+
+def _why(e: OSError) -> str:
+    return _WHY.get(e.errno or 0) or (e.strerror or type(e).__name__).lower()
+
+
+def _read(setting: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise StartupError(f"{setting}={path}: {_why(e)}") from None
+
+
+def _pem(setting: str, path: str, what: str) -> bytes:
+    """A PEM file checked for what it must hold (its content is never quoted)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    data = _read(setting, path)
+    try:
+        if what == "key":
+            serialization.load_pem_private_key(data, None)
+        else:
+            x509.load_pem_x509_certificates(data)
+    except (ValueError, TypeError):
+        raise StartupError(f"{setting}={path}: not a PEM " + ("private key (unencrypted)" if what == "key"
+                                                               else "certificate")) from None
+    return data
+
+
+def _master(cfg: config.ZenConfig) -> MasterSecret:
+    from keylib.errors import MasterSecretError, SecureMemoryError
+
+    _read("KEYWARD_MASTER_SECRET_FILE", cfg.master_secret_file)  # readable at all (named in one line)
+    try:
+        return MasterSecret.load(path=cfg.master_secret_file, require_lock=cfg.require_mlock)
+    except MasterSecretError as e:
+        raise StartupError(f"KEYWARD_MASTER_SECRET_FILE={cfg.master_secret_file}: {e}") from None
+    except SecureMemoryError as e:
+        raise StartupError(f"KEYWARD_REQUIRE_MLOCK=true: the master secret cannot be locked in memory ({e}); "
+                           "or set KEYWARD_REQUIRE_MLOCK=false") from None
+
+
+async def _listen(setting: str, addr: str,
+                  handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]) -> asyncio.Server:
+    host, _, port = addr.rpartition(":")
+    try:
+        return await asyncio.start_server(handler, host.strip("[]") or "127.0.0.1", int(port), limit=64 * 1024,
+                                          start_serving=False)
+    except OSError as e:
+        raise StartupError(f"{setting}={addr}: {_why(e)}") from None
+
+
+async def run(cfg: config.ZenConfig) -> None:
+    from data_plane.proxy import origin_context
+
+    trust = _pem("KEYWARD_ZEN_CA_TRUST_FILE", cfg.ca_trust_file, "certificate")
+    cert = _pem("KEYWARD_ZEN_TLS_CERT_FILE", cfg.tls_cert_file, "certificate")
+    key = _pem("KEYWARD_ZEN_TLS_KEY_FILE", cfg.tls_key_file, "key")
+    try:
+        roots = (origin_context(cfg.extra_roots_file), origin_context(cfg.extra_roots_file, ("http/1.1",)))
+    except ssl.SSLError:  # an OSError too: first
+        raise StartupError(f"KEYWARD_ZEN_EXTRA_ROOTS_FILE={cfg.extra_roots_file}: no PEM certificate in it") from None
+    except OSError as e:
+        raise StartupError(f"KEYWARD_ZEN_EXTRA_ROOTS_FILE={cfg.extra_roots_file}: {_why(e)}") from None
+    master = _master(cfg)
+    try:
+        await _serve(cfg, master, trust, cert, key, roots)
+    finally:
+        master.wipe()  # also when a port or the CA's check value stops the start
+
+
+async def _serve(cfg: config.ZenConfig, master: MasterSecret, trust: bytes, cert: bytes, key: bytes,
+                 roots: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    from data_plane import metrics
+    from data_plane.ca_client import CAClient
+    from data_plane.keys import KeyManager
+    from data_plane.mint import Minter
+    from data_plane.proxy import Proxy
+
+    client = CAClient(cfg.ca_addr, trust_pem=trust, cert_pem=cert, key_pem=key)
     km = KeyManager(client, master, require_lock=cfg.require_mlock, max_keys=cfg.max_keys)
-    km.start()
     minter = Minter(leaf_hours=cfg.leaf_hours, cache_size=cfg.leaf_cache_size)
     km.on_key_gone.append(minter.forget)  # leaves minted under a key that is gone are forgotten with it
-    host, _, port = cfg.listen.rpartition(":")
-    proxy = Proxy(km, minter, origin_context(cfg.extra_roots_file),
-                  origin_h1_ctx=origin_context(cfg.extra_roots_file, ("http/1.1",)), resolve=dict(cfg.resolve),
+    proxy = Proxy(km, minter, roots[0], origin_h1_ctx=roots[1], resolve=dict(cfg.resolve),
                   pac_proxies=list(cfg.pac_proxies))
-    server = await asyncio.start_server(proxy.handle, host or "127.0.0.1", int(port), limit=64 * 1024)
+    server = await _listen("KEYWARD_ZEN_LISTEN", cfg.listen, proxy.handle)
+    host = cfg.listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
     bound = server.sockets[0].getsockname()[1]
-    proxy.pac_proxies = list(cfg.pac_proxies) or [f"{host or '127.0.0.1'}:{bound}"]
+    proxy.pac_proxies = list(cfg.pac_proxies) or [f"{host}:{bound}"]
+    if await km.check_master() is False:
+        server.close()
+        await client.close()
+        raise StartupError(km.master_problem)
     if cfg.metrics_listen:
-        logging.getLogger("keyward.zen").info(json.dumps({"msg": "metrics listening",
-                                                          "port": metrics.serve(cfg.metrics_listen, km.health)}))
-    logging.getLogger("keyward.zen").info(json.dumps({"msg": "ZEN listening", "port": bound}))
+        try:
+            mport = metrics.serve(cfg.metrics_listen, km.health)
+        except OSError as e:
+            raise StartupError(f"KEYWARD_ZEN_METRICS_LISTEN={cfg.metrics_listen}: {_why(e)}") from None
+        log.info("metrics listening", extra={"port": mport})
+    if km.master_ok is None:
+        log.warning("the CA could not be reached at start: held keys and fail modes apply; the master secret "
+                    "is compared with the CA's at first contact", extra={"master_check": km.master_check})
+    km.start()
+    await server.start_serving()
+    # The check value is not secret: compare it with the CA's start line.
+    log.info("ZEN listening", extra={"port": bound, "master_check": km.master_check})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -54,18 +158,26 @@ async def run(cfg: config.ZenConfig) -> None:
         await stop.wait()
     await km.stop()
     await client.close()
-    master.wipe()
+
+def _parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog="keyward-zen", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="keyward ZEN: the TLS-inspecting forward proxy (python -m data_plane). Configured by the "
+                    "environment; a setting that is wrong stops it with one line naming it (exit 2).",
+        epilog="settings (environment):\n" + config.settings_table())
 
 
-def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+def main(argv: list[str] | None = None) -> int:
+    _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    setup("INFO", "keyward-zen")
     try:
         cfg = config.from_env()
-    except config.ZenConfigError as e:
-        print(f"keyward-zen: {e}", file=sys.stderr)
+        logging.getLogger().setLevel(cfg.log_level)
+        _harden()
+        asyncio.run(run(cfg))
+    except (config.ZenConfigError, StartupError) as e:
+        log.error("%s", e)
         return 2
-    _harden()
-    asyncio.run(run(cfg))
     return 0
 
 

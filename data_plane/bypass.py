@@ -16,6 +16,7 @@ import os
 import sys
 from urllib.parse import urlsplit
 
+from common.logs import setup
 from data_plane.http1 import HttpError, copy_body, read_head, splice
 
 log = logging.getLogger("keyward.bypass")
@@ -51,7 +52,8 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             writer.write(resp.raw)
             await copy_body(resp, o_r, writer, is_response=True, request_method=method)
         o_w.close()
-    except (HttpError, OSError, ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+    except (HttpError, OSError, ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
+        log.info(json.dumps({"bypass": "failed", "status": 502, "reason": str(e) or type(e).__name__}))
         with contextlib.suppress(Exception):
             writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
     finally:
@@ -63,13 +65,13 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
 async def run(listen: str) -> None:
     host, _, port = listen.rpartition(":")
     server = await asyncio.start_server(handle, host or "0.0.0.0", int(port))
-    log.info(json.dumps({"msg": "bypass listening", "port": server.sockets[0].getsockname()[1]}))
+    log.info("bypass listening", extra={"port": server.sockets[0].getsockname()[1]})
     async with server:
         await server.serve_forever()
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    setup("INFO", "keyward-bypass")
     asyncio.run(run(os.environ.get("KEYWARD_BYPASS_LISTEN", "0.0.0.0:8080")))
     return 0
 

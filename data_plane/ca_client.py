@@ -93,6 +93,19 @@ class CAClient:
         return KeyMaterial(kp.org_id, kp.key_id, kp.version, kp.keylib_format, kp.encrypted_private_key,
                            kp.certificate_pem, kp.chain_pem, policy_from_pb(kp.org_id, kp.policy, kp.policy_version))
 
+    async def master_check(self, timeout: float = 5.0) -> str | None:
+        """The CA's master secret check value; None from a CA too old to report it."""
+        try:
+            info = await self._stub.GetCaInfo(pb.GetCaInfoRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            code = e.code()
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                return None
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise CAUnavailable(f"{code.name}: {e.details()}") from None
+            raise CAError(f"{code.name}: {e.details()}") from None
+        return str(info.master_check) or None
+
     async def watch(self, after_seq: int, snapshot: bool) -> AsyncIterator[Event]:
         call = self._stub.WatchKeys(pb.WatchKeysRequest(after_seq=after_seq, snapshot=snapshot))
         try:

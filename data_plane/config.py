@@ -1,105 +1,192 @@
 """The ZEN's configuration: read from the environment in one place.
 
-Secrets come from ``*_FILE`` paths. Each field gives unit, default and why.
+Secrets come from ``*_FILE`` paths. Each field says its variable, unit, default and meaning in
+its metadata: :func:`from_env` reads the variables named there, ``python -m data_plane --help``
+prints :func:`settings_table` and README's "Configuration of the ZEN" is
+:func:`settings_markdown` (a test keeps them equal).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 
 class ZenConfigError(ValueError):
-    """The ZEN's configuration is wrong; it refuses to start."""
+    """The ZEN's configuration is wrong; it refuses to start. The message names the setting."""
+
+
+def _setting(env: str, meaning: str, *, default: Any = "", unit: str = "", shown: str | None = None,
+             required: bool = False, factory: Callable[[], Any] | None = None) -> Any:
+    md = {"env": env, "meaning": meaning, "unit": unit, "required": required,
+          "shown": shown if shown is not None else ("(required)" if required else _show(default))}
+    if factory is not None:
+        return field(default_factory=factory, metadata=md)
+    return field(default=default, metadata=md)
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v) if v not in ("", None) else "(none)"
 
 
 @dataclass(frozen=True)
 class ZenConfig:
-    listen: str = "127.0.0.1:8080"
-    """KEYWARD_ZEN_LISTEN, host:port of the forward proxy. Loopback by default."""
-
-    metrics_listen: str = "127.0.0.1:9465"
-    """KEYWARD_ZEN_METRICS_LISTEN, host:port of the Prometheus endpoint ("" disables)."""
-
-    ca_addr: str = "127.0.0.1:50051"
-    """KEYWARD_CA_ADDR, the Central Authority (gRPC over mTLS)."""
-
-    tls_cert_file: str = ""
-    """KEYWARD_ZEN_TLS_CERT_FILE: this ZEN's pool identity (spiffe://.../zen-pool/NAME)."""
-
-    tls_key_file: str = ""
-    """KEYWARD_ZEN_TLS_KEY_FILE: its key."""
-
-    ca_trust_file: str = ""
-    """KEYWARD_ZEN_CA_TRUST_FILE: trust anchor of the CA's server certificate."""
-
-    master_secret_file: str = ""
-    """KEYWARD_MASTER_SECRET_FILE: the secret from which key passwords are derived."""
-
-    extra_roots_file: str = ""
-    """KEYWARD_ZEN_EXTRA_ROOTS_FILE: PEM roots trusted for origins besides the system store."""
-
-    resolve: Mapping[str, str] = field(default_factory=dict)
-    """KEYWARD_ZEN_RESOLVE, "host=ip,host=ip": fixed name resolution (labs, tests), like curl --resolve."""
-
-    pac_proxies: tuple[str, ...] = ()
-    """KEYWARD_ZEN_PAC_PROXIES, "host:port,host:port": the ZENs the PAC file lists
-    (default: this ZEN's own address)."""
-
-    leaf_cache_size: int = 1000
-    """KEYWARD_ZEN_LEAF_CACHE, certificates (default 1000): minted leaves kept in RAM (LRU)."""
-
-    leaf_hours: int = 24
-    """KEYWARD_ZEN_LEAF_HOURS (default 24): validity of minted leaves and life of a leaf key."""
-
-    max_keys: int = 16
-    """KEYWARD_ZEN_MAX_KEYS, org keys (default 16): keys open at once, each in its own signer process
-    with locked memory (about 40 MB). The least recently used is dropped to open another, so
-    a flood of orgs cannot pin this ZEN's RAM."""
-
-    require_mlock: bool = True
-    """KEYWARD_REQUIRE_MLOCK (default true): refuse to start if key memory cannot be locked."""
+    listen: str = _setting(
+        "KEYWARD_ZEN_LISTEN", "the forward proxy (CONNECT, absolute http:// URIs, /proxy.pac); loopback by "
+        "default", default="127.0.0.1:8080", unit="host:port")
+    metrics_listen: str = _setting(
+        "KEYWARD_ZEN_METRICS_LISTEN", "Prometheus /metrics and /healthz; empty disables", default="127.0.0.1:9465",
+        unit="host:port")
+    ca_addr: str = _setting(
+        "KEYWARD_CA_ADDR", "the Central Authority (gRPC over mTLS)", default="127.0.0.1:50051", unit="host:port")
+    tls_cert_file: str = _setting(
+        "KEYWARD_ZEN_TLS_CERT_FILE", "this ZEN's identity toward the CA: its pool's certificate "
+        "(spiffe://TRUST-DOMAIN/zen-pool/POOL)", unit="PEM file", required=True)
+    tls_key_file: str = _setting(
+        "KEYWARD_ZEN_TLS_KEY_FILE", "the private key of that certificate", unit="PEM file", required=True)
+    ca_trust_file: str = _setting(
+        "KEYWARD_ZEN_CA_TRUST_FILE", "trust anchor of the CA's server certificate", unit="PEM file", required=True)
+    master_secret_file: str = _setting(
+        "KEYWARD_MASTER_SECRET_FILE", "the CA's master secret (>= 32 random bytes), from which key passwords are "
+        "derived; its check value must match the CA's, or the ZEN refuses to start", unit="file", required=True)
+    extra_roots_file: str = _setting(
+        "KEYWARD_ZEN_EXTRA_ROOTS_FILE", "roots trusted for origins besides the system store", unit="PEM file")
+    resolve: Mapping[str, str] = _setting(
+        "KEYWARD_ZEN_RESOLVE", "fixed name resolution of origins (labs, tests), like curl --resolve",
+        unit="host=ip,...", factory=dict, shown="(DNS)")
+    pac_proxies: tuple[str, ...] = _setting(
+        "KEYWARD_ZEN_PAC_PROXIES", "the ZENs /proxy.pac lists", unit="host:port,...", default=(),
+        shown="(this ZEN)")
+    leaf_cache_size: int = _setting(
+        "KEYWARD_ZEN_LEAF_CACHE", "minted leaf certificates kept in RAM (LRU)", default=1000, unit="certificates")
+    leaf_hours: int = _setting(
+        "KEYWARD_ZEN_LEAF_HOURS", "validity of minted leaves and life of a leaf key", default=24, unit="hours")
+    max_keys: int = _setting(
+        "KEYWARD_ZEN_MAX_KEYS", "org keys open at once, each in its own signer process with locked memory (about "
+        "40 MB); the least recently used is dropped to open another, so a flood of orgs cannot pin this ZEN's RAM",
+        default=16, unit="keys")
+    require_mlock: bool = _setting(
+        "KEYWARD_REQUIRE_MLOCK", "a key whose memory cannot be locked is not opened (its org's fail mode applies; "
+        "/healthz says why)", default=True, unit="true/false")
+    log_level: str = _setting(
+        "KEYWARD_LOG_LEVEL", "JSON lines on stderr: DEBUG, INFO, WARNING or ERROR", default="INFO", unit="level")
 
 
-def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
-    raw = env.get(name) or ""
-    if not raw:
-        return default
+def _hostport(name: str, raw: str, *, port_zero: bool = True) -> str:
+    host, sep, port = raw.strip().rpartition(":")
+    if not sep or not port.isdigit() or not (0 if port_zero else 1) <= int(port) <= 65535:
+        raise ZenConfigError(f"{name}={raw}: not host:port (a port from {0 if port_zero else 1} to 65535)")
+    if host.startswith("[") != host.endswith("]"):
+        raise ZenConfigError(f"{name}={raw}: an IPv6 host goes in brackets, [::1]:8080")
+    return raw.strip()
+
+
+def _int(name: str, raw: str, lo: int, hi: int) -> int:
     try:
         v = int(raw)
     except ValueError:
-        raise ZenConfigError(f"{name}={raw!r} is not an integer") from None
+        raise ZenConfigError(f"{name}={raw}: not an integer") from None
     if not lo <= v <= hi:
-        raise ZenConfigError(f"{name}={v} is out of range {lo}..{hi}")
+        raise ZenConfigError(f"{name}={v}: out of range {lo}..{hi}")
     return v
+
+
+def _bool(name: str, raw: str) -> bool:
+    v = raw.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ZenConfigError(f"{name}={raw}: not a boolean (true or false)")
+
+
+def _resolve(name: str, raw: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in filter(None, (x.strip() for x in raw.split(","))):
+        host, sep, ip = item.partition("=")
+        if not sep or not host.strip():
+            raise ZenConfigError(f"{name}: entry {item!r} is not host=ip")
+        try:
+            ipaddress.ip_address(ip.strip())
+        except ValueError:
+            raise ZenConfigError(f"{name}: entry {item!r}: {ip.strip()!r} is not an IP address") from None
+        out[host.strip().lower()] = ip.strip()
+    return out
+
+
+def _list(name: str, raw: str) -> tuple[str, ...]:
+    return tuple(_hostport(name, x, port_zero=False) for x in raw.split(",") if x.strip())
+
+
+def _level(name: str, raw: str) -> str:
+    v = raw.strip().upper()
+    if v not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ZenConfigError(f"{name}={raw}: not one of DEBUG, INFO, WARNING, ERROR")
+    return v
+
+
+def _text(name: str, raw: str) -> str:
+    return raw
+
+
+_PARSE: dict[str, Callable[[str, str], Any]] = {
+    "listen": _hostport,
+    "metrics_listen": _hostport,
+    "ca_addr": lambda n, r: _hostport(n, r, port_zero=False),
+    "resolve": _resolve,
+    "pac_proxies": _list,
+    "leaf_cache_size": lambda n, r: _int(n, r, 1, 1_000_000),
+    "leaf_hours": lambda n, r: _int(n, r, 1, 24 * 30),
+    "max_keys": lambda n, r: _int(n, r, 1, 10000),
+    "require_mlock": _bool,
+    "log_level": _level,
+}
+_EMPTY_MEANS_OFF = {"metrics_listen"}
+"""Settings where an empty value is a value (disabled), not the default."""
 
 
 def from_env(env: Mapping[str, str] | None = None) -> ZenConfig:
     env = os.environ if env is None else env
-    missing = [n for n in ("KEYWARD_ZEN_TLS_CERT_FILE", "KEYWARD_ZEN_TLS_KEY_FILE", "KEYWARD_ZEN_CA_TRUST_FILE",
-                           "KEYWARD_MASTER_SECRET_FILE") if not env.get(n)]
+    missing = [f.metadata["env"] for f in fields(ZenConfig) if f.metadata["required"] and not env.get(f.metadata["env"])]
     if missing:
-        raise ZenConfigError(f"missing required settings: {', '.join(missing)}")
-    resolve: dict[str, str] = {}
-    for item in filter(None, (env.get("KEYWARD_ZEN_RESOLVE") or "").split(",")):
-        host, sep, ip = item.partition("=")
-        if not sep:
-            raise ZenConfigError(f"KEYWARD_ZEN_RESOLVE entry {item!r} is not host=ip")
-        resolve[host.strip().lower()] = ip.strip()
-    return ZenConfig(
-        listen=env.get("KEYWARD_ZEN_LISTEN") or "127.0.0.1:8080",
-        metrics_listen=env.get("KEYWARD_ZEN_METRICS_LISTEN", "127.0.0.1:9465"),
-        ca_addr=env.get("KEYWARD_CA_ADDR") or "127.0.0.1:50051",
-        tls_cert_file=env["KEYWARD_ZEN_TLS_CERT_FILE"],
-        tls_key_file=env["KEYWARD_ZEN_TLS_KEY_FILE"],
-        ca_trust_file=env["KEYWARD_ZEN_CA_TRUST_FILE"],
-        master_secret_file=env["KEYWARD_MASTER_SECRET_FILE"],
-        extra_roots_file=env.get("KEYWARD_ZEN_EXTRA_ROOTS_FILE", ""),
-        resolve=resolve,
-        pac_proxies=tuple(x.strip() for x in (env.get("KEYWARD_ZEN_PAC_PROXIES") or "").split(",") if x.strip()),
-        leaf_cache_size=_int(env, "KEYWARD_ZEN_LEAF_CACHE", 1000, 1, 1_000_000),
-        leaf_hours=_int(env, "KEYWARD_ZEN_LEAF_HOURS", 24, 1, 24 * 30),
-        max_keys=_int(env, "KEYWARD_ZEN_MAX_KEYS", 16, 1, 10000),
-        require_mlock=(env.get("KEYWARD_REQUIRE_MLOCK", "true").lower() not in ("0", "false", "no", "off")),
-    )
+        raise ZenConfigError(f"missing required settings: {', '.join(missing)} (python -m data_plane --help)")
+    values: dict[str, Any] = {}
+    for f in fields(ZenConfig):
+        name = f.metadata["env"]
+        raw = env.get(name)
+        if raw is None or (raw.strip() == "" and f.name not in _EMPTY_MEANS_OFF):
+            continue
+        values[f.name] = _PARSE.get(f.name, _text)(name, raw) if raw.strip() else ""
+    return ZenConfig(**values)
+
+
+def settings() -> list[tuple[str, str, str, str]]:
+    """(variable, default, unit, meaning) of every setting, in the dataclass's order."""
+    return [(f.metadata["env"], f.metadata["shown"], f.metadata["unit"], f.metadata["meaning"])
+            for f in fields(ZenConfig)]
+
+
+def settings_table(width: int = 100) -> str:
+    """The settings as text, for ``--help``."""
+    import textwrap
+
+    out = []
+    for env, shown, unit, meaning in settings():
+        default = "required" if shown == "(required)" else f"default {shown}"
+        out.append(f"  {env}  ({unit}; {default})" if unit else f"  {env}  ({default})")
+        out.extend(textwrap.wrap(meaning, width - 6, initial_indent="      ", subsequent_indent="      ",
+                                 break_on_hyphens=False))
+    return "\n".join(out)
+
+
+def settings_markdown() -> str:
+    """The settings as README's table."""
+    rows = ["| variable | default | unit | meaning |", "|---|---|---|---|"]
+    for env, shown, unit, meaning in settings():
+        rows.append(f"| `{env}` | {shown if shown.startswith('(') else f'`{shown}`'} | {unit} | {meaning} |")
+    return "\n".join(rows)

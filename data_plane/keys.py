@@ -12,6 +12,8 @@ Contract:
 * At most ``max_keys`` keys are open at once; the least recently used goes first.
 * A key is opened only for an org some caller authenticated as (the proxy decides
   who; this module never opens a key for a name it was merely told).
+* No key is opened once the CA's master secret check value is known to differ from this ZEN's
+  (``check_master``: at start, else at first contact with the CA); /healthz then says why.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from data_plane.ca_client import CAClient, CAError, CAUnavailable, KeyMaterial
 from data_plane.keyopen import open_org_key
 from data_plane.policy import OrgPolicy
 from data_plane.signer import MemoryNotLocked, Signer, SignerError
+from keylib.kdf import master_check_value
 from keylib.master import MasterSecret
 
 log = logging.getLogger("keyward.zen.keys")
@@ -52,6 +55,13 @@ class KeyManager:
         """KEYWARD_ZEN_MAX_KEYS: open org keys (signer processes, each with locked memory) at most;
         the least recently used is dropped to open another."""
         self._master = master
+        #: This ZEN's master secret check value (not secret), compared with the CA's.
+        self.master_check = master_check_value(master) if master is not None else ""
+        #: None: not compared yet (the CA was not reached); True: equal, or a CA too old to say; False: differ.
+        self.master_ok: bool | None = None
+        #: The one line that says the secrets differ, once they do.
+        self.master_problem = ""
+        self._check_warned = False
         self._require_lock = require_lock
         """KEYWARD_REQUIRE_MLOCK: an org key whose memory cannot be locked is not opened."""
         self.keys: dict[str, OrgKey] = {}
@@ -77,12 +87,15 @@ class KeyManager:
             "require_mlock": self._require_lock, "key_memory_locked": self.memory_locked,
             "orgs_known": len(self.policies)}
         problems = []
+        report["master_check"] = {None: "not yet compared", True: "ok", False: "differs from the CA's"}[self.master_ok]
+        if self.master_ok is False:
+            problems.append(self.master_problem)
         if self.memory_locked is False:
             problems.append("key memory cannot be locked (RLIMIT_MEMLOCK too small)"
                             + ("; keys are not opened" if self._require_lock else "; keys could be swapped out"))
         report["status"] = "ok" if not problems else "degraded"
         report["problems"] = problems
-        return not (problems and self._require_lock), report
+        return not (self.master_ok is False or (problems and self._require_lock)), report
 
     def _gone(self, org_id: str) -> None:
         for f in self.on_key_gone:
@@ -110,7 +123,7 @@ class KeyManager:
             k.signer.stop()
             self._gone(org_id)
             metrics.KEYS_HELD.set(len(self.keys))
-            log.info("dropped key of %s (%s)", org_id, reason)
+            log.info("dropped key of %s (%s)", org_id, reason, extra={"org_id": org_id, "reason": reason})
 
     async def _install(self, km: KeyMaterial) -> OrgKey:
         buf = open_org_key(self._master, org_id=km.org_id, key_id=km.key_id, keylib_format=km.keylib_format,
@@ -138,6 +151,40 @@ class KeyManager:
         metrics.KEYS_HELD.set(len(self.keys))
         return new
 
+    async def check_master(self) -> bool | None:
+        """Compare this ZEN's master secret check value with the CA's: True (equal, or a CA too
+        old to report it), False (they differ: no key will be opened), None (the CA is not
+        reachable now; compared at the next contact)."""
+        if self.master_ok is not None:
+            return self.master_ok
+        try:
+            theirs = await self._client.master_check()
+        except CAUnavailable:
+            return None
+        except CAError as e:
+            if not self._check_warned:
+                self._check_warned = True
+                log.warning("could not compare master secret check values with the CA: %s", e,
+                            extra={"reason": str(e)})
+            return None
+        if theirs is None:
+            log.warning("the CA does not report its master secret check value (an older CA): not compared")
+            self.master_ok = True
+        elif theirs != self.master_check:
+            self.master_problem = (f"KEYWARD_MASTER_SECRET_FILE does not match the CA's master secret (check value "
+                                   f"{self.master_check}, the CA's {theirs}): the ZEN cannot open any key; use the "
+                                   "same secret as the CA")
+            self.master_ok = False
+        else:
+            self.master_ok = True
+        return self.master_ok
+
+    async def _master_refuses(self) -> bool:
+        """True when no key may be opened: the secrets are known to differ (said once, at the first refusal)."""
+        if self.master_ok is None and await self.check_master() is False:
+            log.error("%s", self.master_problem, extra={"master_check": self.master_check})
+        return self.master_ok is False
+
     async def _fetch(self, org_id: str) -> OrgKey | None:
         lock = self._locks.setdefault(org_id, asyncio.Lock())
         async with lock:
@@ -149,15 +196,20 @@ class KeyManager:
             except CAUnavailable as e:
                 self._reachable(False)
                 metrics.KEY_FETCHES.labels("unavailable").inc()
-                log.warning("CA unreachable fetching %s: %s", org_id, e)
+                log.warning("CA unreachable fetching the key of %s: %s", org_id, e,
+                            extra={"org_id": org_id, "reason": str(e)})
                 return have
             except CAError as e:
                 self._reachable(True)
                 metrics.KEY_FETCHES.labels("refused").inc()
-                log.info("no key for %s: %s", org_id, e)
+                log.info("no key for %s: %s", org_id, e, extra={"org_id": org_id, "reason": str(e)})
                 self.drop(org_id, "refused")
                 return None
             if have is not None and have.key_id == km.key_id:
+                return have
+            if await self._master_refuses():
+                metrics.KEY_FETCHES.labels("not_opened").inc()
+                self.policies[org_id] = km.policy
                 return have
             try:
                 return await self._install(km)
@@ -166,7 +218,7 @@ class KeyManager:
                 # the org's policy still applies, with no key: its fail mode decides.
                 self.policies[org_id] = km.policy
                 metrics.KEY_FETCHES.labels("not_opened").inc()
-                log.error("key of %s not opened: %s", org_id, e)
+                log.error("key of %s not opened: %s", org_id, e, extra={"org_id": org_id, "reason": str(e)})
                 return have
 
     async def learn(self, org_id: str) -> OrgPolicy | None:
@@ -178,7 +230,7 @@ class KeyManager:
         try:
             km = await self._client.get_key_pair(org_id)
         except CAError as e:
-            log.info("no policy for %s: %s", org_id, e)
+            log.info("no policy for %s: %s", org_id, e, extra={"org_id": org_id, "reason": str(e)})
             return None
         self.policies.setdefault(org_id, km.policy)
         return self.policies[org_id]
@@ -204,6 +256,7 @@ class KeyManager:
         backoff = 0.5
         while True:
             try:
+                await self._master_refuses()  # at first contact, if the CA was not reached at start
                 async for ev in self._client.watch(self._last_seq, snapshot=True):
                     self._reachable(True)
                     backoff = 0.5
@@ -214,7 +267,7 @@ class KeyManager:
                 raise
             except CAUnavailable as e:
                 self._reachable(False)
-                log.warning("watch stream lost: %s", e)
+                log.warning("watch stream lost: %s", e, extra={"reason": str(e)})
             except Exception:
                 log.exception("watch stream failed")
             await asyncio.sleep(backoff)  # bounded back-off before reconnecting

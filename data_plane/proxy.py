@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import json
 import logging
 import re
@@ -162,7 +163,9 @@ class Proxy:
             key = await self.km.signer_for(org)
             first = connect_action(policy, host, have_key=key is not None)
         if first is Action.BLOCK or first is Action.REFUSE:
-            self._decided(org, host, port, None, first, host, f"policy for {host}")
+            self._decided(org, host, port, None, first, host, f"policy for {host}",
+                          **({} if first is Action.BLOCK else {"status": 503, "reason": "no key for the organization "
+                                                                "and its policy is fail-closed"}))
             if first is Action.BLOCK:
                 writer.write(page(403, "Forbidden", f"{_html(host)} is blocked by your organization's policy."))
             else:
@@ -175,6 +178,7 @@ class Proxy:
             o_reader, o_writer = await asyncio.wait_for(asyncio.open_connection(self._addr(host), port),
                                                         CONNECT_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as e:
+            self._failed(org, f"{host}:{port}", 502, f"cannot reach {host}: {str(e) or type(e).__name__}")
             writer.write(page(502, "Bad Gateway", f"cannot reach {_html(host)}: {_html(str(e))}"))
             await writer.drain()
             return
@@ -186,11 +190,17 @@ class Proxy:
             with contextlib.suppress(Exception):
                 o_writer.close()
 
-    def _decided(self, org: str, host: str, port: int, sni: str | None, action: Action, name: str, why: str) -> None:
+    def _decided(self, org: str, host: str, port: int, sni: str | None, action: Action, name: str, why: str,
+                 **answer: object) -> None:
         metrics.DECISIONS.labels(org, {Action.INTERCEPT: "intercepted", Action.TUNNEL: "tunnelled",
                                        Action.BLOCK: "blocked", Action.REFUSE: "refused"}[action]).inc()
         access.info(json.dumps({"org": org, "connect": f"{host}:{port}", "sni": sni, "name": name,
-                                "action": action.value, "why": why}))
+                                "action": action.value, "why": why, **answer}))
+
+    @staticmethod
+    def _failed(org: str, target: str, status: int, reason: str) -> None:
+        """The access line of a 502/503 page: the status and its reason."""
+        access.info(json.dumps({"org": org, "connect": target, "status": status, "reason": reason}))
 
     async def _after_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                              o_reader: asyncio.StreamReader, o_writer: asyncio.StreamWriter, org: str, host: str,
@@ -300,6 +310,7 @@ class Proxy:
     async def _tls_page(self, writer: asyncio.StreamWriter, org: str, key: OrgKey, name: str, status: int,
                         reason: str, text: str) -> None:
         """An error page the client can read: over TLS, with a leaf for the name it asked for."""
+        self._failed(org, name, status, html.unescape(text))
         ctx = await asyncio.to_thread(self.minter.context_for, org, key.key_id, key.signer, key.certificate_pem,
                                       name, [], ("http/1.1",))
         await writer.start_tls(ctx)
@@ -364,6 +375,7 @@ class Proxy:
             o_reader, o_writer = await asyncio.wait_for(
                 asyncio.open_connection(self._addr(host), u.port or 80), CONNECT_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as e:
+            self._failed(org, f"{host}:{u.port or 80}", 502, f"cannot reach {host}: {str(e) or type(e).__name__}")
             writer.write(page(502, "Bad Gateway", f"cannot reach {_html(host)}: {_html(str(e))}"))
             await writer.drain()
             return False

@@ -31,6 +31,7 @@ import sys
 import threading
 from dataclasses import dataclass
 
+from common.logs import setup
 from data_plane import metrics
 from keylib.securemem import LockedBuffer
 
@@ -226,6 +227,9 @@ _heap_locked: dict[int, int] = {}
 
 def _child() -> None:
     _harden()
+    # fd 2 is the ZEN's (its converting pipe): JSON lines, and a crash is its type and frames only,
+    # never an exception's message (which could quote what the key parser saw).
+    setup("WARNING", "keyward-signer", capture_stderr=False)
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa

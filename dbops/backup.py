@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import shutil
 import sys
@@ -291,6 +292,9 @@ def run_chown(path: Path) -> None:
             chown_server(Path(dirpath) / f)
 
 
+_agent_log = logging.getLogger("keyward.backup-agent")
+
+
 def agent(spec: ClusterSpec, *, interval: float = 1.0, stop_after: float | None = None) -> None:
     """Run :func:`reconcile` whenever a key is retired (polled), forever."""
     last_seq = -1
@@ -303,8 +307,8 @@ def agent(spec: ClusterSpec, *, interval: float = 1.0, stop_after: float | None 
                                 "WHERE kind IN ('rotated', 'revoked')").fetchone()
             seq = int(row[0]) if row else 0
             if seq != last_seq:
-                reconcile(spec, log=lambda line: print(f"backup-agent: {line}", flush=True))
+                reconcile(spec, log=lambda line: _agent_log.info("%s", line))
                 last_seq = seq
         except (PgError, psycopg.Error) as e:
-            print(f"backup-agent: {str(e).splitlines()[0] if str(e) else type(e).__name__}; retrying", flush=True)
+            _agent_log.warning("%s; retrying", str(e).splitlines()[0] if str(e) else type(e).__name__)
         time.sleep(interval)

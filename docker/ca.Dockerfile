@@ -3,6 +3,7 @@
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml ./
+COPY common common
 COPY protos protos
 COPY keylib keylib
 COPY control_plane control_plane

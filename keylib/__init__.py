@@ -7,7 +7,9 @@ Contract
   The Central Authority never imports it: an import-linter contract forbids
   it and the CA process installs :func:`keylib.guard.forbid_unwrap` at start.
 * ``keylib.kdf``    derives the per-key AES-256 key (the "password") from the
-  master secret, in locked memory; it is never stored or sent.
+  master secret, in locked memory; it is never stored or sent. Also the master
+  secret's check value (``master_check_value``), which is not secret: the CA
+  and the ZENs compare theirs.
 * ``keylib.securemem`` locked, non-dumpable, zero-on-release buffers.
 
 The envelope format is version-tagged (:data:`FORMAT`); a ZEN refuses a

@@ -20,6 +20,7 @@ import sys
 import kopf
 from aiohttp import web
 
+from common.logs import setup
 from k8s.operator import metrics
 from k8s.operator.config import ConfigError, OperatorConfig
 from k8s.operator.handlers import register
@@ -94,11 +95,13 @@ async def run(cfg: OperatorConfig) -> int:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # JSON lines, as every keyward process; kopf's own loggers (kopf.*, per-object ones with an
+    # "object" field) propagate to the root and are written the same way.
+    setup("INFO", "keyward-operator")
     try:
         cfg = OperatorConfig.from_env()
     except ConfigError as e:
-        print(f"keyward-operator: {e}", file=sys.stderr)
+        log.error("%s", e)
         sys.exit(2)
     sys.exit(asyncio.run(run(cfg)))
 

@@ -298,7 +298,7 @@ def test_an_undecodable_body_is_invalid_argument_after_the_identity_check(
     code, msg = call("bad-foreign-domain")
     assert code == grpc.StatusCode.UNAUTHENTICATED, (code, msg)
     new = ca.log_text()[len(before):]
-    assert '"level":"error"' not in new and "Exception deserializing" not in new, new[-2000:]
+    assert '"level": "error"' not in new and "Exception deserializing" not in new, new[-2000:]
     assert new.count("does not decode") <= 1  # rate-limited
 
 

@@ -42,6 +42,18 @@ def test_list_describe_and_call(ca: CAProcess, platform: Clients, pki_dir: Path,
     assert r.returncode != 0 and "FailedPrecondition" in r.stderr and "no active intermediate" in r.stderr
 
 
+def test_master_check_value_for_any_identity(ca: CAProcess, master_secret: tuple[bytes, Path], pki_dir: Path) -> None:
+    from keylib.kdf import master_check_value
+    from keylib.master import MasterSecret
+
+    want = master_check_value(MasterSecret.from_bytes(master_secret[0], require_lock=False))
+    for who in ("zen-public", "platform-admin", "org-admin-acme"):
+        r = _g(ca, pki_dir, who, "keyward.v1.KeyDistribution/GetCaInfo", data="{}")
+        assert r.returncode == 0 and json.loads(r.stdout) == {"master_check": want}, (who, r.stdout + r.stderr)
+    r = _g(ca, pki_dir, "bad-foreign-domain", "keyward.v1.KeyDistribution/GetCaInfo", data="{}")
+    assert r.returncode != 0 and "Unauthenticated" in r.stderr
+
+
 def test_grpcurl_without_client_certificate_fails(ca: CAProcess, pki_dir: Path) -> None:
     r = _g(ca, pki_dir, None, "list")
     assert r.returncode != 0

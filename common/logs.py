@@ -1,0 +1,246 @@
+"""One log format for every keyward process: JSON lines on stderr.
+
+Every line is one JSON object with ``time`` (RFC 3339, UTC, milliseconds), ``level`` (debug,
+info, warning, error, critical) and ``logger``:
+
+* a message that is itself a JSON object (the ZEN's access lines) gives its fields first, then
+  time, level and logger: ``{"org": "acme", "method": "GET", ..., "time": ..., "level": ...}``;
+* any other message is ``{"msg": ..., "time": ..., "level": ..., "logger": ...}``;
+* then the ``extra`` fields named in :data:`SAFE_FIELDS`, and no other: log calls pass ids,
+  never objects that could hold key material;
+* an exception adds ``exc_type`` and ``exc_frames`` (``file:line function``): never its
+  arguments, its message or any local, which could quote a secret.
+
+:func:`setup` also routes file descriptor 2 through a pipe read by a thread, so that what is
+written there without Python's logging (gRPC's C core, a crash's traceback, child processes,
+which inherit fd 2) becomes JSON lines too (:mod:`common.stderr`). Python's own records go
+straight to the real stderr.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from types import TracebackType
+from typing import Any
+
+from common.stderr import HANDSHAKE_TRACE, StderrLines, rfc3339
+
+SAFE_FIELDS = ("method", "code", "actor", "org_id", "key_id", "pool", "duration_ms", "port", "peer", "reason",
+               "setting", "status", "master_check")
+"""The ``extra`` fields a line may carry; anything else passed as ``extra`` is left out."""
+
+MAX_FRAMES = 30
+
+
+def frames(tb: TracebackType | None) -> list[str]:
+    """``file:line function`` of each frame, innermost last (no source text, no locals)."""
+    out = []
+    for frame, lineno in traceback.walk_tb(tb):
+        path = frame.f_code.co_filename.replace(os.sep, "/").split("/")
+        out.append(f"{'/'.join(path[-2:])}:{lineno} {frame.f_code.co_name}")
+    return out[-MAX_FRAMES:]
+
+
+def _as_object(msg: str) -> dict[str, Any] | None:
+    if not (msg.startswith("{") and msg.endswith("}")):
+        return None
+    try:
+        obj = json.loads(msg)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+class JsonFormatter(logging.Formatter):
+    """A record as one JSON line (see the module)."""
+
+    def __init__(self, program: str = "") -> None:
+        super().__init__()
+        self.program = program
+
+    def fields(self, record: logging.LogRecord) -> dict[str, Any]:
+        msg = record.getMessage()
+        out = _as_object(msg)
+        if out is None:
+            out = {"msg": msg}
+        out["time"] = rfc3339(record.created)
+        out["level"] = record.levelname.lower()
+        out["logger"] = self.program if record.name == "root" and self.program else record.name
+        for f in SAFE_FIELDS:
+            if hasattr(record, f):
+                out[f] = getattr(record, f)
+        ref = getattr(record, "k8s_ref", None)  # kopf's per-object loggers: which object
+        if isinstance(ref, dict) and ref.get("name"):
+            out["object"] = "/".join(str(ref[k]) for k in ("kind", "namespace", "name") if ref.get(k))
+        if record.exc_info and record.exc_info[0] is not None:
+            t = record.exc_info[0]
+            out["exc_type"] = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+            out["exc_frames"] = frames(record.exc_info[2])
+        return out
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(self.fields(record), default=str)
+
+
+class Sink:
+    """Whole lines to a file descriptor, one ``write`` each, under one lock (the handler and the
+    stderr thread share it, so lines never interleave)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._lock = threading.Lock()
+
+    def write_line(self, line: str) -> None:
+        data = memoryview((line + "\n").encode("utf-8", "backslashreplace"))
+        with self._lock:
+            while data:
+                try:
+                    data = data[os.write(self.fd, data):]
+                except InterruptedError:
+                    continue
+                except OSError:
+                    return  # stderr is gone: nothing left to tell
+
+
+class JsonHandler(logging.Handler):
+    def __init__(self, sink: Sink, formatter: JsonFormatter) -> None:
+        super().__init__()
+        self.sink = sink
+        self.setFormatter(formatter)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self.sink.write_line(line)
+
+
+class _Pump:
+    """fd 2 -> pipe -> this thread -> JSON lines -> the real stderr."""
+
+    def __init__(self, sink: Sink, lines: StderrLines) -> None:
+        self.sink, self.lines = sink, lines
+        r, w = os.pipe()
+        sys.stderr.flush()
+        os.dup2(w, 2)  # inheritable: child processes write into the pipe too
+        os.close(w)
+        self._r = r
+        self._mark = b"\0keyward-stderr-drained-" + os.urandom(8).hex().encode()
+        self._drained = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="keyward-stderr", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        buf = b""
+        while True:
+            try:
+                chunk = os.read(self._r, 65536)
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            buf += chunk
+            *whole, buf = buf.split(b"\n")
+            if len(buf) > 65536:  # no newline in sight: write what there is
+                whole, buf = [*whole, buf], b""
+            for raw in whole:
+                if raw == self._mark:
+                    self._flush()
+                    self._drained.set()
+                else:
+                    self._emit(raw)
+        if buf:
+            self._emit(buf)
+        self._flush()
+        self._drained.set()
+        os.close(self._r)
+
+    def _flush(self) -> None:
+        for line in self.lines.flush():
+            self.sink.write_line(line)
+
+    def _emit(self, raw: bytes) -> None:
+        try:
+            for line in self.lines.feed(raw.decode("utf-8", "backslashreplace")):
+                self.sink.write_line(line)
+        except Exception:  # never lose the line over a conversion bug
+            self.sink.write_line(json.dumps({"msg": raw.decode("utf-8", "backslashreplace"),
+                                             "time": rfc3339(time.time()), "level": "info", "logger": "stderr"}))
+
+    def close(self, timeout: float = 2.0) -> None:
+        """At exit: put the real stderr back on fd 2, then wait (bounded) until the thread has
+        written everything this process put into the pipe before: a mark sent after it comes out
+        last. Child processes still alive may hold the pipe open, so EOF is not waited for."""
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        w = os.dup(2)
+        os.dup2(self.sink.fd, 2)
+        try:
+            os.write(w, b"\n" + self._mark + b"\n")  # ends a last line without a newline, too
+        except OSError:
+            pass
+        finally:
+            os.close(w)
+        self._drained.wait(timeout)
+
+
+_pump: _Pump | None = None
+_sink: Sink | None = None
+
+
+def _excepthook(t: type[BaseException], e: BaseException, tb: TracebackType | None) -> None:
+    if issubclass(t, KeyboardInterrupt):
+        sys.__excepthook__(t, e, tb)
+        return
+    logging.getLogger().critical("uncaught exception, exiting", exc_info=(t, e, tb))
+
+
+def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread else "?"
+    if args.exc_value is None:
+        logging.getLogger().critical("uncaught exception in thread %s", name, extra={"reason": args.exc_type.__name__})
+        return
+    logging.getLogger().critical("uncaught exception in thread %s", name,
+                                 exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
+def setup(level: str | int, program: str, *, capture_stderr: bool = True, grpc_handshakes: bool = False) -> None:
+    """JSON lines on stderr for this process (idempotent: a second call changes the level).
+
+    ``program`` names the root logger's records. ``capture_stderr``: route fd 2 through the
+    converting thread (off in a process whose fd 2 is already a keyward process's pipe, such as
+    the ZEN's signers). ``grpc_handshakes``: a gRPC server's failed TLS handshakes become one line
+    each with the peer and the reason; this turns gRPC's handshaker trace on, so it must be called
+    before grpc is imported.
+    """
+    global _pump, _sink
+    if grpc_handshakes:
+        have = [t for t in os.environ.get("GRPC_TRACE", "").split(",") if t]
+        if HANDSHAKE_TRACE not in have and "all" not in have:
+            os.environ["GRPC_TRACE"] = ",".join([*have, HANDSHAKE_TRACE])
+    if _sink is None:
+        real = os.dup(2) if capture_stderr else 2
+        _sink = Sink(real)
+        if capture_stderr:
+            _pump = _Pump(_sink, StderrLines(handshakes=grpc_handshakes))
+            atexit.register(_pump.close)
+        sys.excepthook = _excepthook
+        threading.excepthook = _thread_excepthook
+        logging.captureWarnings(True)
+    root = logging.getLogger()
+    root.handlers[:] = [JsonHandler(_sink, JsonFormatter(program))]
+    root.setLevel(level)
