@@ -437,7 +437,8 @@ def test_an_http2_client_is_inspected_request_by_request_toward_an_http1_origin(
     assert r.returncode == 0, r.stderr[-1500:]
     assert f"2 403 {base}/private/secret" in r.stdout and f"2 200 {base}/open" in r.stdout, r.stdout
     assert f"hello from good.test:{web.port} /open" in r.stdout and "is blocked by your organization" in r.stdout
-    assert r.stderr.count("CONNECT tunnel established") == 1 and "Multiplexed connection found" in r.stderr
+    # (One connection or two is curl's choice: it may start the second transfer before it knows the
+    # first connection multiplexes. tests/integration/test_zen_h2.py shows one connection with nghttp.)
 
     def logged() -> dict[str, dict[str, object]] | None:  # written once each stream has ended
         lines = [json.loads(ln) for ln in zen.log.read_text().splitlines() if ln.startswith('{"org": "' + org_id)]
