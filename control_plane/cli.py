@@ -122,6 +122,16 @@ def _db(a: argparse.Namespace) -> int:
             node = backup.restore(Path(a.backup), Path(a.dir), a.port)
             print(f"restored {a.backup} into {a.dir}: a fresh primary on {node.host}:{node.port}")
             return 0
+        if a.db_cmd == "watch":
+            from pathlib import Path
+
+            from common.logs import setup
+            from dbops import watch
+
+            setup("INFO", "keyward-db-watch")
+            state = Path(a.state) if a.state else Path(path).parent / "watch-state.json"
+            watch.agent(spec, state=state, after=a.after)
+            return 0
         if a.db_cmd == "backup-agent":
             from common.logs import setup
 
@@ -201,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     rs.add_argument("port", type=int)
     ag = db_sub.add_parser("backup-agent", help="keep backups clean: re-backup and shred after each retirement")
     ag.add_argument("--interval", type=float, default=1.0)
+    wa = db_sub.add_parser("watch", help="fail over by itself when the primary is lost (the operator's decisions, "
+                                         "outside Kubernetes; one watcher per cluster)")
+    wa.add_argument("--after", type=float, default=3.0,
+                    help="seconds without any primary before failing over (default 3)")
+    wa.add_argument("--state", help="file keeping the last primary seen (default: beside the cluster spec)")
     pv = sub.add_parser("proxy-verifier", help="make a proxy credential and the verifier for an org's policy")
     pv.add_argument("--stdin", action="store_true",
                     help="read the secret from stdin (default: make a random one and print it once)")

@@ -2,7 +2,9 @@
 
 ``up`` starts, in the background: three Postgres servers (a primary and two
 synchronous standbys, data in .run/pg), the CA (``keyward serve``, log in
-.run/logs/ca.log), the backup agent (.run/logs/backup-agent.log), registers
+.run/logs/ca.log), the backup agent (.run/logs/backup-agent.log), the failover
+watcher (``keyward db watch``, .run/logs/db-watch.log: a lost primary is replaced by
+itself), registers
 the dev ZEN pools ``public`` and ``private``, and writes ``.run/env``. The master secret is
 generated into a memory-backed file under /dev/shm (the local stand-in for a
 Kubernetes Secret on a tmpfs volume); it never touches the disk.
@@ -108,6 +110,8 @@ def up() -> None:
     env["KEYWARD_DB_CLUSTER"] = str(pg.spec_path)
     # Keeps backups free of retired keys: re-backup and shred after each rotation.
     _spawn("backup-agent", [sys.executable, "-m", "control_plane", "db", "backup-agent"], env)
+    # Fails over by itself when the primary is lost (the operator's decisions, outside Kubernetes).
+    _spawn("db-watch", [sys.executable, "-m", "control_plane", "db", "watch"], env)
     proc = _spawn("ca", [sys.executable, "-m", "control_plane", "serve"], env)
     log = RUN / "logs" / "ca.log"
     if proc is None:
@@ -196,6 +200,7 @@ def _stop(name: str) -> None:
 
 
 def down() -> None:
+    _stop("db-watch")  # first: stopping the servers must not look like a lost primary
     _stop("ca")
     _stop("backup-agent")
     pg = cluster()
