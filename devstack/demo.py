@@ -335,8 +335,8 @@ def main() -> None:
     step(f"12. A ZEN intercepts {ACME}'s HTTPS traffic with a leaf minted from {ACME}'s intermediate")
     zen_demo()
 
-    print("\nDemo complete. The stack keeps running: `source .run/env` and use grpcurl as in the README; "
-          "`make down` stops it.")
+    print("\nDemo complete. The stack keeps running: `source .run/env`, then the README's tutorial from its step 2 "
+          "(keyward org create acme ...) does all this by hand; `make down` stops it.")
 
 
 if __name__ == "__main__":

@@ -164,7 +164,11 @@ def write_env(pg: PgCluster, pki_dir: Path, master: Path) -> None:
         "KEYWARD_DB_CLUSTER": str(pg.spec_path),
     }
     # Exported: `source .run/env` must reach the programs a user runs next (keyward db status, grpcurl).
-    (RUN / "env").write_text("".join(f"export {k}='{v}'\n" for k, v in lines.items()))
+    # The virtualenv's bin folder goes first on PATH (once, however often it is sourced): the
+    # README's `keyward`, `keyward-zen` and `grpcurl` are its console scripts.
+    bin_dir = Path(sys.executable).parent  # .venv/bin under `make up`; not resolved (a venv's python is a symlink)
+    path = (f"case \":$PATH:\" in *':{bin_dir}:'*) ;; *) export PATH='{bin_dir}':\"$PATH\" ;; esac\n")
+    (RUN / "env").write_text("".join(f"export {k}='{v}'\n" for k, v in lines.items()) + path)
 
 
 def _spawn(name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes] | None:
