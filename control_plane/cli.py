@@ -183,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     if words[:1] and words[0] in ("org", "key", "pool", "health", "dev", "completion", "audit"):
         # Before grpc is imported: its core would print its own log lines around our one-line errors.
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    if argv == ["serve"]:
+        # Before anything imports grpc (the admin commands do): the CA turns gRPC's handshake
+        # trace on at start, which only takes effect if grpc is not loaded yet.
+        return _serve()
     from control_plane import adminctl
 
     ap = argparse.ArgumentParser(prog="keyward", description="keyward: the Central Authority and its admin "
