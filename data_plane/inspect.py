@@ -235,3 +235,22 @@ class Session:
                 upload.cancel()
             if closed or head.wants_close() or resp_head.wants_close():
                 return
+
+
+async def serve_page_h2(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int, text: str) -> None:
+    """An HTTP/2 client's connection that can only be refused (the origin failed before any
+    request): every stream it opens gets the page, until it leaves (at most 30 s)."""
+    resp, body = page_response(status, text)
+
+    async def answer(ep: H2Endpoint, sid: int, headers: list[Header], inbound: Inbound) -> None:
+        await ep.send_headers(sid, resp.to_h2())
+        await ep.send_data(sid, body, end_stream=True)
+
+    ep = H2Endpoint(reader, writer, client_side=False, on_request=answer)
+    try:
+        await ep.start()
+        await asyncio.wait_for(ep.run(), 30)
+    except (asyncio.TimeoutError, ConnectionError, OSError):
+        pass
+    finally:
+        await ep.close()

@@ -22,14 +22,14 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 
-from data_plane import metrics
+from data_plane import metrics, plain
 from data_plane.clienthello import MAX_HELLO, ClientHello, NotTls, decide, needed, parse
 from data_plane.h2conn import H2Endpoint
-from data_plane.http1 import Head, HttpError, check_framing, copy_body, read_head, splice
-from data_plane.inspect import Session
+from data_plane.http1 import HttpError, read_head, splice
+from data_plane.inspect import Session, serve_page_h2
 from data_plane.keys import KeyManager, OrgKey
 from data_plane.mint import Minter
-from data_plane.policy import Action, connect_action, org_for, url_blocked
+from data_plane.policy import Action, connect_action, org_for
 from data_plane.proxyauth import ProxyAuth, Verdict, basic_credentials
 from data_plane.upstream import H1Upstream, H2Upstream, Upstream
 
@@ -137,7 +137,7 @@ class Proxy:
                 writer.write(page(400, "Bad Request", "A proxy request needs CONNECT or an absolute http:// URI."))
                 await writer.drain()
                 return
-            if not await self._plain(reader, writer, org, head):
+            if not await plain.forward(reader, writer, org, head, self.km.policies[org], self._addr, self._failed):
                 return
 
     def pac(self) -> str:
@@ -243,9 +243,10 @@ class Proxy:
         try:
             await asyncio.wait_for(o_writer.start_tls(origin_ctx, server_hostname=name), CONNECT_TIMEOUT)
         except ssl.SSLCertVerificationError as e:
-            await self._tls_page(writer, org, key, name, 502, "Bad Gateway",
+            await self._tls_page(reader, writer, org, key, name, 502, "Bad Gateway",
                                  f"The certificate of {_html(name)} is not trusted "
-                                 f"({_html(e.verify_message or str(e))}); the connection was refused.")
+                                 f"({_html(e.verify_message or str(e))}); the connection was refused.",
+                                 hello.alpn)
             return
         except (OSError, asyncio.TimeoutError, ssl.SSLError) as e:
             if origin_ctx is self.origin_h1_ctx and "no application protocol" in str(e).lower().replace("_", " "):
@@ -253,8 +254,9 @@ class Proxy:
                 # on a new connection, and translate (inspect.Session.serve_h1).
                 await self._intercept_again(reader, writer, org, name, host, port, key, hello.alpn)
                 return
-            await self._tls_page(writer, org, key, name, 502, "Bad Gateway",
-                                 f"cannot reach {_html(name)}: {_html(str(e))}")
+            await self._tls_page(reader, writer, org, key, name, 502, "Bad Gateway",
+                                 f"cannot reach {_html(name)}: {_html(str(e))}",
+                                 hello.alpn)
             return
         await self._intercept(reader, writer, o_reader, o_writer, org, name, host, port, key, hello.alpn)
 
@@ -264,8 +266,9 @@ class Proxy:
             o_reader, o_writer = await asyncio.wait_for(asyncio.open_connection(
                 self._addr(host), port, ssl=self.origin_ctx, server_hostname=name, limit=64 * 1024), CONNECT_TIMEOUT)
         except (OSError, asyncio.TimeoutError, ssl.SSLError) as e:
-            await self._tls_page(writer, org, key, name, 502, "Bad Gateway",
-                                 f"cannot reach {_html(name)}: {_html(str(e))}")
+            await self._tls_page(reader, writer, org, key, name, 502, "Bad Gateway",
+                                 f"cannot reach {_html(name)}: {_html(str(e))}",
+                                 client_alpn)
             return
         try:
             await self._intercept(reader, writer, o_reader, o_writer, org, name, host, port, key, client_alpn)
@@ -307,13 +310,19 @@ class Proxy:
                 dup.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
             dup.close()
 
-    async def _tls_page(self, writer: asyncio.StreamWriter, org: str, key: OrgKey, name: str, status: int,
-                        reason: str, text: str) -> None:
-        """An error page the client can read: over TLS, with a leaf for the name it asked for."""
+    async def _tls_page(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, org: str, key: OrgKey,
+                        name: str, status: int, reason: str, text: str, client_alpn: tuple[str, ...]) -> None:
+        """An error page the client can read: over TLS, with a leaf for the name it asked for, in
+        the protocol it speaks (an HTTP/2-only client, gRPC's, could not read an HTTP/1.1 page)."""
         self._failed(org, name, status, html.unescape(text))
+        alpn = ("h2", "http/1.1") if "h2" in client_alpn else ("http/1.1",)
         ctx = await asyncio.to_thread(self.minter.context_for, org, key.key_id, key.signer, key.certificate_pem,
-                                      name, [], ("http/1.1",))
+                                      name, [], alpn)
         await writer.start_tls(ctx)
+        c_ssl = writer.get_extra_info("ssl_object")
+        if c_ssl is not None and c_ssl.selected_alpn_protocol() == "h2":
+            await serve_page_h2(reader, writer, status, text)
+            return
         writer.write(page(status, reason, text))
         await writer.drain()
 
@@ -354,48 +363,6 @@ class Proxy:
             await session.serve_h2(reader, writer, upstream)
         else:
             await session.serve_h1(reader, writer, upstream)
-
-    async def _plain(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, org: str, head: Head) -> bool:
-        """Forward one absolute-URI request. True to keep the client connection."""
-        check_framing(head, is_request=True)
-        from urllib.parse import urlsplit
-
-        u = urlsplit(head.start[1])
-        host = (u.hostname or "").lower()
-        path = (u.path or "/") + (f"?{u.query}" if u.query else "")
-        policy = self.km.policies[org]
-        if connect_action(policy, host, have_key=True) is Action.BLOCK or url_blocked(policy, host, path):
-            writer.write(page(403, "Forbidden", f"{_html(host + path)} is blocked by your organization's policy."))
-            await writer.drain()
-            metrics.REQUESTS.labels(org, "403").inc()
-            access.info(json.dumps({"org": org, "method": head.start[0], "host": host, "path": path, "status": 403,
-                                    "bytes": 0, "blocked": True}))
-            return False
-        try:
-            o_reader, o_writer = await asyncio.wait_for(
-                asyncio.open_connection(self._addr(host), u.port or 80), CONNECT_TIMEOUT)
-        except (OSError, asyncio.TimeoutError) as e:
-            self._failed(org, f"{host}:{u.port or 80}", 502, f"cannot reach {host}: {str(e) or type(e).__name__}")
-            writer.write(page(502, "Bad Gateway", f"cannot reach {_html(host)}: {_html(str(e))}"))
-            await writer.drain()
-            return False
-        try:
-            headers = [(k, v) for k, v in head.headers if k.lower() not in ("proxy-authorization", "proxy-connection")]
-            raw = f"{head.start[0]} {path} {head.start[2]}\r\n".encode("latin-1") + b"".join(
-                f"{k}: {v}\r\n".encode("latin-1") for k, v in headers) + b"\r\n"
-            o_writer.write(raw)
-            await copy_body(head, reader, o_writer, is_response=False)
-            resp = await read_head(o_reader)
-            if resp is None:
-                return False
-            writer.write(resp.raw)
-            n, closed = await copy_body(resp, o_reader, writer, is_response=True, request_method=head.start[0])
-            metrics.REQUESTS.labels(org, resp.start[1]).inc()
-            access.info(json.dumps({"org": org, "method": head.start[0], "host": host, "path": path,
-                                    "status": int(resp.start[1]) if resp.start[1].isdigit() else 0, "bytes": n}))
-            return not (closed or head.wants_close() or resp.wants_close())
-        finally:
-            o_writer.close()
 
     async def _splice(self, a_r: asyncio.StreamReader, a_w: asyncio.StreamWriter, b_r: asyncio.StreamReader,
                       b_w: asyncio.StreamWriter) -> None:

@@ -406,3 +406,21 @@ def test_a_stream_its_client_does_not_read_stalls_no_other_stream(
     assert got[3] == len("hello from good.test /hello over h2\n") and 1 not in ended
     assert got[1] == 65535  # no more than the window the client gave it
     tls.close()
+
+
+def test_a_refusal_page_reaches_an_http2_only_client_in_http2(
+    zen: Zen, web: Web, org: tuple[str, OrgRoot, Clients],  # noqa: F811
+) -> None:
+    """An origin whose certificate the ZEN does not trust (bad.test, self-signed): the 502 page
+    comes in the client's protocol. A gRPC client offers only h2 and could read no HTTP/1.1 page;
+    it reads UNAVAILABLE with the HTTP status, and curl --http2 reads the page over HTTP/2."""
+    org_id, root, _ = org
+    r = curl(zen, org_id, root, "--http2", "-w", "\n%{http_version} %{http_code}",
+             f"https://bad.test:{web.bad_port}/")
+    assert r.returncode == 0 and r.stdout.endswith("\n2 502") and "is not trusted" in r.stdout, r.stdout + r.stderr
+    creds = grpc.ssl_channel_credentials(root.crt.read_bytes())
+    with grpc.secure_channel(f"bad.test:{web.bad_port}", creds, options=[
+            ("grpc.http_proxy", f"http://{org_id}:{PROXY_SECRET}@127.0.0.1:{zen.port}")]) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            say(ch, "anyone there?")
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "502" in str(e.value.details()), e.value
