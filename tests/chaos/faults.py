@@ -176,9 +176,10 @@ def run(f: Fault, cluster: PgCluster, ca: CA, watcher: Watcher, on_ca_back: Call
             for name in names:
                 local.kill_node(spec.node(name))
             time.sleep(f.param)
-            for name in names:
+            for i, name in enumerate(names):
+                if i == len(names) - 1:  # from here on every standby may confirm again (before pg_ctl returns)
+                    f.quorum_lost.append((f.injected, time.monotonic()))
                 _node(cluster, name).start()
-            f.quorum_lost.append((f.injected, time.monotonic()))
         elif f.kind in ("stall-primary", "stall-standby"):
             pid = _node(cluster, f.target).pid()
             assert pid is not None, f"{f.target} is not running"
@@ -189,6 +190,8 @@ def run(f: Fault, cluster: PgCluster, ca: CA, watcher: Watcher, on_ca_back: Call
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p, signal.SIGSTOP)
             time.sleep(f.param)
+            if f.kind == "stall-standby":
+                f.quorum_lost.append((f.injected, time.monotonic()))
             resumed = 0
             for p, st in pids.items():  # only the very processes stopped (a fenced server's are gone)
                 if st is not None and _starttime(p) == st:
@@ -196,8 +199,6 @@ def run(f: Fault, cluster: PgCluster, ca: CA, watcher: Watcher, on_ca_back: Call
                         os.kill(p, signal.SIGCONT)
                         resumed += 1
             f.notes.append(f"SIGCONT to {resumed} of {len(pids)} processes")
-            if f.kind == "stall-standby":
-                f.quorum_lost.append((f.injected, time.monotonic()))
         elif f.kind == "kill-ca":
             time.sleep(f.param)
             f.injected = time.monotonic()

@@ -29,6 +29,8 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [("grpc.initial_reconnect_backoff_ms", 
                                           ("grpc.min_reconnect_backoff_ms", 200),
                                           ("grpc.max_reconnect_backoff_ms", 1000)]
 ATTEMPT_TIMEOUT = 6.0
+ZEN_TIMEOUT = 5.0
+"""The ZEN's own deadline for GetKeyPair (data_plane.ca_client)."""
 OP_BUDGET = 240.0
 """Seconds a write is retried with its request_id before the writer gives up on it (abandoned)."""
 RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -208,7 +210,7 @@ class Load:
         zen = clients(self.addr, self.pki_dir, "zen-public", options=CHANNEL_OPTIONS)
         while not self.stop.is_set():
             try:
-                kp = zen.keys.GetKeyPair(pb.GetKeyPairRequest(org_id=self.key_org), timeout=4)
+                kp = zen.keys.GetKeyPair(pb.GetKeyPairRequest(org_id=self.key_org), timeout=ZEN_TIMEOUT)
                 assert kp.encrypted_private_key
                 with self.ledger.lock:
                     self.ledger.reads_ok.append(time.monotonic())

@@ -215,15 +215,25 @@ def test_chaos_campaign(cluster: PgCluster, pki_dir: Path, master_secret: tuple[
             time.sleep(lead)  # steady load first
             threads = [threading.Thread(target=faults.run, args=(f, cluster, ca, watcher, lambda: None), daemon=True)
                        for f in cy.faults]
+            spec = cluster.spec()
+            samples: list[tuple[float, bool]] = []  # (when, full redundancy), sampled from the injection on
+            sampling = threading.Event()
+
+            def sample() -> None:
+                while not sampling.is_set():
+                    t = time.monotonic()
+                    samples.append((t, not status.problems(spec, status.cluster_status(spec))))
+                    sampling.wait(0.2)
+            sampler = threading.Thread(target=sample, daemon=True)
             for th in threads:
                 th.start()
+            sampler.start()
             for th in threads:
                 th.join(STALL[1] + 120)
             cy.t_fault = min(f.injected for f in cy.faults if f.injected) if any(f.injected for f in cy.faults) else t0
             for f in cy.faults:
                 if f.error:
                     cy.violations.append(f"{f.describe()}: the harness could not inject/heal it: {f.error}")
-            spec = cluster.spec()
 
             def back() -> bool:
                 if watcher.proc is None or watcher.proc.poll() is not None:
@@ -231,7 +241,12 @@ def test_chaos_campaign(cluster: PgCluster, pki_dir: Path, master_secret: tuple[
                 return not status.problems(spec, status.cluster_status(spec))
             try:
                 wait_for(back, BACK_TIMEOUT, "three servers streaming, ANY 2 satisfied", interval=0.2)
-                cy.back = time.monotonic() - cy.t_fault
+                sampling.set()
+                sampler.join(10)
+                # Back: the first full-redundancy sample after the fault was seen (0: never lost, a CA kill).
+                lost = [t for t, ok in samples if not ok and t >= cy.t_fault]
+                healed = [t for t, ok in samples if ok and lost and t > lost[0]]
+                cy.back = (healed[0] if healed else time.monotonic()) - cy.t_fault if lost else 0.0
                 wait_for(lambda: any(o.ack_attempt_started > cy.t_fault for o in load.ledger.acked()
                                      if o.ack_attempt_started), 60, "a write acknowledged after the fault")
             except AssertionError as e:
@@ -250,6 +265,7 @@ def test_chaos_campaign(cluster: PgCluster, pki_dir: Path, master_secret: tuple[
                                    for e in served[:3]]
             cy.unknown_retried = sum(1 for o in list(load.ledger.ops) if o.unknown and o.acked
                                      and o.acked >= cy.t_fault)
+            sampling.set()
             if not cy.violations:
                 load.pause()
                 try:
