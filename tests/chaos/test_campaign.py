@@ -286,6 +286,11 @@ def test_chaos_campaign(cluster: PgCluster, pki_dir: Path, master_secret: tuple[
         mon.stop.set()
         watcher.stop()
         ca.stop()
+        if failed is not None:  # the servers' logs outlive the cluster (pytest keeps tmp_path)
+            for nd in cluster.nodes:
+                if nd.logfile.exists():
+                    (tmp_path / f"{nd.name}-server.log").write_bytes(nd.logfile.read_bytes())
+            print(f"logs: {tmp_path}", flush=True)
         table = report(cycles, load, time.monotonic() - t_start)
         print(table, flush=True)
         out = os.environ.get("KEYWARD_CHAOS_REPORT")
