@@ -154,7 +154,7 @@ def plan(rng: random.Random, kinds: list[str], cluster: PgCluster, stall: tuple[
         elif k == "kill-ca":
             f.param, f.param2 = round(rng.uniform(0.0, 2.0), 2), round(rng.uniform(0.3, 3.0), 1)
         elif k == "kill-watch":
-            f.param, f.param2 = round(rng.uniform(0.5, 3.5), 2), round(rng.uniform(0.5, 3.0), 1)
+            f.param, f.param2 = round(rng.uniform(0.0, 1.2), 2), round(rng.uniform(0.5, 3.0), 1)  # a failover takes ~0.5-1.5 s
         out.append(f)
     return out
 
@@ -168,8 +168,8 @@ def run(f: Fault, cluster: PgCluster, ca: CA, watcher: Watcher, on_ca_back: Call
     spec = cluster.spec()
     try:
         if f.kind == "kill-primary":
-            f.injected = time.monotonic()
             local.kill_node(spec.node(f.target))
+            f.injected = time.monotonic()  # every process of the primary gone (it served until then)
         elif f.kind in ("kill-standby", "kill-both-standbys"):
             names = f.target.split(",")
             f.injected = time.monotonic()
@@ -208,8 +208,8 @@ def run(f: Fault, cluster: PgCluster, ca: CA, watcher: Watcher, on_ca_back: Call
             f.ca_down.append((f.injected, time.monotonic()))
             on_ca_back()
         elif f.kind == "kill-watch":
-            f.injected = time.monotonic()
             local.kill_node(spec.node(f.target))
+            f.injected = time.monotonic()
             time.sleep(watcher.after + f.param)
             watcher.kill()
             f.notes.append("watcher killed")

@@ -221,8 +221,8 @@ def test_chaos_campaign(cluster: PgCluster, pki_dir: Path, master_secret: tuple[
 
             def sample() -> None:
                 while not sampling.is_set():
-                    t = time.monotonic()
-                    samples.append((t, not status.problems(spec, status.cluster_status(spec))))
+                    ok = not status.problems(spec, status.cluster_status(spec))
+                    samples.append((time.monotonic(), ok))  # as of its last answer (a stalled server's is late)
                     sampling.wait(0.2)
             sampler = threading.Thread(target=sample, daemon=True)
             for th in threads:
