@@ -9,7 +9,7 @@ PROTOS := $(wildcard protos/keyward/v1/*.proto)
 STUBS  := $(PROTOS:.proto=_pb2.py)
 PYTEST_ARGS ?=
 
-.PHONY: all deps tools venv protos test e2e soak lint up down demo clean images
+.PHONY: all deps tools venv protos test e2e soak chaos lint up down demo clean images
 
 all: venv protos
 
@@ -59,6 +59,13 @@ e2e: deps tools venv protos
 # The long failover run: 20 SIGKILL/failover cycles at random kill points.
 soak: deps venv protos
 	KEYWARD_FAILOVER_CYCLES=$${CYCLES:-20} $(BIN)/python -m pytest -s tests/integration/test_failover.py
+
+# The seeded fault campaign (tests/chaos): CYCLES faults under load, SEED replays one (default: random,
+# printed with the command that replays it). STALL=LO-HI bounds the SIGSTOP stalls (default 5-30 s).
+# CI's short campaign: make chaos CYCLES=8 STALL=2-6
+chaos: deps venv protos
+	KEYWARD_CHAOS_CYCLES=$${CYCLES:-100} KEYWARD_CHAOS_SEED=$${SEED:-} KEYWARD_CHAOS_STALL=$${STALL:-5-30} \
+	  $(BIN)/python -m pytest -s -p no:cacheprovider tests/chaos $(PYTEST_ARGS)
 
 up: deps venv protos
 	$(BIN)/python -m devstack.stack up

@@ -11,8 +11,9 @@ transaction and, before the body runs:
    call or parameters is refused with :class:`InvalidArgument`).
 
 The body then either answers a replay from ``w.replayed`` and returns,
-mutating nothing, or mutates through ``w.conn`` and queues what the write
-produced: ``w.result`` (what a retry will be answered from),
+mutating nothing (the unit still waits for the synchronous standbys to hold
+the replayed request before it answers: :func:`confirm`), or mutates through
+``w.conn`` and queues what the write produced: ``w.result`` (what a retry will be answered from),
 ``w.emit(...)`` (key events), ``w.audit(...)`` (the detail of its audit row).
 When the body ends without an exception, the unit ALWAYS, in this order:
 
@@ -54,6 +55,20 @@ async def replay(conn: Conn, request_id: RequestKey, actor: Actor, action: str) 
         raise InvalidArgument(f"request_id {request_id.id} was already used for another call or other "
                               "parameters; use a fresh one")
     return dict(r["result"])
+
+
+async def confirm(conn: Conn) -> None:
+    """Make this transaction's COMMIT wait for the synchronous standbys past a replayed request.
+
+    A request found in ``request_log`` may be committed on the primary only: its first attempt
+    ended "outcome unknown" because the standbys' confirmation was cancelled at the deadline,
+    and Postgres keeps such a commit, visible. Answering a retry from it at once would
+    acknowledge a write the standbys may lack (lost on failover). A transaction that wrote no
+    WAL does not wait for the standbys at COMMIT; this one writes a transactional WAL message
+    (no table changes), so its COMMIT waits for ``ANY k`` confirmations of a WAL position past
+    the original commit, and the deadline ends that wait with :class:`CommitUnknown` as for any
+    write: the retry is acknowledged only once the standbys hold the write."""
+    await conn.execute("SELECT pg_logical_emit_message(true, 'keyward-replay', '')")
 
 
 async def remember(conn: Conn, request_id: RequestKey, actor: Actor, action: str, result: dict[str, Any]) -> None:
@@ -102,6 +117,7 @@ class Writes(Database):
             yield w
             if w.replayed is not None:
                 assert not w.events and w.audit_row is None, f"{action}: a replay must change nothing"
+                await confirm(conn)
                 return
             await remember(conn, request_id, actor, action, w.result)
             for ev in w.events:
@@ -115,4 +131,8 @@ class Writes(Database):
         if not request_id.id:
             return None
         async with self._tx(write=False) as conn:
-            return await replay(conn, request_id, actor, action)
+            found = await replay(conn, request_id, actor, action)
+        if found is not None:  # answered only once the standbys hold it (see confirm)
+            async with self._tx(write=True) as conn:
+                await confirm(conn)
+        return found
