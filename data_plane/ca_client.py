@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from common.policy import DEFAULT_IDLE_SECONDS
 from data_plane.policy import OrgPolicy
 from keylib.names import NameConstraints
 from protos.keyward.v1 import keyward_pb2 as pb
@@ -61,7 +62,7 @@ _KINDS = {pb.KEY_EVENT_KIND_ROTATED: "rotated", pb.KEY_EVENT_KIND_REVOKED: "revo
 
 def policy_from_pb(org_id: str, p: pb.Policy, version: int) -> OrgPolicy:
     return OrgPolicy(org_id=org_id, fail_closed=p.fail_mode == pb.FAIL_MODE_CLOSED,
-                     idle_seconds=p.key_idle_timeout_seconds or 600, location_cidrs=tuple(p.location_cidrs),
+                     idle_seconds=p.key_idle_timeout_seconds or DEFAULT_IDLE_SECONDS, location_cidrs=tuple(p.location_cidrs),
                      blocked_hosts=tuple(p.blocked_hosts), blocked_url_prefixes=tuple(p.blocked_url_prefixes),
                      do_not_inspect_hosts=tuple(p.do_not_inspect_hosts), version=version,
                      proxy_verifiers=tuple(p.proxy_credential_verifiers),

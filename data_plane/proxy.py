@@ -16,12 +16,12 @@ import contextlib
 import html
 import json
 import logging
-import re
 import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
 
+from common.ids import is_id
 from data_plane import metrics
 from data_plane.clienthello import MAX_HELLO, ClientHello, NotTls, decide, needed, parse
 from data_plane.h2conn import H2Endpoint
@@ -33,8 +33,6 @@ from data_plane.policy import Action, connect_action, org_for, url_blocked
 from data_plane.proxyauth import ProxyAuth, Verdict, basic_credentials
 from data_plane.upstream import H1Upstream, H2Upstream, Upstream
 
-_ID = re.compile(r"[a-z][a-z0-9-]{1,61}[a-z0-9]")
-"""An org id's form (checked before asking the CA about a name a client sent)."""
 log = logging.getLogger("keyward.zen")
 access = logging.getLogger("keyward.zen.access")
 
@@ -103,7 +101,7 @@ class Proxy:
                 verdict = Verdict.BAD
                 if creds is not None:
                     policy = self.km.policies.get(creds[0])
-                    if policy is None and _ID.fullmatch(creds[0]):
+                    if policy is None and is_id(creds[0]):  # the CA is asked about no name of another form
                         # An org this ZEN has not heard of: its policy from the CA (which refuses, and
                         # audits, unless this pool serves it); the lookup costs the source a token.
                         if not self.auth.take(ip):
