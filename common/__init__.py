@@ -8,6 +8,7 @@ operator, the backup agent), each rule defined once:
 * :mod:`common.hardening`: no core dumps, not dumpable;
 * :mod:`common.ids`: the form of an org id or pool name;
 * :mod:`common.policy`: the idle default and host patterns, as both planes read a policy;
+* :mod:`common.status`: what a failed call to the CA means to its clients (retry, refused, broken).
 
 It imports nothing of ours (no plane, no keylib, no grpc or psycopg): an import-linter contract
 keeps it that way, so any process can use it without dragging a plane along. (The public-key

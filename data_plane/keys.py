@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from data_plane import metrics
-from data_plane.ca_client import CAClient, CAError, CAUnavailable, KeyMaterial
+from data_plane.ca_client import CAClient, CAError, CARefused, CAUnavailable, KeyMaterial
 from data_plane.keyopen import open_org_key
 from data_plane.policy import OrgPolicy
 from data_plane.signer import MemoryNotLocked, Signer, SignerError
@@ -268,6 +268,9 @@ class KeyManager:
             except CAUnavailable as e:
                 self._reachable(False)
                 log.warning("watch stream lost: %s", e, extra={"reason": str(e)})
+            except CARefused as e:  # e.g. the pool is not registered (yet): the CA answered
+                self._reachable(True)
+                log.warning("watch stream refused: %s", e, extra={"reason": str(e)})
             except Exception:
                 log.exception("watch stream failed")
             await asyncio.sleep(backoff)  # bounded back-off before reconnecting
