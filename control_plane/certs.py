@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from control_plane.errors import FailedPrecondition, InvalidArgument
+from control_plane.errors import InvalidArgument
 from keylib import envelope
 from keylib.names import NameConstraints
 
@@ -238,10 +238,3 @@ def _check_constraints(cert: x509.Certificate, want: NameConstraints | None) -> 
         f"certificate's name constraints ({show_nc(got)}) differ from the org policy's ({show_nc(want)}): "
         "sign the CSR keeping its NameConstraints extension as requested (e.g. openssl x509 -req "
         "-copy_extensions copyall), or change the policy and request a new CSR")
-
-
-def require_pending(pending: object) -> None:
-    if pending is None:
-        raise FailedPrecondition(
-            "the org has no pending key: call RequestIntermediateCsr, sign the CSR, then upload"
-        )

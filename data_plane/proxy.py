@@ -310,7 +310,7 @@ class Proxy:
         """An error page the client can read: over TLS, with a leaf for the name it asked for."""
         self._failed(org, name, status, html.unescape(text))
         ctx = await asyncio.to_thread(self.minter.context_for, org, key.key_id, key.signer, key.certificate_pem,
-                                      name, [], ("http/1.1",))
+                                      name, [], ("http/1.1",), key.chain_pem)
         await writer.start_tls(ctx)
         writer.write(page(status, reason, text))
         await writer.drain()
@@ -326,7 +326,7 @@ class Proxy:
         origin_proto = (sslobj.selected_alpn_protocol() if sslobj else None) or "http/1.1"
         alpn = ("h2", "http/1.1") if "h2" in client_alpn else ("http/1.1",)
         ctx = await asyncio.to_thread(self.minter.context_for, org, key.key_id, key.signer, key.certificate_pem,
-                                      name, sans, alpn)
+                                      name, sans, alpn, key.chain_pem)
         await writer.start_tls(ctx)
         c_ssl = writer.get_extra_info("ssl_object")
         client_proto = (c_ssl.selected_alpn_protocol() if c_ssl else None) or "http/1.1"
