@@ -61,7 +61,9 @@ def event_reaches(pool: str, audience: Collection[str]) -> bool:
 def key_refusal(pool: str, org_id: str) -> PermissionDenied:
     """The one refusal for an org a pool may not receive keys of, whether it
     is private to other pools or does not exist at all."""
-    return PermissionDenied(
+    err = PermissionDenied(
         f"ZEN pool {pool!r} may not receive keys of organization {org_id!r} "
         "(it is served by other pools only, or does not exist)"
     )
+    err.org_id = org_id  # audited under that org, whichever field of the request named it
+    return err

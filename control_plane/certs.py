@@ -18,7 +18,6 @@ Upload rule: an org's signed intermediate is accepted only if
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from dataclasses import dataclass
 from enum import Enum
 
@@ -28,7 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from control_plane.errors import FailedPrecondition, InvalidArgument
+from control_plane.errors import InvalidArgument
+from keylib import envelope
 from keylib.names import NameConstraints
 
 MAX_PEM_BYTES = 64 * 1024
@@ -55,15 +55,12 @@ def generate_key(alg: KeyAlgorithm) -> PrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=bits)
 
 
-def spki_der(public_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> bytes:
-    return public_key.public_bytes(serialization.Encoding.DER,
-                                   serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
 def spki_sha256(public_key: object) -> bytes:
+    """The fingerprint a sealed key is bound to (:func:`keylib.envelope.spki_sha256`), of an RSA
+    or EC key: the only kinds the CA generates or accepts."""
     if not isinstance(public_key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
         raise InvalidArgument("certificate key type is not RSA or EC")
-    return hashlib.sha256(spki_der(public_key)).digest()
+    return envelope.spki_sha256(public_key)
 
 
 def build_csr(key: PrivateKey, *, common_name: str, organization: str,
@@ -241,10 +238,3 @@ def _check_constraints(cert: x509.Certificate, want: NameConstraints | None) -> 
         f"certificate's name constraints ({show_nc(got)}) differ from the org policy's ({show_nc(want)}): "
         "sign the CSR keeping its NameConstraints extension as requested (e.g. openssl x509 -req "
         "-copy_extensions copyall), or change the policy and request a new CSR")
-
-
-def require_pending(pending: object) -> None:
-    if pending is None:
-        raise FailedPrecondition(
-            "the org has no pending key: call RequestIntermediateCsr, sign the CSR, then upload"
-        )

@@ -18,6 +18,7 @@ import secrets
 import sys
 from pathlib import Path
 
+from common.hardening import no_core_dumps
 from control_plane import config, logs
 from control_plane.errors import KeywardError
 from keylib import proxyauth
@@ -26,7 +27,6 @@ from keylib import proxyauth
 def _serve() -> int:
     logs.setup()  # first: every line JSON, configuration errors included; and before grpc is imported
     from control_plane import server
-    from control_plane.hardening import no_core_dumps
     from keylib.errors import KeylibError
     from keylib.master import MasterSecret
 

@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from common.env import SettingError, boolean, get, hostport, integer_in, log_level, seconds_in
 from control_plane.errors import ConfigError
 
 
@@ -105,30 +106,6 @@ _KNOWN = {
 }
 
 
-def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        v = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not an integer") from None
-    if not lo <= v <= hi:
-        raise ConfigError(f"{name}={v} is out of range {lo}..{hi}")
-    return v
-
-
-def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if raw == "":
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name}={raw!r} is not a boolean (true/false)")
-
-
 def from_env(env: Mapping[str, str] | None = None) -> CAConfig:
     env = os.environ if env is None else env
     required = ["KEYWARD_DB_DSN", "KEYWARD_TLS_CERT_FILE", "KEYWARD_TLS_KEY_FILE", "KEYWARD_CLIENT_CA_FILE"]
@@ -136,33 +113,36 @@ def from_env(env: Mapping[str, str] | None = None) -> CAConfig:
     if missing:
         raise ConfigError(f"missing required settings: {', '.join(missing)}")
     try:
-        call_s = float(env.get("KEYWARD_MAX_CALL_SECONDS") or 30.0)
-    except ValueError:
-        raise ConfigError("KEYWARD_MAX_CALL_SECONDS is not a number") from None
-    if not 0.1 <= call_s <= 600:
-        raise ConfigError("KEYWARD_MAX_CALL_SECONDS must be within 0.1..600")
-    log_level = (env.get("KEYWARD_LOG_LEVEL") or "INFO").upper()
-    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ConfigError(f"KEYWARD_LOG_LEVEL={log_level!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
-    return CAConfig(
-        listen=env.get("KEYWARD_CA_LISTEN") or "127.0.0.1:50051",
-        db_dsn=env["KEYWARD_DB_DSN"],
-        tls_cert_file=env["KEYWARD_TLS_CERT_FILE"],
-        tls_key_file=env["KEYWARD_TLS_KEY_FILE"],
-        client_ca_file=env["KEYWARD_CLIENT_CA_FILE"],
-        db_password_file=env.get("KEYWARD_DB_PASSWORD_FILE", ""),
-        master_secret_file=env.get("KEYWARD_MASTER_SECRET_FILE", ""),
-        trust_domain=env.get("KEYWARD_TRUST_DOMAIN") or "keyward",
-        metrics_listen=env.get("KEYWARD_METRICS_LISTEN", "127.0.0.1:9464"),
-        health_listen=env.get("KEYWARD_HEALTH_LISTEN", ""),
-        max_message_bytes=_int(env, "KEYWARD_MAX_MESSAGE_BYTES", 1 << 20, 4096, 64 << 20),
-        max_call_seconds=call_s,
-        max_stream_seconds=_int(env, "KEYWARD_MAX_STREAM_SECONDS", 3600, 5, 86400),
-        max_watch_streams=_int(env, "KEYWARD_MAX_WATCH_STREAMS", 64, 1, 100000),
-        max_concurrent_streams=_int(env, "KEYWARD_MAX_CONCURRENT_STREAMS", 100, 1, 10000),
-        db_pool_size=_int(env, "KEYWARD_DB_POOL_SIZE", 8, 1, 200),
-        require_mlock=_bool(env, "KEYWARD_REQUIRE_MLOCK", True),
-        audit_spool_file=env.get("KEYWARD_AUDIT_SPOOL_FILE", ""),
-        log_level=log_level,
-        extra={k: "set" for k in env if k.startswith("KEYWARD_") and k not in _KNOWN},
-    )
+        return CAConfig(
+            listen=get(env, "KEYWARD_CA_LISTEN", "127.0.0.1:50051", hostport),
+            db_dsn=env["KEYWARD_DB_DSN"],
+            tls_cert_file=env["KEYWARD_TLS_CERT_FILE"],
+            tls_key_file=env["KEYWARD_TLS_KEY_FILE"],
+            client_ca_file=env["KEYWARD_CLIENT_CA_FILE"],
+            db_password_file=env.get("KEYWARD_DB_PASSWORD_FILE", ""),
+            master_secret_file=env.get("KEYWARD_MASTER_SECRET_FILE", ""),
+            trust_domain=env.get("KEYWARD_TRUST_DOMAIN") or "keyward",
+            # Empty is a value here: no endpoint.
+            metrics_listen=_optional(env, "KEYWARD_METRICS_LISTEN", "127.0.0.1:9464"),
+            health_listen=_optional(env, "KEYWARD_HEALTH_LISTEN", ""),
+            max_message_bytes=get(env, "KEYWARD_MAX_MESSAGE_BYTES", 1 << 20, integer_in(4096, 64 << 20)),
+            max_call_seconds=get(env, "KEYWARD_MAX_CALL_SECONDS", 30.0, seconds_in(0.1, 600)),
+            max_stream_seconds=get(env, "KEYWARD_MAX_STREAM_SECONDS", 3600, integer_in(5, 86400)),
+            max_watch_streams=get(env, "KEYWARD_MAX_WATCH_STREAMS", 64, integer_in(1, 100000)),
+            max_concurrent_streams=get(env, "KEYWARD_MAX_CONCURRENT_STREAMS", 100, integer_in(1, 10000)),
+            db_pool_size=get(env, "KEYWARD_DB_POOL_SIZE", 8, integer_in(1, 200)),
+            require_mlock=get(env, "KEYWARD_REQUIRE_MLOCK", True, boolean),
+            audit_spool_file=env.get("KEYWARD_AUDIT_SPOOL_FILE", ""),
+            log_level=get(env, "KEYWARD_LOG_LEVEL", "INFO", log_level),
+            extra={k: "set" for k in env if k.startswith("KEYWARD_") and k not in _KNOWN},
+        )
+    except SettingError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _optional(env: Mapping[str, str], name: str, default: str) -> str:
+    """A listen address where an empty value turns the endpoint off."""
+    raw = env.get(name)
+    if raw is None:
+        return default
+    return hostport(name, raw) if raw.strip() else ""

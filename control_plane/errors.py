@@ -1,6 +1,6 @@
 """The CA's error tree.
 
-Every failure a caller can see is one of these; :mod:`control_plane.service`
+Every failure a caller can see is one of these; :mod:`control_plane.calls`
 maps each class to one gRPC status code in a single table. Messages are
 written for a person to act on and never hold key material, secrets or
 stack traces. Library errors are wrapped with ``raise ... from``.
@@ -25,6 +25,10 @@ def show(value: str) -> str:
 
 class KeywardError(Exception):
     """Base of every CA error. ``str(err)`` is safe to return to the caller."""
+
+    org_id: str = ""
+    """The organization a refusal concerns when the request does not name it in its ``org_id``
+    field (WatchKeys names several): the audit row's org, so that org's admin sees it."""
 
 
 class InvalidArgument(KeywardError):

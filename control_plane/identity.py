@@ -17,16 +17,14 @@ This module adds the rules TLS does not know:
 from __future__ import annotations
 
 import datetime as dt
-import re
 from dataclasses import dataclass
 from enum import Enum
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
+from common.ids import ID_RULE, is_id
 from control_plane.errors import InvalidArgument, Unauthenticated, show
-
-ID_RE = re.compile(r"[a-z][a-z0-9-]{1,61}[a-z0-9]")  # always fullmatch: "$" would accept a trailing newline
 
 
 class Role(Enum):
@@ -83,7 +81,7 @@ def parse_spiffe_id(uri: str, *, trust_domain: str) -> Identity:
     parts = uri[len(prefix):].split("/")
     if parts == ["platform-admin"]:
         return Identity(uri, Role.PLATFORM_ADMIN, "")
-    if len(parts) == 2 and parts[0] in ("org-admin", "zen-pool") and ID_RE.fullmatch(parts[1]):
+    if len(parts) == 2 and parts[0] in ("org-admin", "zen-pool") and is_id(parts[1]):
         return Identity(uri, Role(parts[0]), parts[1])
     raise Unauthenticated(
         "client identity names no known role (platform-admin, org-admin/<org>, zen-pool/<pool>)"
@@ -93,11 +91,8 @@ def parse_spiffe_id(uri: str, *, trust_domain: str) -> Identity:
 def check_id(value: str, what: str) -> str:
     """Validate an org id or pool name (before any lookup, so a malformed id
     is refused the same way whether or not anything by that name exists)."""
-    if not ID_RE.fullmatch(value or ""):
-        raise InvalidArgument(
-            f"{what} {show(value)} is not valid: 3-63 lowercase letters, digits or '-', "
-            "starting with a letter and not ending with '-'"
-        )
+    if not is_id(value):
+        raise InvalidArgument(f"{what} {show(value)} is not valid: {ID_RULE}")
     return value
 
 

@@ -7,13 +7,16 @@ otherwise it is ``"-"`` (bounded cardinality, no existence oracle).
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from common import metrics
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 RPCS = Counter("keyward_ca_rpcs_total", "gRPC calls handled, by method and status code",
                ["method", "code"], registry=REGISTRY)
-LATENCY = Histogram("keyward_ca_rpc_duration_seconds", "gRPC call latency, by method", ["method"],
+LATENCY = Histogram("keyward_ca_rpc_duration_seconds", "gRPC call latency (a stream: its whole life), by method",
+                    ["method"],
                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
                     registry=REGISTRY)
 KEYS_SENT = Counter("keyward_ca_keys_sent_total", "Encrypted keys sent to ZENs, by org", ["org"],
@@ -29,7 +32,5 @@ DB_UP = Gauge("keyward_ca_db_up", "1 if the last database health check succeeded
 
 
 def serve(listen: str) -> int:
-    """Start the exposition endpoint; return the bound port."""
-    host, _, port = listen.rpartition(":")
-    server, _thread = start_http_server(int(port), addr=host or "0.0.0.0", registry=REGISTRY)
-    return int(server.server_port)
+    """Start the exposition endpoint (:func:`common.metrics.serve`); return the bound port."""
+    return metrics.serve(listen, REGISTRY, name="ca-metrics")

@@ -10,24 +10,20 @@ MAX_ENTRIES per list and MAX_TOTAL_BYTES in all.
 from __future__ import annotations
 
 import ipaddress
-import re
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
+from common.policy import DEFAULT_IDLE_SECONDS, PatternSet, host_pattern
 from control_plane.errors import InvalidArgument, show
 from keylib import proxyauth
 from keylib.names import NameConstraints
 
-DEFAULT_IDLE_SECONDS = 600
 MIN_IDLE_SECONDS = 10
 MAX_IDLE_SECONDS = 86400
 MAX_ENTRIES = 1000
 MAX_TOTAL_BYTES = 256 * 1024
 """All list entries of a policy together, in bytes (each event carries the policy)."""
-
-_HOST_RE = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-
 
 class FailMode(Enum):
     OPEN = "open"
@@ -92,8 +88,8 @@ MAX_SUBTREES = 64
 
 
 def _host(h: str, what: str) -> str:
-    v = h.strip().lower().rstrip(".")
-    if not v or len(v) > 253 or not _HOST_RE.match(v):
+    v = host_pattern(h)
+    if v is None:
         raise InvalidArgument(f"{what}: {show(h)} is not a host name (use e.g. example.com or *.example.com)")
     return v
 
@@ -104,32 +100,6 @@ def _subtree(h: str, what: str) -> str:
         raise InvalidArgument(f"{what}: {show(h)}: a DNS subtree is a domain (example.com covers its "
                               "subdomains); no wildcard")
     return v
-
-
-def _matches(pattern: str, host: str) -> bool:
-    if pattern.startswith("*."):
-        return host.endswith(pattern[1:]) or host == pattern[2:]
-    return host == pattern
-
-
-class _Names:
-    """Exact names and wildcard suffixes of one list, for linear matching."""
-
-    def __init__(self, patterns: list[str]) -> None:
-        self.exact = {p: p for p in patterns if not p.startswith("*.")}
-        self.wild = {p[2:]: p for p in patterns if p.startswith("*.")}
-
-    def match(self, host: str) -> str | None:
-        """The pattern of this list that ``host`` matches (``_matches``), if any: the exact name,
-        or a wildcard on the host itself or one of its parent domains."""
-        if host in self.exact:
-            return self.exact[host]
-        labels = host.split(".")
-        for i in range(len(labels)):
-            hit = self.wild.get(".".join(labels[i:]))
-            if hit is not None:
-                return hit
-        return None
 
 
 def _overlap(nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> tuple[object, object] | None:
@@ -201,7 +171,7 @@ def validate(
         prefixes.append(host.lower() + ("/" + path if path or v.endswith("/") else ""))
     # The same rule as entry against entry (a do-not-inspect pattern and a blocked one that match
     # each other's names), through sets of exact names and wildcard suffixes.
-    blocked_names, dni_names = _Names(blocked), _Names(dni)
+    blocked_names, dni_names = PatternSet(blocked), PatternSet(dni)
     for d in dni:
         b = blocked_names.match(d.removeprefix("*."))
         if b is None:

@@ -25,7 +25,8 @@ from control_plane.config import CAConfig
 from control_plane.errors import ConfigError, KeywardError
 from control_plane.events import EventHub
 from control_plane.interceptors import IdentityInterceptor
-from control_plane.service import AdminService, KeyDistributionService, run_refusal_flusher
+from control_plane.calls import run_refusal_flusher
+from control_plane.service import AdminService, KeyDistributionService
 from control_plane.spool import KeySentAuditor
 from control_plane.store import Store
 from control_plane.validator import Validator

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import logging
 import signal
 import ssl
 import sys
 from collections.abc import Awaitable, Callable
 
+from common.env import read_file, split_hostport, why
+from common.hardening import no_core_dumps
 from common.logs import setup
 from data_plane import config
 from keylib.master import MasterSecret
@@ -30,38 +31,12 @@ class StartupError(Exception):
     """The ZEN cannot start: the message names the setting, file or port."""
 
 
-def _harden() -> None:
-    import ctypes
-    import ctypes.util
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0
-
-
-_WHY = {errno.ENOENT: "no such file", errno.EACCES: "permission denied", errno.EISDIR: "is a directory",
-        errno.EADDRINUSE: "address already in use", errno.EADDRNOTAVAIL: "address not available on this host"}
-
-
-def _why(e: OSError) -> str:
-    return _WHY.get(e.errno or 0) or (e.strerror or type(e).__name__).lower()
-
-
-def _read(setting: str, path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise StartupError(f"{setting}={path}: {_why(e)}") from None
-
-
 def _pem(setting: str, path: str, what: str) -> bytes:
     """A PEM file checked for what it must hold (its content is never quoted)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    data = _read(setting, path)
+    data = read_file(setting, path)
     try:
         if what == "key":
             serialization.load_pem_private_key(data, None)
@@ -76,7 +51,7 @@ def _pem(setting: str, path: str, what: str) -> bytes:
 def _master(cfg: config.ZenConfig) -> MasterSecret:
     from keylib.errors import MasterSecretError, SecureMemoryError
 
-    _read("KEYWARD_MASTER_SECRET_FILE", cfg.master_secret_file)  # readable at all (named in one line)
+    read_file("KEYWARD_MASTER_SECRET_FILE", cfg.master_secret_file)  # readable at all (named in one line)
     try:
         return MasterSecret.load(path=cfg.master_secret_file, require_lock=cfg.require_mlock)
     except MasterSecretError as e:
@@ -88,12 +63,11 @@ def _master(cfg: config.ZenConfig) -> MasterSecret:
 
 async def _listen(setting: str, addr: str,
                   handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]) -> asyncio.Server:
-    host, _, port = addr.rpartition(":")
+    host, port = split_hostport(addr)
     try:
-        return await asyncio.start_server(handler, host.strip("[]") or "127.0.0.1", int(port), limit=64 * 1024,
-                                          start_serving=False)
+        return await asyncio.start_server(handler, host, port, limit=64 * 1024, start_serving=False)
     except OSError as e:
-        raise StartupError(f"{setting}={addr}: {_why(e)}") from None
+        raise StartupError(f"{setting}={addr}: {why(e)}") from None
 
 
 async def run(cfg: config.ZenConfig) -> None:
@@ -107,7 +81,7 @@ async def run(cfg: config.ZenConfig) -> None:
     except ssl.SSLError:  # an OSError too: first
         raise StartupError(f"KEYWARD_ZEN_EXTRA_ROOTS_FILE={cfg.extra_roots_file}: no PEM certificate in it") from None
     except OSError as e:
-        raise StartupError(f"KEYWARD_ZEN_EXTRA_ROOTS_FILE={cfg.extra_roots_file}: {_why(e)}") from None
+        raise StartupError(f"KEYWARD_ZEN_EXTRA_ROOTS_FILE={cfg.extra_roots_file}: {why(e)}") from None
     master = _master(cfg)
     try:
         await _serve(cfg, master, trust, cert, key, roots)
@@ -130,7 +104,7 @@ async def _serve(cfg: config.ZenConfig, master: MasterSecret, trust: bytes, cert
     proxy = Proxy(km, minter, roots[0], origin_h1_ctx=roots[1], resolve=dict(cfg.resolve),
                   pac_proxies=list(cfg.pac_proxies))
     server = await _listen("KEYWARD_ZEN_LISTEN", cfg.listen, proxy.handle)
-    host = cfg.listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
+    host = split_hostport(cfg.listen)[0]
     bound = server.sockets[0].getsockname()[1]
     proxy.pac_proxies = list(cfg.pac_proxies) or [f"{host}:{bound}"]
     if await km.check_master() is False:
@@ -141,7 +115,7 @@ async def _serve(cfg: config.ZenConfig, master: MasterSecret, trust: bytes, cert
         try:
             mport = metrics.serve(cfg.metrics_listen, km.health)
         except OSError as e:
-            raise StartupError(f"KEYWARD_ZEN_METRICS_LISTEN={cfg.metrics_listen}: {_why(e)}") from None
+            raise StartupError(f"KEYWARD_ZEN_METRICS_LISTEN={cfg.metrics_listen}: {why(e)}") from None
         log.info("metrics listening", extra={"port": mport})
     if km.master_ok is None:
         log.warning("the CA could not be reached at start: held keys and fail modes apply; the master secret "
@@ -173,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.from_env()
         logging.getLogger().setLevel(cfg.log_level)
-        _harden()
+        no_core_dumps()
         asyncio.run(run(cfg))
     except (config.ZenConfigError, StartupError) as e:
         log.error("%s", e)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from common.policy import DEFAULT_IDLE_SECONDS
+from common.status import Outcome, classify
 from data_plane.policy import OrgPolicy
 from keylib.names import NameConstraints
 from protos.keyward.v1 import keyward_pb2 as pb
@@ -19,15 +21,33 @@ class CAError(Exception):
 
 
 class CAUnavailable(CAError):
-    """The CA cannot be reached (or timed out): keep using cached keys."""
+    """Nothing was decided (the CA cannot be reached, timed out, is busy) or the CA failed
+    (common.status: RETRY or BROKEN): keep using held keys, try again."""
 
 
-class KeyRefused(CAError):
+class CARefused(CAError):
+    """The CA answered no (common.status REFUSED): it will again until someone changes something."""
+
+
+class KeyRefused(CARefused):
     """The CA will not send this org's key to this pool (or the org is unknown)."""
 
 
-class NoActiveKey(CAError):
+class NoActiveKey(CARefused):
     """The org has no active intermediate."""
+
+
+def _error(e: grpc.aio.AioRpcError) -> CAError:
+    """The client's error for a failed call (common.status.classify decides which kind)."""
+    code = e.code()
+    what = f"{code.name}: {e.details()}"
+    if classify(code.name) is not Outcome.REFUSED:
+        return CAUnavailable(what)
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return KeyRefused(e.details() or "refused")
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return NoActiveKey(e.details() or "no active key")
+    return CARefused(what)
 
 
 @dataclass(frozen=True)
@@ -61,7 +81,7 @@ _KINDS = {pb.KEY_EVENT_KIND_ROTATED: "rotated", pb.KEY_EVENT_KIND_REVOKED: "revo
 
 def policy_from_pb(org_id: str, p: pb.Policy, version: int) -> OrgPolicy:
     return OrgPolicy(org_id=org_id, fail_closed=p.fail_mode == pb.FAIL_MODE_CLOSED,
-                     idle_seconds=p.key_idle_timeout_seconds or 600, location_cidrs=tuple(p.location_cidrs),
+                     idle_seconds=p.key_idle_timeout_seconds or DEFAULT_IDLE_SECONDS, location_cidrs=tuple(p.location_cidrs),
                      blocked_hosts=tuple(p.blocked_hosts), blocked_url_prefixes=tuple(p.blocked_url_prefixes),
                      do_not_inspect_hosts=tuple(p.do_not_inspect_hosts), version=version,
                      proxy_verifiers=tuple(p.proxy_credential_verifiers),
@@ -84,12 +104,7 @@ class CAClient:
             kp = await self._stub.GetKeyPair(pb.GetKeyPairRequest(org_id=org_id, min_version=min_version),
                                              timeout=timeout)
         except grpc.aio.AioRpcError as e:
-            code = e.code()
-            if code == grpc.StatusCode.PERMISSION_DENIED:
-                raise KeyRefused(e.details() or "refused") from None
-            if code == grpc.StatusCode.FAILED_PRECONDITION:
-                raise NoActiveKey(e.details() or "no active key") from None
-            raise CAUnavailable(f"{code.name}: {e.details()}") from None
+            raise _error(e) from None
         return KeyMaterial(kp.org_id, kp.key_id, kp.version, kp.keylib_format, kp.encrypted_private_key,
                            kp.certificate_pem, kp.chain_pem, policy_from_pb(kp.org_id, kp.policy, kp.policy_version))
 
@@ -98,12 +113,9 @@ class CAClient:
         try:
             info = await self._stub.GetCaInfo(pb.GetCaInfoRequest(), timeout=timeout)
         except grpc.aio.AioRpcError as e:
-            code = e.code()
-            if code == grpc.StatusCode.UNIMPLEMENTED:
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:
                 return None
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise CAUnavailable(f"{code.name}: {e.details()}") from None
-            raise CAError(f"{code.name}: {e.details()}") from None
+            raise _error(e) from None
         return str(info.master_check) or None
 
     async def watch(self, after_seq: int, snapshot: bool) -> AsyncIterator[Event]:
@@ -113,4 +125,4 @@ class CAClient:
                 yield Event(ev.seq, _KINDS.get(ev.kind, "unknown"), ev.org_id, ev.key_id, ev.version,
                             policy_from_pb(ev.org_id, ev.policy, ev.policy_version) if ev.HasField("policy") else None)
         except grpc.aio.AioRpcError as e:
-            raise CAUnavailable(f"{e.code().name}: {e.details()}") from None
+            raise _error(e) from None

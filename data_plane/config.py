@@ -14,9 +14,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from common.env import SettingError, address, boolean, hostport, integer_in, log_level, text
 
-class ZenConfigError(ValueError):
-    """The ZEN's configuration is wrong; it refuses to start. The message names the setting."""
+
+ZenConfigError = SettingError
+"""The ZEN's configuration is wrong; it refuses to start. The message names the setting."""
 
 
 def _setting(env: str, meaning: str, *, default: Any = "", unit: str = "", shown: str | None = None,
@@ -77,34 +79,6 @@ class ZenConfig:
         "KEYWARD_LOG_LEVEL", "JSON lines on stderr: DEBUG, INFO, WARNING or ERROR", default="INFO", unit="level")
 
 
-def _hostport(name: str, raw: str, *, port_zero: bool = True) -> str:
-    host, sep, port = raw.strip().rpartition(":")
-    if not sep or not port.isdigit() or not (0 if port_zero else 1) <= int(port) <= 65535:
-        raise ZenConfigError(f"{name}={raw}: not host:port (a port from {0 if port_zero else 1} to 65535)")
-    if host.startswith("[") != host.endswith("]"):
-        raise ZenConfigError(f"{name}={raw}: an IPv6 host goes in brackets, [::1]:8080")
-    return raw.strip()
-
-
-def _int(name: str, raw: str, lo: int, hi: int) -> int:
-    try:
-        v = int(raw)
-    except ValueError:
-        raise ZenConfigError(f"{name}={raw}: not an integer") from None
-    if not lo <= v <= hi:
-        raise ZenConfigError(f"{name}={v}: out of range {lo}..{hi}")
-    return v
-
-
-def _bool(name: str, raw: str) -> bool:
-    v = raw.strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise ZenConfigError(f"{name}={raw}: not a boolean (true or false)")
-
-
 def _resolve(name: str, raw: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in filter(None, (x.strip() for x in raw.split(","))):
@@ -120,48 +94,38 @@ def _resolve(name: str, raw: str) -> dict[str, str]:
 
 
 def _list(name: str, raw: str) -> tuple[str, ...]:
-    return tuple(_hostport(name, x, port_zero=False) for x in raw.split(",") if x.strip())
-
-
-def _level(name: str, raw: str) -> str:
-    v = raw.strip().upper()
-    if v not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ZenConfigError(f"{name}={raw}: not one of DEBUG, INFO, WARNING, ERROR")
-    return v
-
-
-def _text(name: str, raw: str) -> str:
-    return raw
+    return tuple(address(name, x) for x in raw.split(",") if x.strip())
 
 
 _PARSE: dict[str, Callable[[str, str], Any]] = {
-    "listen": _hostport,
-    "metrics_listen": _hostport,
-    "ca_addr": lambda n, r: _hostport(n, r, port_zero=False),
+    "listen": hostport,
+    "metrics_listen": hostport,
+    "ca_addr": address,
     "resolve": _resolve,
     "pac_proxies": _list,
-    "leaf_cache_size": lambda n, r: _int(n, r, 1, 1_000_000),
-    "leaf_hours": lambda n, r: _int(n, r, 1, 24 * 30),
-    "max_keys": lambda n, r: _int(n, r, 1, 10000),
-    "require_mlock": _bool,
-    "log_level": _level,
+    "leaf_cache_size": integer_in(1, 1_000_000),
+    "leaf_hours": integer_in(1, 24 * 30),
+    "max_keys": integer_in(1, 10000),
+    "require_mlock": boolean,
+    "log_level": log_level,
 }
 _EMPTY_MEANS_OFF = {"metrics_listen"}
 """Settings where an empty value is a value (disabled), not the default."""
 
 
-def from_env(env: Mapping[str, str] | None = None) -> ZenConfig:
-    env = os.environ if env is None else env
-    missing = [f.metadata["env"] for f in fields(ZenConfig) if f.metadata["required"] and not env.get(f.metadata["env"])]
+def from_env(environ: Mapping[str, str] | None = None) -> ZenConfig:
+    environ = os.environ if environ is None else environ
+    missing = [f.metadata["env"] for f in fields(ZenConfig)
+               if f.metadata["required"] and not environ.get(f.metadata["env"])]
     if missing:
         raise ZenConfigError(f"missing required settings: {', '.join(missing)} (python -m data_plane --help)")
     values: dict[str, Any] = {}
     for f in fields(ZenConfig):
         name = f.metadata["env"]
-        raw = env.get(name)
+        raw = environ.get(name)
         if raw is None or (raw.strip() == "" and f.name not in _EMPTY_MEANS_OFF):
-            continue
-        values[f.name] = _PARSE.get(f.name, _text)(name, raw) if raw.strip() else ""
+            continue  # the default (common.env.get's rule), except where empty is a value
+        values[f.name] = _PARSE.get(f.name, text)(name, raw) if raw.strip() else ""
     return ZenConfig(**values)
 
 

@@ -9,12 +9,10 @@ leaves the locked buffer except into the TLS library's key object.
 
 from __future__ import annotations
 
-import hashlib
-
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 import keylib
+from keylib.envelope import spki_sha256
 from keylib.errors import EnvelopeError
 from keylib.master import MasterSecret
 from keylib.securemem import LockedBuffer
@@ -39,6 +37,4 @@ def open_org_key(
     if keylib_format != keylib.FORMAT:
         raise EnvelopeError(f"key format {keylib_format!r} is not supported (this ZEN reads {keylib.FORMAT})")
     cert = x509.load_pem_x509_certificate(certificate_pem.encode())
-    spki = cert.public_key().public_bytes(serialization.Encoding.DER,
-                                          serialization.PublicFormat.SubjectPublicKeyInfo)
-    return open_sealed(master, sealed, org_id=org_id, key_id=key_id, spki_sha256=hashlib.sha256(spki).digest())
+    return open_sealed(master, sealed, org_id=org_id, key_id=key_id, spki_sha256=spki_sha256(cert.public_key()))

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from data_plane import metrics
-from data_plane.ca_client import CAClient, CAError, CAUnavailable, KeyMaterial
+from data_plane.ca_client import CAClient, CAError, CARefused, CAUnavailable, KeyMaterial
 from data_plane.keyopen import open_org_key
 from data_plane.policy import OrgPolicy
 from data_plane.signer import MemoryNotLocked, Signer, SignerError
@@ -43,6 +43,8 @@ class OrgKey:
     version: int
     certificate_pem: str
     chain_pem: str
+    """The intermediate's issuers up to the org's root, as the CA checked them: the minter sends
+    those below the root after the intermediate (mint.issuers_to_send)."""
     signer: Signer
     last_used: float = field(default_factory=time.monotonic)
 
@@ -66,8 +68,6 @@ class KeyManager:
         """KEYWARD_REQUIRE_MLOCK: an org key whose memory cannot be locked is not opened."""
         self.keys: dict[str, OrgKey] = {}
         self.policies: dict[str, OrgPolicy] = {}
-        #: Intermediate certificates are kept until a new one arrives, even after the key is dropped.
-        self.intermediates: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.ca_reachable = False
         #: Whether the last key opened had its memory locked (None: no key opened yet).
@@ -143,7 +143,6 @@ class KeyManager:
             metrics.SIGNERS_EVICTED.inc()
             self.drop(lru.org_id, f"least recently used of {self._max_keys} open keys")
         self.keys[km.org_id] = new
-        self.intermediates[km.org_id] = km.certificate_pem
         self.policies[km.org_id] = km.policy
         if old is not None and old.signer is not signer:
             old.signer.stop()
@@ -268,6 +267,9 @@ class KeyManager:
             except CAUnavailable as e:
                 self._reachable(False)
                 log.warning("watch stream lost: %s", e, extra={"reason": str(e)})
+            except CARefused as e:  # e.g. the pool is not registered (yet): the CA answered
+                self._reachable(True)
+                log.warning("watch stream refused: %s", e, extra={"reason": str(e)})
             except Exception:
                 log.exception("watch stream failed")
             await asyncio.sleep(backoff)  # bounded back-off before reconnecting
@@ -284,4 +286,3 @@ class KeyManager:
         elif kind == "access_revoked":
             self.drop(org_id, "access revoked")
             self.policies.pop(org_id, None)
-            self.intermediates.pop(org_id, None)

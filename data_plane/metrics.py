@@ -3,12 +3,10 @@ in labels or in the report."""
 
 from __future__ import annotations
 
-import http.server
-import json
-import threading
-from collections.abc import Callable
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from common import metrics
+from common.metrics import Health
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -37,30 +35,7 @@ SIGNER_LOCKED = Gauge("keyward_zen_signer_memory_locked",
 CA_REACHABLE = Gauge("keyward_zen_ca_reachable", "1 if the CA answered last time", registry=REGISTRY)
 
 
-def serve(listen: str, health: Callable[[], tuple[bool, dict[str, object]]] | None = None) -> int:
+def serve(listen: str, health: Health | None = None) -> int:
     """Prometheus metrics on ``/metrics`` and, when ``health`` is given, ``/healthz``: a JSON
-    report, 200 when healthy and 503 otherwise (a probe or a person sees the reason)."""
-    host, _, port = listen.rpartition(":")
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            if self.path.split("?")[0] == "/healthz" and health is not None:
-                ok, report = health()
-                code, body, ctype = (200 if ok else 503), json.dumps(report).encode(), "application/json"
-            elif self.path.split("?")[0] in ("/metrics", "/"):
-                code, body, ctype = 200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST
-            else:
-                code, body, ctype = 404, b"try /metrics or /healthz\n", "text/plain"
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="zen-metrics", daemon=True).start()
-    return int(server.server_address[1])
+    report, 200 when healthy and 503 otherwise (:func:`common.metrics.serve`)."""
+    return metrics.serve(listen, REGISTRY, health, name="zen-metrics")

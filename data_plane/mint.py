@@ -57,6 +57,19 @@ def split_names(host: str, origin_sans: list[str]) -> tuple[tuple[str, ...], tup
     return tuple(dns[:MAX_SANS]), tuple(ips[:MAX_SANS])
 
 
+def issuers_to_send(chain_pem: str) -> bytes:
+    """What a client is sent above the intermediate: the chain the CA checked (nearest issuer
+    first, ending at the org's self-signed root) without the root, which the client must trust
+    already (RFC 8446 4.4.2 lets a server omit it). An org whose intermediate its root signed
+    directly sends nothing more; one with an issuing CA between them sends that CA, without
+    which a client that trusts only the root could not build the path."""
+    out = b""
+    for c in x509.load_pem_x509_certificates(chain_pem.encode()) if chain_pem.strip() else []:
+        if c.subject != c.issuer:
+            out += c.public_bytes(serialization.Encoding.PEM)
+    return out
+
+
 def _memfd_context(pem: bytes, alpn: tuple[str, ...]) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -87,9 +100,11 @@ class Minter:
         return k.key
 
     def context_for(self, org_id: str, key_id: str, signer: Signer, intermediate_pem: str, host: str,
-                    origin_sans: list[str], alpn: tuple[str, ...] = ("http/1.1",)) -> ssl.SSLContext:
-        """A server-side TLS context presenting a leaf for ``host`` and offering
-        ``alpn`` (what the origin accepted). Blocking: run it in a thread."""
+                    origin_sans: list[str], alpn: tuple[str, ...] = ("http/1.1",), chain_pem: str = ""
+                    ) -> ssl.SSLContext:
+        """A server-side TLS context presenting a leaf for ``host``, then the intermediate and the
+        issuers of ``chain_pem`` below the root (:func:`issuers_to_send`), and offering ``alpn``
+        (what the origin accepted). Blocking: run it in a thread."""
         ck = (org_id, key_id, host, alpn)
         with self._lock:
             hit = self._cache.get(ck)
@@ -116,6 +131,7 @@ class Minter:
                                       not_before=now - dt.timedelta(hours=1), not_after=not_after, serial=serial))
         pem = (x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
                + intermediate_pem.encode()
+               + issuers_to_send(chain_pem)
                + leaf.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption()))
         ctx = _memfd_context(pem, alpn)

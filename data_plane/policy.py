@@ -10,6 +10,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from enum import Enum
 
+from common.policy import DEFAULT_IDLE_SECONDS, PatternSet
 from keylib.names import NameConstraints
 
 
@@ -24,7 +25,7 @@ class Action(Enum):
 class OrgPolicy:
     org_id: str
     fail_closed: bool = False
-    idle_seconds: int = 600
+    idle_seconds: int = DEFAULT_IDLE_SECONDS
     location_cidrs: tuple[str, ...] = ()
     blocked_hosts: tuple[str, ...] = ()
     blocked_url_prefixes: tuple[str, ...] = ()
@@ -35,22 +36,22 @@ class OrgPolicy:
     constraints: NameConstraints | None = None
     """The name constraints the org's intermediate carries: hosts outside are never intercepted."""
     nets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(default=(), compare=False)
+    blocked: PatternSet = field(default=PatternSet(()), compare=False, repr=False)
+    """``blocked_hosts`` indexed (the CA's own matcher, common.policy): a lookup per connection
+    costs the host's labels, not the list's length."""
+    uninspected: PatternSet = field(default=PatternSet(()), compare=False, repr=False)
+    """``do_not_inspect_hosts`` indexed."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nets", tuple(ipaddress.ip_network(c) for c in self.location_cidrs))
-
-
-def host_matches(pattern: str, host: str) -> bool:
-    host = host.lower().rstrip(".")
-    if pattern.startswith("*."):
-        return host == pattern[2:] or host.endswith(pattern[1:])
-    return host == pattern
+        object.__setattr__(self, "blocked", PatternSet(self.blocked_hosts))
+        object.__setattr__(self, "uninspected", PatternSet(self.do_not_inspect_hosts))
 
 
 def cert_name_covers(san: str, host: str) -> bool:
     """Whether a certificate's DNS name (or IP address) covers ``host`` (already normalised), as a TLS
     client checks it: a wildcard stands for exactly one left-most label, never for the domain itself
-    nor for deeper names (RFC 6125 6.4.3; unlike ``host_matches``, the policy's patterns)."""
+    nor for deeper names (RFC 6125 6.4.3; unlike the policy's patterns, ``common.policy``)."""
     san = san.lower().rstrip(".")
     if san.startswith("*."):
         label, dot, rest = host.partition(".")
@@ -75,9 +76,9 @@ def org_for(policies: dict[str, OrgPolicy], source_ip: str) -> str | None:
 
 
 def connect_action(p: OrgPolicy, host: str, have_key: bool) -> Action:
-    if any(host_matches(b, host) for b in p.blocked_hosts):
+    if p.blocked.match(host) is not None:
         return Action.BLOCK
-    if any(host_matches(d, host) for d in p.do_not_inspect_hosts):
+    if p.uninspected.match(host) is not None:
         return Action.TUNNEL
     if p.constraints is not None and not p.constraints.allows(host):
         return Action.TUNNEL  # no leaf may be minted for it: as do-not-inspect

@@ -16,12 +16,12 @@ import contextlib
 import html
 import json
 import logging
-import re
 import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
 
+from common.ids import is_id
 from data_plane import metrics, plain
 from data_plane.clienthello import MAX_HELLO, ClientHello, NotTls, decide, needed, parse
 from data_plane.h2conn import H2Endpoint
@@ -33,8 +33,6 @@ from data_plane.policy import Action, connect_action, org_for
 from data_plane.proxyauth import ProxyAuth, Verdict, basic_credentials
 from data_plane.upstream import H1Upstream, H2Upstream, Upstream
 
-_ID = re.compile(r"[a-z][a-z0-9-]{1,61}[a-z0-9]")
-"""An org id's form (checked before asking the CA about a name a client sent)."""
 log = logging.getLogger("keyward.zen")
 access = logging.getLogger("keyward.zen.access")
 
@@ -103,7 +101,7 @@ class Proxy:
                 verdict = Verdict.BAD
                 if creds is not None:
                     policy = self.km.policies.get(creds[0])
-                    if policy is None and _ID.fullmatch(creds[0]):
+                    if policy is None and is_id(creds[0]):  # the CA is asked about no name of another form
                         # An org this ZEN has not heard of: its policy from the CA (which refuses, and
                         # audits, unless this pool serves it); the lookup costs the source a token.
                         if not self.auth.take(ip):
@@ -317,7 +315,7 @@ class Proxy:
         self._failed(org, name, status, html.unescape(text))
         alpn = ("h2", "http/1.1") if "h2" in client_alpn else ("http/1.1",)
         ctx = await asyncio.to_thread(self.minter.context_for, org, key.key_id, key.signer, key.certificate_pem,
-                                      name, [], alpn)
+                                      name, [], alpn, key.chain_pem)
         await writer.start_tls(ctx)
         c_ssl = writer.get_extra_info("ssl_object")
         if c_ssl is not None and c_ssl.selected_alpn_protocol() == "h2":
@@ -337,7 +335,7 @@ class Proxy:
         origin_proto = (sslobj.selected_alpn_protocol() if sslobj else None) or "http/1.1"
         alpn = ("h2", "http/1.1") if "h2" in client_alpn else ("http/1.1",)
         ctx = await asyncio.to_thread(self.minter.context_for, org, key.key_id, key.signer, key.certificate_pem,
-                                      name, sans, alpn)
+                                      name, sans, alpn, key.chain_pem)
         await writer.start_tls(ctx)
         c_ssl = writer.get_extra_info("ssl_object")
         client_proto = (c_ssl.selected_alpn_protocol() if c_ssl else None) or "http/1.1"

@@ -31,12 +31,12 @@ import sys
 import threading
 from dataclasses import dataclass
 
+from common.hardening import no_core_dumps
 from common.logs import setup
 from data_plane import metrics
 from keylib.securemem import LockedBuffer
 
 MCL_CURRENT, MCL_FUTURE = 1, 2
-PR_SET_DUMPABLE = 4
 CAP_IPC_LOCK = 14
 MAX_KEY_DER = 1 << 16
 
@@ -164,11 +164,6 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _libc.mlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 
 
-def _harden() -> None:
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
-
-
 def _status(field: str) -> str:
     with open("/proc/self/status") as f:
         return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field + ":")), "")
@@ -226,7 +221,7 @@ _heap_locked: dict[int, int] = {}
 
 
 def _child() -> None:
-    _harden()
+    no_core_dumps()
     # fd 2 is the ZEN's (its converting pipe): JSON lines, and a crash is its type and frames only,
     # never an exception's message (which could quote what the key parser saw).
     setup("WARNING", "keyward-signer", capture_stderr=False)

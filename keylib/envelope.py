@@ -4,12 +4,19 @@
     aad      = b"keyward-keylib/1 aad\x00" || lp(org_id) || lp(key_id) || spki_sha256(32)
 
 The AAD binds the ciphertext to its org, its key id and its public key, so a
-ciphertext copied to another row or org fails to open.
+ciphertext copied to another row or org fails to open. ``spki_sha256`` is
+:func:`spki_sha256`: the CA seals with it (of the key it generated), a ZEN opens
+with it (of the certificate the CA sent); a key opens only if both compute it
+the same way, hence one definition, here.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from keylib.errors import EnvelopeError
 from keylib.kdf import SALT_LENGTH, lp
@@ -53,3 +60,8 @@ def aad(org_id: str, key_id: str, spki_sha256: bytes) -> bytes:
     if len(spki_sha256) != 32:
         raise EnvelopeError("public key fingerprint must be a SHA-256 digest")
     return _AAD_PREFIX + lp(org_id) + lp(key_id) + spki_sha256
+
+
+def spki_sha256(public_key: PublicKeyTypes) -> bytes:
+    """The public-key fingerprint the AAD binds: SHA-256 of the key's DER SubjectPublicKeyInfo."""
+    return hashlib.sha256(public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)).digest()

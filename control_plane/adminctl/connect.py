@@ -22,12 +22,15 @@ from typing import Any, TypeVar
 import grpc
 from cryptography import x509
 
+from common.status import Outcome, classify
 from protos.keyward.v1 import keyward_pb2_grpc as pb_grpc
 
-OK, REFUSED, USAGE, UNREACHABLE = 0, 1, 2, 3
+OK, REFUSED, USAGE, UNREACHABLE, RETRY = 0, 1, 2, 3, 4
 """Exit codes: 0 done; 1 the CA refused or failed the request (or health is not SERVING);
 2 usage or a local problem (missing file, no identity, bad input file); 3 no answer from the CA
-(cannot connect, TLS handshake failed, or nothing within --timeout)."""
+(cannot connect, TLS handshake failed, or nothing within --timeout); 4 the CA answered that it
+cannot do it now (common.status RETRY: no database primary, busy, a concurrent change, its own
+deadline): the same command may succeed later (a write: with the same --request-id)."""
 
 ENV_VARS = ("KEYWARD_CA_ADDR", "KEYWARD_IDENTITY", "KEYWARD_PKI_DIR")
 
@@ -192,6 +195,7 @@ class Conn:
             return CliError(f"the CA at {self.target.addr} {state} within {self.timeout:g}s (--timeout); "
                             "check --addr/KEYWARD_CA_ADDR and that it runs", UNREACHABLE)
         who = f"identity {self.target.name!r}"
+        outcome = classify(code.name)
         extra = {
             S.PERMISSION_DENIED: hint,
             S.UNAUTHENTICATED: f"the CA does not accept {who}: it needs a certificate from the platform CA "
@@ -199,8 +203,14 @@ class Conn:
             S.ABORTED: "someone changed it meanwhile: run the command again",
             S.UNAVAILABLE: (f"if the write may have happened, repeat with --request-id {self.request_id} "
                             "(the CA then returns the first result)") if write else "try again shortly",
+            S.DEADLINE_EXCEEDED: (f"if the write may have happened, repeat with --request-id {self.request_id} "
+                                  "(the CA then returns the first result)") if write else "try again shortly",
+            S.RESOURCE_EXHAUSTED: "try again shortly",
         }.get(code, "")
-        return CliError(f"{code.name}: {msg or 'no detail'}" + (f"; {extra}" if extra else ""), REFUSED)
+        if outcome is Outcome.BROKEN and not extra:
+            extra = "the CA failed: give its operators the ref in this message (its log has the details)"
+        exit_code = RETRY if outcome is Outcome.RETRY else REFUSED
+        return CliError(f"{code.name}: {msg or 'no detail'}" + (f"; {extra}" if extra else ""), exit_code)
 
 
 def _why(msg: str, t: Target) -> str:
@@ -234,7 +244,9 @@ EXIT_CODES = """exit codes:
   1  the CA refused or failed the request (its message says why), health is not SERVING,
      or the command failed unexpectedly
   2  usage or a local problem: no identity, a missing or malformed file, bad flags
-  3  no answer from the CA: cannot connect, TLS handshake failed, or --timeout elapsed"""
+  3  no answer from the CA: cannot connect, TLS handshake failed, or --timeout elapsed
+  4  the CA cannot do it now (no database primary, busy, a concurrent change): run it again
+     (a write with the same --request-id)"""
 
 
 def leaf(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str, *,

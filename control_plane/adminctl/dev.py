@@ -12,8 +12,8 @@ from pathlib import Path
 
 from cryptography import x509
 
+from common.ids import ID_RE
 from control_plane.adminctl.connect import CliError, leaf
-from control_plane.identity import ID_RE
 from keylib.tlsid import cert_pem
 
 NFP = "NOT FOR PRODUCTION"

@@ -11,6 +11,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from common.policy import DEFAULT_IDLE_SECONDS
 from control_plane.adminctl.connect import CliError
 from control_plane.adminctl.output import fields
 from protos.keyward.v1 import keyward_pb2 as pb
@@ -39,7 +40,7 @@ def add_flags(p: argparse.ArgumentParser, *, removals: bool) -> None:
     g.add_argument("--private-zen-only", action=argparse.BooleanOptionalAction, default=None,
                    help="keys go only to the org's private ZEN pools")
     g.add_argument("--idle-seconds", type=int, metavar="N",
-                   help="a ZEN drops the key after N idle seconds (10..86400; 0: the default, 600)")
+                   help=f"a ZEN drops the key after N idle seconds (10..86400; 0: the default, {DEFAULT_IDLE_SECONDS})")
     for flag, field, metavar, text in LISTS:
         g.add_argument(f"--{flag}", action="append", default=[], metavar=metavar, dest=f"add_{field}",
                        help=text + " (repeatable)")
@@ -140,10 +141,6 @@ def _show(p: pb.Policy, field: str) -> str:
 
 def render(p: pb.Policy) -> str:
     return fields([(f.name, _show(p, f.name)) for f in pb.Policy.DESCRIPTOR.fields])
-
-
-DEFAULT_IDLE_SECONDS = 600
-"""What key_idle_timeout_seconds 0 stands for (keyward.proto); the CA stores it as 600."""
 
 
 def _norm(p: pb.Policy) -> pb.Policy:

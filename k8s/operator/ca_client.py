@@ -12,6 +12,7 @@ import uuid
 import grpc
 from cryptography import x509
 
+from common.status import Outcome, classify
 from k8s.operator.config import OperatorConfig
 from k8s.operator.pki import Root, issue
 from k8s.operator.plan import PoolState
@@ -21,11 +22,13 @@ from protos.keyward.v1 import keyward_pb2_grpc as pbg
 
 
 class CAUnavailable(RuntimeError):
-    """The CA could not be reached or did not answer; try again later."""
+    """Nothing was decided (common.status RETRY: the CA is away, timed out, busy, or a concurrent
+    change won); the next pass tries again."""
 
 
 class CARefused(RuntimeError):
-    """The CA answered with an error a person must act on (bad org, etc.)."""
+    """The CA answered no (common.status REFUSED: bad org, etc.) or failed (BROKEN): a person must
+    look (the pool's Registered condition and a Warning Event say it)."""
 
 
 __all__ = ["CAClient", "CARefused", "CAUnavailable", "PoolState"]
@@ -64,10 +67,10 @@ class CAClient:
         try:
             return await getattr(stub, fn)(req, timeout=self.cfg.ca_call_timeout)
         except grpc.aio.AioRpcError as e:
-            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise CAUnavailable(f"CA at {self.cfg.ca_target}: {e.code().name}: {e.details()}") from e
             if e.code() is grpc.StatusCode.NOT_FOUND and fn == "DeregisterZenPool":
-                return None
+                return None  # gone already: what deregistering wants
+            if classify(e.code().name) is Outcome.RETRY:
+                raise CAUnavailable(f"CA at {self.cfg.ca_target}: {e.code().name}: {e.details()}") from e
             raise CARefused(f"CA {fn}: {e.code().name}: {e.details()}") from e
 
     async def register(self, name: str, visibility: str, org_ids: list[str]) -> PoolState:

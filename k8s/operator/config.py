@@ -11,22 +11,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from common.env import SettingError, get, hostport, integer_in, number_in, seconds_in
 
-class ConfigError(ValueError):
-    """A setting is malformed; the message names it and what is allowed."""
-
-
-def _float(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
-    raw = env.get(name, "")
-    if not raw:
-        return default
-    try:
-        v = float(raw)
-    except ValueError as e:
-        raise ConfigError(f"{name}={raw!r} is not a number (seconds)") from e
-    if not lo <= v <= hi:
-        raise ConfigError(f"{name}={raw!r} is out of range: {lo:g} .. {hi:g}")
-    return v
+ConfigError = SettingError
+"""A setting is malformed; the message names it and what is allowed."""
 
 
 @dataclass(frozen=True)
@@ -109,16 +97,16 @@ class OperatorConfig:
             zen_image=env.get("KEYWARD_ZEN_IMAGE", "") or "keyward/zen:0.1.0",
             ca_addr=env.get("KEYWARD_CA_ADDR", ""),
             kube_api=env.get("KEYWARD_KUBE_API", ""),
-            interval=_float(env, "KEYWARD_OPERATOR_INTERVAL", 5.0, 0.2, 300),
-            failover_after=_float(env, "KEYWARD_FAILOVER_AFTER_SECONDS", 30.0, 1, 3600),
+            interval=get(env, "KEYWARD_OPERATOR_INTERVAL", 5.0, seconds_in(0.2, 300)),
+            failover_after=get(env, "KEYWARD_FAILOVER_AFTER_SECONDS", 30.0, seconds_in(1, 3600)),
             pg_cluster_file=env.get("KEYWARD_PG_CLUSTER_FILE", ""),
-            cert_days=_float(env, "KEYWARD_PKI_CERT_DAYS", 90.0, 1, 825),
-            pg_required_sync=int(_float(env, "KEYWARD_PG_REQUIRED_SYNC", 2, 1, 2)),
-            ca_call_timeout=_float(env, "KEYWARD_CA_CALL_TIMEOUT", 10.0, 0.5, 120),
+            cert_days=get(env, "KEYWARD_PKI_CERT_DAYS", 90.0, number_in(1, 825, "days")),
+            pg_required_sync=get(env, "KEYWARD_PG_REQUIRED_SYNC", 2, integer_in(1, 2)),
+            ca_call_timeout=get(env, "KEYWARD_CA_CALL_TIMEOUT", 10.0, seconds_in(0.5, 120)),
             secrets_name=env.get("KEYWARD_SECRETS_NAME", ""),
             pod_name=env.get("KEYWARD_POD_NAME", ""),
-            health_listen=env.get("KEYWARD_OPERATOR_HEALTH_LISTEN", "") or "0.0.0.0:8080",
-            metrics_listen=env.get("KEYWARD_OPERATOR_METRICS_LISTEN", ""),
+            health_listen=get(env, "KEYWARD_OPERATOR_HEALTH_LISTEN", "0.0.0.0:8080", hostport),
+            metrics_listen=get(env, "KEYWARD_OPERATOR_METRICS_LISTEN", "", hostport),
             zen_resources=_resources(env.get("KEYWARD_ZEN_RESOURCES_JSON", "")),
         )
 

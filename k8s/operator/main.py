@@ -20,6 +20,8 @@ import sys
 import kopf
 from aiohttp import web
 
+from common.env import split_hostport
+from common.hardening import no_core_dumps
 from common.logs import setup
 from k8s.operator import metrics
 from k8s.operator.config import ConfigError, OperatorConfig
@@ -38,8 +40,8 @@ async def _health(listen: str) -> web.AppRunner:
     app.router.add_get("/healthz", healthz)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    host, _, port = listen.rpartition(":")
-    await web.TCPSite(runner, host or "0.0.0.0", int(port)).start()
+    host, port = split_hostport(listen)
+    await web.TCPSite(runner, host, port).start()
     return runner
 
 
@@ -98,6 +100,7 @@ def main() -> None:
     # JSON lines, as every keyward process; kopf's own loggers (kopf.*, per-object ones with an
     # "object" field) propagate to the root and are written the same way.
     setup("INFO", "keyward-operator")
+    no_core_dumps()  # it holds the platform root's key and the database passwords in memory
     try:
         cfg = OperatorConfig.from_env()
     except ConfigError as e:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from common import metrics
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -19,7 +21,5 @@ PRIMARY_UP = Gauge("keyward_operator_db_primary_up", "1 while a Postgres server 
 
 
 def serve(listen: str) -> int:
-    """Start the exposition endpoint; return the bound port."""
-    host, _, port = listen.rpartition(":")
-    server, _thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=REGISTRY)
-    return int(server.server_port)
+    """Start the exposition endpoint (:func:`common.metrics.serve`); return the bound port."""
+    return metrics.serve(listen, REGISTRY, name="operator-metrics")

@@ -241,10 +241,11 @@ def test_help_version_and_completion(kw: Run, tmp_path: Path) -> None:
     assert ok(kw("completion", "zsh")).count("bashcompinit") == 2
 
 
-def test_a_ca_without_its_database_answers_unavailable_exit_1(
+def test_a_ca_without_its_database_answers_unavailable_exit_4(
         kw: Run, workdir: Path, pki_dir: Path, master_secret: tuple[bytes, Path]) -> None:
-    """The CA's own UNAVAILABLE (no database) is an answer (exit 1, with the request id to retry a
-    write with), not an unreachable CA (exit 3)."""
+    """The CA's own UNAVAILABLE (no database) is an answer that says "not now" (exit 4, with the request
+    id to retry a write with: common.status RETRY), neither an unreachable CA (exit 3) nor a refusal
+    (exit 1, which running the command again does not change)."""
     cluster = PgCluster(workdir / f"none-{uuid.uuid4().hex[:6]}", (free_port(), free_port(), free_port()))
     ca = start_ca(cluster, pki_dir, master_secret[1], workdir / "ca-nodb", wait_serving=False)
     try:
@@ -253,7 +254,7 @@ def test_a_ca_without_its_database_answers_unavailable_exit_1(
         r = kw("health", identity="platform-admin", env=env)
         assert r.returncode == 1 and "NOT_SERVING" in r.stdout, r.stdout + r.stderr
         err = one_line_error(kw("org", "create", "nodb", "--request-id", "retry-me", identity="platform-admin",
-                                env=env), 1)
+                                env=env), 4)
         assert err.startswith("keyward: UNAVAILABLE: ") and "--request-id retry-me" in err
     finally:
         ca.stop()

@@ -49,9 +49,9 @@ def test_ipv4_and_ipv6_do_not_overlap() -> None:
 
 def _pairwise_conflict(dni: list[str], blocked: list[str], prefixes: list[str]) -> bool:
     """The rule as it was first written, entry against entry (the reference)."""
-    from control_plane.policy import _matches
-    return any(_matches(b, d.lstrip("*.")) or _matches(d, b.lstrip("*.")) for d in dni for b in blocked) or \
-        any(_matches(d, p.split("/", 1)[0]) for d in dni for p in prefixes)
+    from common.policy import pattern_matches as m
+    return any(m(b, d.lstrip("*.")) or m(d, b.lstrip("*.")) for d in dni for b in blocked) or \
+        any(m(d, p.split("/", 1)[0]) for d in dni for p in prefixes)
 
 
 def test_linear_contradiction_rule_equals_the_pairwise_one() -> None:
@@ -90,8 +90,8 @@ def test_linear_contradiction_rule_equals_the_pairwise_one() -> None:
 def test_a_wildcard_covers_its_domain_at_label_boundaries_only(dni: list[str], blocked: list[str],
                                                                 prefixes: list[str], conflict: bool) -> None:
     """*.bank.example is bank.example and its subdomains, never evilbank.example: in the
-    contradiction check (``_Names``) and in the pairwise rule it is checked against (``_matches``)."""
-    from control_plane.policy import _matches
+    contradiction check (``PatternSet``) and in the pairwise rule it is checked against (``pattern_matches``)."""
+    from common.policy import pattern_matches as _matches
     assert _pairwise_conflict(dni, blocked, prefixes) is conflict
     if conflict:
         with pytest.raises(InvalidArgument, match="contradicts itself"):
@@ -106,17 +106,18 @@ def test_validation_work_grows_linearly(monkeypatch: pytest.MonkeyPatch) -> None
     """1,000 entries per list used to cost 0.88 s (each entry compared with every other). Counted,
     not timed (a timed ratio failed under load): the lookups the contradiction check makes grow
     10x with 10x the entries, where the pairwise rule grew 100x."""
+    from common.policy import PatternSet
     from control_plane import policy
 
     calls = 0
-    real = policy._Names.match
+    real = PatternSet.match
 
-    def counting(self: policy._Names, host: str) -> str | None:
+    def counting(self: PatternSet, host: str) -> str | None:
         nonlocal calls
         calls += 1
         return real(self, host)
 
-    monkeypatch.setattr(policy._Names, "match", counting)
+    monkeypatch.setattr(PatternSet, "match", counting)
 
     def work(n: int) -> int:
         nonlocal calls

@@ -44,3 +44,12 @@ def test_a_dropped_key_takes_its_minted_leaves_with_it() -> None:
     assert any(k[0] == "acme" for k in cache) and "acme" in minter._keys
     km.drop("acme", "revoked")
     assert not any(k[0] == "acme" for k in cache) and "acme" not in minter._keys
+
+
+def test_ca_reachability_is_in_the_health_report() -> None:
+    """KeyManager.ca_reachable (issue 12 point 7 named it dead) is what /healthz reports as ca_reachable,
+    beside the keyward_zen_ca_reachable gauge: kept."""
+    km = KeyManager(client=None, master=None)  # type: ignore[arg-type]
+    assert km.health()[1]["ca_reachable"] is False
+    km._reachable(True)
+    assert km.health()[1]["ca_reachable"] is True

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from data_plane.policy import Action, OrgPolicy, Verdict, connect_action, host_matches, org_for, request_verdict
+from common.policy import pattern_matches
+from data_plane.policy import Action, OrgPolicy, Verdict, connect_action, org_for, request_verdict
 from keylib.names import NameConstraints
 
 
@@ -38,7 +39,7 @@ def test_an_org_is_chosen_by_network_only_never_by_a_name() -> None:
     ("example", False),
 ])
 def test_a_wildcard_matches_at_label_boundaries_only(host: str, hit: bool) -> None:
-    assert host_matches("*.bank.example", host) is hit
+    assert pattern_matches("*.bank.example", host) is hit
     p = OrgPolicy("acme", blocked_hosts=("*.casino.example",), do_not_inspect_hosts=("*.bank.example",))
     assert connect_action(p, host, have_key=True) is (Action.TUNNEL if hit else Action.INTERCEPT)
     casino = host.lower().replace("bank", "casino")

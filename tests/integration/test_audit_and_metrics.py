@@ -103,3 +103,57 @@ def test_a_flood_of_refusals_hides_no_orgs_refusal_from_its_admin(
                 and e.actor.endswith("/zen-pool/public")]
     rows = wait_for(refusal_seen, 20, "the org's admin to see the refusal in the audit", interval=0.5)
     assert rows[0].org_id == new_org_id
+
+
+def _sample(text: str, line_start: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start))
+
+
+def test_a_watch_that_fails_unexpectedly_ends_internal_with_a_safe_message_counted_like_a_unary_call(
+    ca: CAProcess, platform: Clients, pki_dir: Path, pg: PgCluster, new_org_id: str,
+) -> None:
+    """Issue 12 point 3: WatchKeys goes through the same call wrapper as the unary calls. A key event
+    this CA cannot convert (a kind it does not know: written by hand here, by a newer CA in life)
+    makes the server code raise KeyError mid-replay. The stream used to end UNKNOWN with the exception's
+    text ("Unexpected <class 'KeyError'>: '...'") and was neither timed nor logged as refused; now it
+    ends INTERNAL with a reference id only, the traceback is logged under that id, and the call is
+    counted and timed like any other."""
+    import grpc
+
+    from devstack import pki
+
+    pool = f"w-{new_org_id[2:]}"
+    pki.client(pki_dir, f"zen-{pool}", f"zen-pool/{pool}")
+    platform.admin.RegisterZenPool(pb.RegisterZenPoolRequest(
+        pool=pb.ZenPool(name=pool, visibility=pb.POOL_VISIBILITY_PRIVATE)), timeout=30)
+    marker = f"secret-{new_org_id}"
+    seq = int(pg.psql(f"INSERT INTO key_events (org_id, kind, audience) VALUES ('{new_org_id}', '{marker}', "
+                      f"ARRAY['{pool}']) RETURNING seq"))
+    url = f"http://127.0.0.1:{ca.metrics_port}/metrics"
+
+    def scrape() -> str:
+        return subprocess.run(["curl", "-sf", url], capture_output=True, text=True, timeout=30, check=True).stdout
+
+    internal = 'keyward_ca_rpcs_total{code="INTERNAL",method="WatchKeys"}'
+    timed = 'keyward_ca_rpc_duration_seconds_count{method="WatchKeys"}'
+    before = scrape()
+    try:
+        stream = clients(ca.addr, pki_dir, f"zen-{pool}").keys.WatchKeys(
+            pb.WatchKeysRequest(after_seq=seq - 1), timeout=30)
+        try:
+            got = list(stream)
+        except grpc.RpcError as e:
+            code, details = e.code(), e.details() or ""
+        else:
+            raise AssertionError(f"the stream ended OK with {got}")
+    finally:
+        pg.psql(f"DELETE FROM key_events WHERE seq = {seq}")
+        platform.admin.DeregisterZenPool(pb.DeregisterZenPoolRequest(name=pool), timeout=30)
+    assert code == grpc.StatusCode.INTERNAL, (code, details)
+    assert details.startswith("internal error (ref ") and marker not in details and "KeyError" not in details
+    ref = details.split("(ref ", 1)[1].split(")", 1)[0]
+    log = ca.log_text()
+    assert f"unexpected error in WatchKeys (ref {ref})" in log and "WatchKeys refused: INTERNAL" in log
+    after = scrape()
+    assert _sample(after, internal) == _sample(before, internal) + 1
+    assert _sample(after, timed) >= _sample(before, timed) + 1

@@ -1,0 +1,105 @@
+"""data_plane.mint: the chain a client is sent (issue 12 point 7: chain_pem is used, not dead).
+
+The CA accepts an intermediate signed by an issuing CA below the org's root (chain_pem holds
+that CA and the root, nearest first). A ZEN that sent only leaf + intermediate left a client that
+trusts the org's root (and nothing else) unable to build the path: the handshake failed with
+"unable to get local issuer certificate". The ZEN now sends the issuers below the root; the root
+itself, which the client trusts already, is not sent."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ssl
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from data_plane.mint import Minter, issuers_to_send
+from data_plane.signer import Signer
+from keylib.securemem import from_bytes
+
+NOW = dt.datetime.now(dt.timezone.utc)
+
+
+def _ca(name: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
+        pathlen: int | None) -> x509.Certificate:
+    subject = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, name)])
+    b = (x509.CertificateBuilder().subject_name(subject)
+         .issuer_name(issuer[0].subject if issuer else subject).public_key(key.public_key())
+         .serial_number(x509.random_serial_number())
+         .not_valid_before(NOW - dt.timedelta(hours=1)).not_valid_after(NOW + dt.timedelta(days=30))
+         .add_extension(x509.BasicConstraints(ca=True, path_length=pathlen), critical=True)
+         .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                      data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                      encipher_only=False, decipher_only=False), critical=True)
+         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False))
+    if issuer:
+        b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer[1].public_key()), critical=False)
+    return b.sign(issuer[1] if issuer else key, hashes.SHA256())
+
+
+def _pem(*certs: x509.Certificate) -> str:
+    return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in certs)
+
+
+def _handshake(server: ssl.SSLContext, root: x509.Certificate, host: str) -> x509.Certificate:
+    """A TLS handshake in memory by a client that trusts ``root`` only (raises when it cannot
+    verify the chain it is sent); the leaf."""
+    client = ssl.create_default_context(cadata=_pem(root))
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    c = client.wrap_bio(c_in, c_out, server_hostname=host)
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    done = {"c": False, "s": False}
+    for _ in range(20):
+        for name, side in (("c", c), ("s", s)):
+            if not done[name]:
+                try:
+                    side.do_handshake()
+                    done[name] = True
+                except ssl.SSLWantReadError:
+                    pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if all(done.values()):
+            break
+    assert all(done.values()), done
+    der = c.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_a_client_that_trusts_only_the_org_root_verifies_the_leaf(levels: int) -> None:
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root = _ca("org root", root_key, None, None)
+    issuer = (root, root_key)
+    chain = [root]
+    if levels == 2:  # root -> issuing CA -> intermediate
+        sub_key = ec.generate_private_key(ec.SECP256R1())
+        sub = _ca("org issuing CA", sub_key, issuer, 1)
+        issuer, chain = (sub, sub_key), [sub, root]
+    inter_key = ec.generate_private_key(ec.SECP256R1())
+    inter = _ca("org intermediate", inter_key, issuer, 0)
+    buf = from_bytes(inter_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()))
+    try:
+        signer = Signer.start(buf, _pem(inter))
+    finally:
+        buf.wipe()
+    try:
+        ctx = Minter().context_for("acme", "k1", signer, _pem(inter), "shop.example", [], chain_pem=_pem(*chain))
+        leaf = _handshake(ctx, root, "shop.example")  # SSLCertVerificationError when the path is broken
+    finally:
+        signer.stop()
+    assert leaf.issuer == inter.subject
+
+
+def test_issuers_to_send() -> None:
+    assert issuers_to_send("") == b""
+    k = ec.generate_private_key(ec.SECP256R1())
+    root = _ca("r", k, None, None)
+    assert issuers_to_send(_pem(root)) == b""
+    sub = _ca("s", ec.generate_private_key(ec.SECP256R1()), (root, k), 1)
+    assert issuers_to_send(_pem(sub, root)) == _pem(sub).encode()  # the root is the client's, never sent
