@@ -171,7 +171,7 @@ class H2Endpoint:
                 try:
                     events = self.conn.receive_data(data)
                 except h2.exceptions.ProtocolError as e:
-                    self._count(type(e).__name__)
+                    metrics.H2_ERRORS.labels(self.side, type(e).__name__).inc()
                     self.error = f"{type(e).__name__}: {e}"
                     await self.flush()  # h2 has queued the GOAWAY with the error's code
                     break
@@ -240,12 +240,9 @@ class H2Endpoint:
         return True
 
     def _flood(self, what: str) -> bool:
-        self._count("flood")
+        metrics.H2_ERRORS.labels(self.side, "flood").inc()
         self.error = f"too many {what}"
         return False
-
-    def _count(self, kind: str) -> None:
-        metrics.H2_ERRORS.labels(self.side, kind).inc()
 
     def _fail(self, sid: int, err: StreamReset) -> None:
         inbound = self.inbound.get(sid)
