@@ -40,13 +40,13 @@ protos/keyward/v1/%_pb2.py: protos/keyward/v1/%.proto $(STAMP)
 
 protos: $(STUBS)
 
+# ruff (pyflakes, import order, bugbear, pyupgrade, simplify), the import contracts, the types.
 lint: venv protos
+	$(BIN)/ruff check
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 
-test: deps tools venv protos
-	$(BIN)/lint-imports
-	$(BIN)/mypy
+test: deps tools lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The Kubernetes path for real: etcd, kube-apiserver, controller-manager, scheduler (built once from Go

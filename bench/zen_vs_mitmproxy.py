@@ -110,7 +110,7 @@ def start_origin(d: Path, kind: str) -> tuple[int, object]:
         wait_port(port, proc=proc)
     except SystemExit:
         proc.kill()
-        raise SystemExit("nginx did not start: " + (d / "nginx-error.log").read_text(errors="replace")[-2000:])
+        raise SystemExit("nginx did not start: " + (d / "nginx-error.log").read_text(errors="replace")[-2000:]) from None
     return port, proc
 
 

@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from common.env import split_hostport
 
+
 class _V6Server(http.server.ThreadingHTTPServer):
     address_family = socket.AF_INET6
 

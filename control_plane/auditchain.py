@@ -35,7 +35,7 @@ def canonical(r: AuditRecord) -> bytes:
     return json.dumps(
         {
             "seq": r.seq,
-            "at": r.at.astimezone(dt.timezone.utc).isoformat(timespec="microseconds"),
+            "at": r.at.astimezone(dt.UTC).isoformat(timespec="microseconds"),
             "actor": r.actor,
             "action": r.action,
             "org_id": r.org_id,

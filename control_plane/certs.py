@@ -154,7 +154,7 @@ def validate_intermediate(
 ) -> tuple[CertInfo, str, str]:
     """Check an uploaded intermediate; return its info and normalized PEMs. Its name
     constraints must be exactly ``constraints`` (the org policy's; None: none at all)."""
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     certs = parse_pem_certs(certificate_pem, "certificate_pem", max_count=1)
     if len(certs) != 1:
         raise InvalidArgument("certificate_pem must hold exactly one certificate")

@@ -50,7 +50,7 @@ def from_certificate(pem: bytes, *, trust_domain: str, now: dt.datetime | None =
         cert = x509.load_pem_x509_certificate(pem)
     except ValueError as e:
         raise Unauthenticated("client certificate cannot be parsed") from e
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise Unauthenticated("client certificate is expired or not yet valid")
     try:

@@ -19,7 +19,6 @@ import grpc
 from control_plane.errors import Unauthenticated
 from control_plane.identity import from_certificate
 
-
 log = logging.getLogger("keyward.ca")
 UNDECODABLE_LOG_EVERY = 10.0
 """Seconds between log lines about undecodable requests (each line carries the count)."""

@@ -105,7 +105,7 @@ def _subtree(h: str, what: str) -> str:
 def _overlap(nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> tuple[object, object] | None:
     """Two networks that overlap, if any (a sorted sweep: O(n log n))."""
     ordered = sorted(nets, key=lambda n: (n.version, int(n.network_address), -n.prefixlen))
-    for a, b in zip(ordered, ordered[1:]):
+    for a, b in zip(ordered, ordered[1:], strict=False):
         if a.version == b.version and int(b.network_address) <= int(a.broadcast_address):
             return a, b
     return None

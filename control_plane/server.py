@@ -21,11 +21,11 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from control_plane import metrics
+from control_plane.calls import run_refusal_flusher
 from control_plane.config import CAConfig
 from control_plane.errors import ConfigError, KeywardError
 from control_plane.events import EventHub
 from control_plane.interceptors import IdentityInterceptor
-from control_plane.calls import run_refusal_flusher
 from control_plane.service import AdminService, KeyDistributionService
 from control_plane.spool import KeySentAuditor
 from control_plane.store import Store

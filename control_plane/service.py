@@ -34,7 +34,14 @@ from control_plane.convert import (
     snapshot_to_pb,
 )
 from control_plane.custody import PendingKey, new_pending_key
-from control_plane.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, show
+from control_plane.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    show,
+)
 from control_plane.events import EventHub, Overflow
 from control_plane.identity import Identity, check_id
 from control_plane.limits import Slots

@@ -11,6 +11,7 @@ audited is not sent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -40,7 +41,7 @@ class KeySentAuditor:
             if not self._path:
                 raise Unavailable("the audit log is unavailable, so the key is not sent; retry later") from None
         line = json.dumps({"actor": actor.spiffe_id, "org_id": org_id, "key_id": key_id, "detail": detail,
-                           "at": dt.datetime.now(dt.timezone.utc).isoformat()}) + "\n"
+                           "at": dt.datetime.now(dt.UTC).isoformat()}) + "\n"
         async with self._lock:
             await asyncio.to_thread(self._append, line)
 
@@ -83,8 +84,6 @@ class KeySentAuditor:
 
     async def run(self) -> None:
         while True:
-            try:
+            with contextlib.suppress(KeywardError):  # still no primary: next time
                 await self.flush()
-            except KeywardError:
-                pass  # still no primary
             await asyncio.sleep(FLUSH_SECONDS)

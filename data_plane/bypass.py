@@ -52,7 +52,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             writer.write(resp.raw)
             await copy_body(resp, o_r, writer, is_response=True, request_method=method)
         o_w.close()
-    except (HttpError, OSError, ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
+    except (TimeoutError, HttpError, OSError, ValueError, asyncio.IncompleteReadError) as e:
         log.info(json.dumps({"bypass": "failed", "status": 502, "reason": str(e) or type(e).__name__}))
         with contextlib.suppress(Exception):
             writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")

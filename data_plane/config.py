@@ -16,7 +16,6 @@ from typing import Any
 
 from common.env import SettingError, address, boolean, hostport, integer_in, log_level, text
 
-
 ZenConfigError = SettingError
 """The ZEN's configuration is wrong; it refuses to start. The message names the setting."""
 

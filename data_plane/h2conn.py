@@ -183,7 +183,7 @@ class H2Endpoint:
                 await self.flush()
                 if self.goaway and self.side == "client" and not self._tasks:
                     break
-        except (ConnectionError, OSError, ssl.SSLError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+        except (TimeoutError, ConnectionError, OSError, ssl.SSLError, asyncio.IncompleteReadError):
             pass
         finally:
             self._shut("connection closed")

@@ -52,7 +52,7 @@ async def read_head(reader: asyncio.StreamReader, timeout: float = 60) -> Head |
     lines = raw.decode("latin-1").split("\r\n")
     start = lines[0].split(" ", 2)
     if len(start) < 2:
-        raise HttpError(f"malformed start line")
+        raise HttpError("malformed start line")
     headers = []
     for line in lines[1:]:
         if not line:

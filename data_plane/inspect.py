@@ -22,8 +22,7 @@ from h2.errors import ErrorCodes
 from data_plane import metrics
 from data_plane.h2conn import H2Endpoint, Inbound, StreamReset, code_name
 from data_plane.http1 import BodyReader, HttpError, check_framing, copy_body, read_head, splice
-from data_plane.messages import Header, MessageError, Request, Response, page_response, request_from_h1, \
-    request_from_h2
+from data_plane.messages import Header, MessageError, Request, Response, page_response, request_from_h1, request_from_h2
 from data_plane.policy import OrgPolicy, Verdict, request_verdict
 from data_plane.upstream import Upstream, UpstreamError
 
@@ -250,7 +249,7 @@ async def serve_page_h2(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
     try:
         await ep.start()
         await asyncio.wait_for(ep.run(), 30)
-    except (asyncio.TimeoutError, ConnectionError, OSError):
+    except (TimeoutError, ConnectionError, OSError):
         pass
     finally:
         await ep.close()

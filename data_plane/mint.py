@@ -122,7 +122,7 @@ class Minter:
         nc = NameConstraints.of_certificate(inter)
         if nc is not None and not nc.allows(host):
             raise OutsideConstraints(f"{host} is outside the name constraints of {org_id}'s intermediate")
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         not_after = min(now + dt.timedelta(hours=self._hours), inter.not_valid_after_utc)
         dns, ips = split_names(host, [n for n in origin_sans if nc is None or nc.allows(n)])
         der = signer.sign(LeafRequest(common_name=host[:64], dns_names=dns, ip_addresses=ips,

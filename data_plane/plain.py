@@ -48,7 +48,7 @@ async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, or
     try:
         o_reader, o_writer = await asyncio.wait_for(
             asyncio.open_connection(addr(host), u.port or 80), CONNECT_TIMEOUT)
-    except (OSError, asyncio.TimeoutError) as e:
+    except (TimeoutError, OSError) as e:
         failed(org, f"{host}:{u.port or 80}", 502, f"cannot reach {host}: {str(e) or type(e).__name__}")
         writer.write(_page(502, f"cannot reach {_html(host)}: {_html(str(e))}"))
         await writer.drain()

@@ -74,7 +74,7 @@ class Proxy:
             with contextlib.suppress(Exception):
                 writer.write(page(400, "Bad Request", _html(str(e))))
                 await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, ssl.SSLError):
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
             pass
         except Exception:
             log.exception("connection failed")
@@ -175,7 +175,7 @@ class Proxy:
         try:  # TCP to the CONNECT host's address; TLS comes once the name is known
             o_reader, o_writer = await asyncio.wait_for(asyncio.open_connection(self._addr(host), port),
                                                         CONNECT_TIMEOUT)
-        except (OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError) as e:
             self._failed(org, f"{host}:{port}", 502, f"cannot reach {host}: {str(e) or type(e).__name__}")
             writer.write(page(502, "Bad Gateway", f"cannot reach {_html(host)}: {_html(str(e))}"))
             await writer.drain()
@@ -246,7 +246,7 @@ class Proxy:
                                  f"({_html(e.verify_message or str(e))}); the connection was refused.",
                                  hello.alpn)
             return
-        except (OSError, asyncio.TimeoutError, ssl.SSLError) as e:
+        except (TimeoutError, OSError, ssl.SSLError) as e:
             if origin_ctx is self.origin_h1_ctx and "no application protocol" in str(e).lower().replace("_", " "):
                 # An HTTP/2-only origin refused the HTTP/1.1 client's protocol: reach it over HTTP/2
                 # on a new connection, and translate (inspect.Session.serve_h1).
@@ -263,7 +263,7 @@ class Proxy:
         try:
             o_reader, o_writer = await asyncio.wait_for(asyncio.open_connection(
                 self._addr(host), port, ssl=self.origin_ctx, server_hostname=name, limit=64 * 1024), CONNECT_TIMEOUT)
-        except (OSError, asyncio.TimeoutError, ssl.SSLError) as e:
+        except (TimeoutError, OSError, ssl.SSLError) as e:
             await self._tls_page(reader, writer, org, key, name, 502, "Bad Gateway",
                                  f"cannot reach {_html(name)}: {_html(str(e))}",
                                  client_alpn)

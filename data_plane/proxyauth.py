@@ -35,7 +35,7 @@ class Verdict(Enum):
 
 def basic_credentials(header: str | None) -> tuple[str, str] | None:
     """(user, secret) of a ``Basic`` Proxy-Authorization value, or None."""
-    if not header or not header[:6].lower() == "basic ":
+    if not header or header[:6].lower() != "basic ":
         return None
     try:
         user, sep, secret = base64.b64decode(header[6:].strip(), validate=True).decode().partition(":")

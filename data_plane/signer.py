@@ -225,11 +225,12 @@ def _child() -> None:
     # fd 2 is the ZEN's (its converting pipe): JSON lines, and a crash is its type and frames only,
     # never an exception's message (which could quote what the key parser saw).
     setup("WARNING", "keyward-signer", capture_stderr=False)
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-    import ipaddress
 
     fin, fout = 0, 1
 

@@ -74,7 +74,7 @@ class H2Upstream:
         if self._ep.closed or self._ep.goaway:
             try:
                 reader, writer = await self._connect()
-            except (OSError, asyncio.TimeoutError) as e:
+            except (TimeoutError, OSError) as e:
                 raise UpstreamError(f"cannot reach the origin again: {e}") from None
             sslobj = writer.get_extra_info("ssl_object")
             if sslobj is None or sslobj.selected_alpn_protocol() != "h2":
@@ -143,7 +143,7 @@ class H1Upstream:
             else:
                 try:
                     reader, writer = await self._connect()
-                except (OSError, asyncio.TimeoutError) as e:
+                except (TimeoutError, OSError) as e:
                     raise UpstreamError(f"cannot open another connection to the origin: {e}") from None
                 self._open.add(writer)
             reusable = False

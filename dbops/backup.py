@@ -25,9 +25,9 @@ import shutil
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -176,7 +176,7 @@ def backup(spec: ClusterSpec, *, log: Callable[[str], None] = _warn) -> Backup:
         log(problem)
     with psycopg.connect(spec.conninfo(node), autocommit=True) as c:
         c.execute("SELECT pg_switch_wal()")  # the base backup's WAL starts in a fresh segment
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     root = Path(spec.backup_dir)
     root.mkdir(parents=True, exist_ok=True)
     chown_server(root)
@@ -286,7 +286,7 @@ def restore(backup_path: Path, root: Path, port: int, *, name: str = "restored")
 
 
 def run_chown(path: Path) -> None:
-    for dirpath, dirnames, filenames in os.walk(path):
+    for dirpath, _dirnames, filenames in os.walk(path):
         chown_server(Path(dirpath))
         for f in filenames:
             chown_server(Path(dirpath) / f)

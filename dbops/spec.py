@@ -12,7 +12,6 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-
 _SIMPLE = re.compile(r"[a-z_][a-z0-9_]*")
 
 

@@ -35,7 +35,7 @@ PrivKey = ec.EllipticCurvePrivateKey
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:

@@ -102,7 +102,7 @@ class LockedBuffer:
         self.wipe()
 
     def __del__(self) -> None:
-        try:
+        try:  # noqa: SIM105 (not contextlib.suppress: at interpreter shutdown the module may be gone)
             self.wipe()
         except Exception:  # pragma: no cover - interpreter shutdown
             pass

@@ -21,7 +21,7 @@ PrivKey = ec.EllipticCurvePrivateKey
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def build_cert(

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ssl
 import threading
@@ -206,10 +207,8 @@ class TlsStream:
         if self._pump is not None:
             self._pump.cancel()
         if notify and not self._raw_w.is_closing():
-            try:
+            with contextlib.suppress(ssl.SSLError):  # WantRead: our close_notify is queued; not waiting for theirs
                 self.obj.unwrap()
-            except ssl.SSLError:
-                pass  # WantRead: our close_notify is queued; we do not wait for the peer's
             self._flush()
         self._raw_w.close()
 
@@ -266,6 +265,6 @@ def strict_alpn(ctx: ssl.SSLContext, protocols: Sequence[str]) -> None:
         return _SSL_TLSEXT_ERR_ALERT_FATAL
 
     cb = _ALPN_SELECT_CB(select)
-    setattr(ctx, "_strict_alpn_cb", cb)  # OpenSSL holds only a raw pointer: keep it alive
+    ctx._strict_alpn_cb = cb  # OpenSSL holds only a raw pointer: keep it alive
     lib.SSL_CTX_set_alpn_select_cb.argtypes = [ctypes.c_void_p, _ALPN_SELECT_CB, ctypes.c_void_p]
     lib.SSL_CTX_set_alpn_select_cb(ptr, cb, None)

@@ -183,7 +183,7 @@ class OrgRoot:
 def bad_identities(pki_dir: Path) -> None:
     """Client certificates signed by the trusted CA but breaking one rule each."""
     ca, ca_key = pki._load(pki_dir)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cases: dict[str, dict[str, Any]] = {
         "bad-no-san": {},
         "bad-two-sans": {"uris": ["spiffe://keyward/platform-admin", "spiffe://keyward/zen-pool/public"]},

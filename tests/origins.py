@@ -11,6 +11,7 @@ can tell what the origin actually spoke.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import threading
 from collections.abc import Sequence
@@ -19,8 +20,16 @@ from pathlib import Path
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.events import (ConnectionTerminated, DataReceived, Event, RemoteSettingsChanged,
-                       RequestReceived, StreamEnded, StreamReset, WindowUpdated)
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    Event,
+    RemoteSettingsChanged,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
 from h2.exceptions import ProtocolError, StreamClosedError
 from hyperframe.frame import GoAwayFrame
 
@@ -144,10 +153,8 @@ class _H2Conn:
         except Exception as e:
             self.origin.errors.append(f"h2 connection: {type(e).__name__}: {e}")
         finally:
-            try:
+            with contextlib.suppress(CLIENT_GONE):
                 self.flush()
-            except CLIENT_GONE:
-                pass
             self.done.set()
 
     def _event(self, ev: Event) -> None:

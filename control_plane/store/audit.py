@@ -24,7 +24,7 @@ async def append_audit(conn: Conn, actor: Actor, action: str, *, org_id: str = "
     seq = (last["seq"] + 1) if last else 1
     prev = bytes(last["hash"]) if last else auditchain.GENESIS
     rec = auditchain.AuditRecord(
-        seq=seq, at=dt.datetime.now(dt.timezone.utc), actor=actor.spiffe_id, action=action,
+        seq=seq, at=dt.datetime.now(dt.UTC), actor=actor.spiffe_id, action=action,
         org_id=org_id, key_id=key_id, outcome=outcome, detail=detail[:500],
     )
     await conn.execute(

@@ -23,7 +23,15 @@ from control_plane.errors import FailedPrecondition, NotFound
 from control_plane.store.orgs import ORG_SELECT
 from control_plane.store.pools import pool_row
 from control_plane.store.rows import (
-    NO_REQUEST, ActiveKey, Actor, IntermediateRow, OrgRow, PoolRow, RequestKey, intermediate_row, org_row,
+    NO_REQUEST,
+    ActiveKey,
+    Actor,
+    IntermediateRow,
+    OrgRow,
+    PoolRow,
+    RequestKey,
+    intermediate_row,
+    org_row,
 )
 from control_plane.store.tx import Conn
 from control_plane.store.work import Writes

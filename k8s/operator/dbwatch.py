@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from dbops import local
 from dbops import plan as dbplan
 from dbops.failover import FailoverRefused, execute

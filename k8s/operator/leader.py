@@ -68,7 +68,7 @@ def decide(lease: Obj | None, me: str, seen: Observed | None, now: float, timing
 
 
 def _micro(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class Elector:

@@ -82,7 +82,7 @@ async def ensure_root(kube: Kube, cfg: OperatorConfig) -> Root:
                 return Root(cert, key)
         cert, key = build_cert(subject_cn=f"{cfg.release} platform CA ({cfg.trust_domain})", issuer=None,
                                issuer_key=None, is_ca=True,
-                               not_after=dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=ROOT_DAYS))
+                               not_after=dt.datetime.now(dt.UTC) + dt.timedelta(days=ROOT_DAYS))
         body = _secret(cfg, name, {"tls.crt": cert_pem(cert), "tls.key": key_pem(key), "ca.crt": cert_pem(cert)}, "pki")
         try:
             if s is None:
@@ -99,7 +99,7 @@ async def ensure_root(kube: Kube, cfg: OperatorConfig) -> Root:
 
 def issue(cfg: OperatorConfig, root: Root, spiffe_path: str, *, server: bool = False,
           dns: tuple[str, ...] = (), ips: tuple[str, ...] = (), days: float | None = None) -> Identity:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert, key = build_cert(subject_cn=spiffe_path.replace("/", ":"), issuer=root.cert, issuer_key=root.key,
                            uris=[f"spiffe://{cfg.trust_domain}/{spiffe_path}"], server=server, dns=dns, ips=ips,
                            not_after=now + dt.timedelta(days=days if days is not None else cfg.cert_days))

@@ -41,7 +41,7 @@ class Monitor:
         with ThreadPoolExecutor(len(self.cluster.nodes)) as ex:
             while not self.stop.is_set():
                 t = time.monotonic()
-                roles = dict(zip([n.name for n in self.cluster.nodes], ex.map(self._role, self.cluster.nodes)))
+                roles = dict(zip([n.name for n in self.cluster.nodes], ex.map(self._role, self.cluster.nodes), strict=True))
                 with self.lock:
                     self.rounds.append(Round(t, roles))
                 self.stop.wait(0.1)

@@ -34,6 +34,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -43,7 +44,7 @@ from devstack.pg import PgCluster, free_port
 from protos.keyward.v1 import keyward_pb2 as pb
 from tests.chaos import faults
 from tests.chaos.faults import CA, Fault, Watcher
-from tests.chaos.load import Load, Op
+from tests.chaos.load import Load
 from tests.chaos.monitor import Monitor
 from tests.helpers import ROOT, OrgRoot, clients, three_servers, wait_for
 
@@ -219,7 +220,8 @@ def test_chaos_campaign(cluster: PgCluster, pki_dir: Path, master_secret: tuple[
             samples: list[tuple[float, bool]] = []  # (when, full redundancy), sampled from the injection on
             sampling = threading.Event()
 
-            def sample() -> None:
+            def sample(sampling: threading.Event = sampling, spec: Any = spec,
+                       samples: list[tuple[float, bool]] = samples) -> None:  # bound: a closure per cycle
                 while not sampling.is_set():
                     ok = not status.problems(spec, status.cluster_status(spec))
                     samples.append((time.monotonic(), ok))  # as of its last answer (a stalled server's is late)
@@ -235,7 +237,7 @@ def test_chaos_campaign(cluster: PgCluster, pki_dir: Path, master_secret: tuple[
                 if f.error:
                     cy.violations.append(f"{f.describe()}: the harness could not inject/heal it: {f.error}")
 
-            def back() -> bool:
+            def back(spec: Any = spec) -> bool:
                 if watcher.proc is None or watcher.proc.poll() is not None:
                     return False
                 return not status.problems(spec, status.cluster_status(spec))
@@ -247,7 +249,7 @@ def test_chaos_campaign(cluster: PgCluster, pki_dir: Path, master_secret: tuple[
                 lost = [t for t, ok in samples if not ok and t >= cy.t_fault]
                 healed = [t for t, ok in samples if ok and lost and t > lost[0]]
                 cy.back = (healed[0] if healed else time.monotonic()) - cy.t_fault if lost else 0.0
-                wait_for(lambda: any(o.ack_attempt_started > cy.t_fault for o in load.ledger.acked()
+                wait_for(lambda cy=cy: any(o.ack_attempt_started > cy.t_fault for o in load.ledger.acked()
                                      if o.ack_attempt_started), 60, "a write acknowledged after the fault")
             except AssertionError as e:
                 cy.violations.append(f"{e}: {status.render(spec, status.cluster_status(spec))}")

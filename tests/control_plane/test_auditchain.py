@@ -11,7 +11,7 @@ from control_plane.auditchain import GENESIS, AuditRecord, link, verify
 def _chain(n: int) -> list[tuple[AuditRecord, bytes, bytes]]:
     rows, prev = [], GENESIS
     for i in range(1, n + 1):
-        r = AuditRecord(i, dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc), "spiffe://keyward/platform-admin",
+        r = AuditRecord(i, dt.datetime(2026, 1, 1, tzinfo=dt.UTC), "spiffe://keyward/platform-admin",
                         "CreateOrganization", f"org{i}", "", "ok", "")
         h = link(prev, r)
         rows.append((r, prev, h))

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from control_plane.certs import KeyAlgorithm, build_csr, generate_key, spki_sha256, validate_intermediate
 from control_plane.errors import InvalidArgument
 
-NOW = dt.datetime.now(dt.timezone.utc)
+NOW = dt.datetime.now(dt.UTC)
 
 
 def _root(name: str = "root") -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:

@@ -11,7 +11,7 @@ from control_plane.errors import InvalidArgument, Unauthenticated
 from control_plane.identity import Role, check_id, from_certificate, parse_spiffe_id
 from devstack.pki import build_cert
 
-NOW = dt.datetime.now(dt.timezone.utc)
+NOW = dt.datetime.now(dt.UTC)
 
 
 def _pem(**kw: object) -> bytes:

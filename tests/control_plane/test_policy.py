@@ -130,7 +130,7 @@ def test_validation_work_grows_linearly(monkeypatch: pytest.MonkeyPatch) -> None
         return calls
 
     small, large = work(100), work(1000)
-    assert 0 < small and large <= small * 10, (small, large)
+    assert small > 0 and large <= small * 10, (small, large)
 
 
 def test_the_total_size_is_bounded() -> None:

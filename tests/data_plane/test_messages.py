@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 
 from data_plane.http1 import Head
-from data_plane.messages import (MessageError, Request, Response, page_response, request_from_h1,
-                                 request_from_h2, response_from_h1, response_from_h2)
+from data_plane.messages import (
+    MessageError,
+    Request,
+    Response,
+    page_response,
+    request_from_h1,
+    request_from_h2,
+    response_from_h1,
+    response_from_h2,
+)
 
 
 def _h2(*extra: tuple[bytes, bytes], authority: bytes = b"shop.test") -> list[tuple[bytes, bytes]]:

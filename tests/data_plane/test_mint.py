@@ -20,7 +20,7 @@ from data_plane.mint import Minter, issuers_to_send
 from data_plane.signer import Signer
 from keylib.securemem import from_bytes
 
-NOW = dt.datetime.now(dt.timezone.utc)
+NOW = dt.datetime.now(dt.UTC)
 
 
 def _ca(name: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,

@@ -47,7 +47,7 @@ def test_signs_leaves_and_the_key_lives_only_in_the_child() -> None:
     # An issuer certificate for this RSA key (self-signed is enough for the signer).
     from cryptography.hazmat.primitives import hashes
     name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "org intermediate")])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     issuer = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
               .serial_number(1).not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))
               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True).sign(key, hashes.SHA256()))

@@ -16,6 +16,7 @@ default admission chain (PodSecurity included). Its data lives on tmpfs.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import ipaddress
@@ -31,7 +32,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,7 @@ def _name(cn: str, org: str | None = None) -> x509.Name:
 def _cert(subject: x509.Name, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Certificate, Any] | None, *,
           ca: bool = False, dns: tuple[str, ...] = (), ips: tuple[str, ...] = (), server: bool = False
           ) -> x509.Certificate:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     b = (x509.CertificateBuilder().subject_name(subject)
          .issuer_name(issuer[0].subject if issuer else subject).public_key(key.public_key())
          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
@@ -324,10 +325,8 @@ class Cluster:
 
 @contextmanager
 def _suppress() -> Iterator[None]:
-    try:
+    with suppress(ProcessLookupError, PermissionError):
         yield
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -394,10 +393,8 @@ def run(argv: list[str]) -> int:
             shutil.rmtree(d, ignore_errors=True)
         if MOUNTPOINTS.exists():
             for line in reversed(MOUNTPOINTS.read_text().splitlines()):
-                try:
+                with contextlib.suppress(OSError):
                     Path(line).rmdir()  # only if empty: never anything a pod did not make
-                except OSError:
-                    pass
             MOUNTPOINTS.unlink()
         if not os.environ.get("KEYWARD_E2E_KEEP"):
             for d in set(Path("/dev/shm").glob("keyward-e2e-*")) - before:

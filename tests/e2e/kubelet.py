@@ -33,6 +33,7 @@ POSTGRES_PASSWORD_FILE, the initdb scripts, then postgres).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shlex
@@ -142,10 +143,8 @@ class Kubelet:
         for r in list(self.pods.values()):
             self._kill(r)
         for d in reversed(self._made_dirs):
-            try:
+            with contextlib.suppress(OSError):
                 d.rmdir()
-            except OSError:
-                pass
 
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -103,12 +103,13 @@ def test_install_with_default_values(install: dict[str, Any], kubectl: Kubectl, 
     for run in (r for r in kubelet.pods.values() if r.name.startswith(f"{RELEASE}-ca-")):
         # Ready may come first: the other CA's schema is enough for serving; this one's own attempt
         # (CREATE ... IF NOT EXISTS) completes on its next period.
-        log = wait(lambda: "schema ensured" in (t := run.log.read_text(errors="replace")) and t, 30,
-                   f"{run.name} to ensure the schema")
+        log = wait(lambda: "schema ensured" in (t := run.log.read_text(errors="replace")) and t,  # noqa: B023 (polled now)
+                   30, f"{run.name} to ensure the schema")
         assert log.index("could not ensure the schema") < log.index("schema ensured"), log[-2000:]
         assert run.restarts == 0
         # Every connection gets the password file's password (the event hub's LISTEN one too).
-        wait(lambda: "health: SERVING" in run.log.read_text(), 30, "the CA to report SERVING")
+        wait(lambda: "health: SERVING" in run.log.read_text(), 30,  # noqa: B023 (polled within this iteration)
+             "the CA to report SERVING")
         after = run.log.read_text(errors="replace").split("schema ensured", 1)[1]
         assert "database unavailable" not in after, after[-1500:]
     cas = pods(kubectl, "ca")

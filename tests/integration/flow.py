@@ -9,7 +9,6 @@ from keylib import proxyauth
 from protos.keyward.v1 import keyward_pb2 as pb
 from tests.helpers import Clients, OrgRoot, clients
 
-
 PROXY_SECRET = "keyward-test-proxy-credential"
 """Every test org's users give the ZEN ``org_id:PROXY_SECRET`` (pass proxy_credential_verifiers=[]
 for an org reachable by source network only)."""

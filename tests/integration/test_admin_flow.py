@@ -13,9 +13,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from data_plane.keyopen import open_org_key
 from devstack.pg import PgCluster
 from keylib.master import MasterSecret
-from data_plane.keyopen import open_org_key
 from protos.keyward.v1 import keyward_pb2 as pb
 from tests.helpers import CAProcess, Clients, OrgRoot, clients, code_of, wait_for
 from tests.integration.flow import activate, create_org, org_admin

@@ -164,7 +164,7 @@ def test_upload_validation(pg: PgCluster, platform: Clients, pending_org: Any, t
     U = lambda cert, chain="": pb.UploadIntermediateCertificateRequest(  # noqa: E731
         org_id=org_id, certificate_pem=cert, chain_pem=chain)
     up = admin.admin.UploadIntermediateCertificate
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     good = root.sign(csr.csr_pem)
     _expect(pg, platform, up, U("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n"), IA, "PEM")
     _expect(pg, platform, up, U(good * 2), IA, "at most 1")

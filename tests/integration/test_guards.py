@@ -21,14 +21,23 @@ from protos.keyward.v1 import keyward_pb2 as pb
 from tests.helpers import CAProcess, Clients, OrgRoot, clients, wait_for
 from tests.integration.flow import PROXY_SECRET, PROXY_VERIFIER, activate, create_org, org_admin
 from tests.integration.test_zen import (  # noqa: F401 (fixtures)
-    Web, Zen, _holders, _key_needles, _procs, curl, org, served_chain, start_zen, web, zen,
+    Web,
+    Zen,
+    _holders,
+    _key_needles,
+    _procs,
+    curl,
+    org,
+    served_chain,
+    start_zen,
+    web,
+    zen,
 )
-
 
 # ------------------------------------------------------------------ the inspected tunnel
 
 def test_a_blocked_url_prefix_is_refused_on_a_kept_alive_tunnel_after_an_allowed_request(
-    zen: Zen, web: Web, org: tuple[str, OrgRoot, Clients],
+    zen: Zen, web: Web, org: tuple[str, OrgRoot, Clients],  # noqa: F811 (pytest fixtures, imported above)
 ) -> None:
     """Every request inside an intercepted tunnel is checked, not only its first: an allowed
     request, then one under a blocked prefix (good.test/private/) on the same connection."""
@@ -198,8 +207,8 @@ def test_a_live_stream_and_its_replay_carry_the_same_history(
 # ------------------------------------------------------------------ rotation in the ZEN
 
 def test_a_rotation_ends_the_old_signer_and_leaves_the_old_key_in_no_process(
-    ca: CAProcess, platform: Clients, pki_dir: Path, master_secret: tuple[bytes, Path], web: Web, workdir: Path,
-    tmp_path: Path,
+    ca: CAProcess, platform: Clients, pki_dir: Path, master_secret: tuple[bytes, Path], web: Web,  # noqa: F811 (fixture)
+    workdir: Path, tmp_path: Path,
 ) -> None:
     org_id = f"r-{uuid.uuid4().hex[:8]}"
     create_org(platform, org_id)

@@ -18,11 +18,11 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -120,8 +120,8 @@ def start_zen(ca: CAProcess, pki_dir: Path, master: Path, web: Web, workdir: Pat
                KEYWARD_ZEN_EXTRA_ROOTS_FILE=str(web.root_crt),
                KEYWARD_ZEN_RESOLVE="good.test=127.0.0.1,www.good.test=127.0.0.1,dni.test=127.0.0.1,blocked.test=127.0.0.1,bad.test=127.0.0.1")
     env.update(extra or {})
-    out = open(log, "wb")
-    proc = subprocess.Popen([python, "-m", "data_plane"], env=env, cwd=ROOT, stdout=out, stderr=out)
+    with open(log, "wb") as out:  # the child has its own copy of the descriptor
+        proc = subprocess.Popen([python, "-m", "data_plane"], env=env, cwd=ROOT, stdout=out, stderr=out)
 
     def port() -> int | None:
         if proc.poll() is not None:

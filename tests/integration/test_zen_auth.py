@@ -37,7 +37,7 @@ def _metric(zen: Zen, name: str) -> float:
                if line.startswith(name) and not line.startswith("#"))
 
 
-def _connect(zen: Zen, web: Web, auth: str | None, source: str = "127.0.0.1") -> str:
+def _connect(zen: Zen, web: Web, auth: str | None, source: str = "127.0.0.1") -> str:  # noqa: F811 (the fixture's value)
     """The status line a raw CONNECT gets."""
     with socket.create_connection(("127.0.0.1", zen.port), timeout=20, source_address=(source, 0)) as s:
         extra = f"Proxy-Authorization: Basic {base64.b64encode(auth.encode()).decode()}\r\n" if auth else ""

@@ -420,7 +420,7 @@ def test_a_refusal_page_reaches_an_http2_only_client_in_http2(
     assert r.returncode == 0 and r.stdout.endswith("\n2 502") and "is not trusted" in r.stdout, r.stdout + r.stderr
     creds = grpc.ssl_channel_credentials(root.crt.read_bytes())
     with grpc.secure_channel(f"bad.test:{web.bad_port}", creds, options=[
-            ("grpc.http_proxy", f"http://{org_id}:{PROXY_SECRET}@127.0.0.1:{zen.port}")]) as ch:
-        with pytest.raises(grpc.RpcError) as e:
-            say(ch, "anyone there?")
+            ("grpc.http_proxy", f"http://{org_id}:{PROXY_SECRET}@127.0.0.1:{zen.port}")]) as ch, \
+            pytest.raises(grpc.RpcError) as e:
+        say(ch, "anyone there?")
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "502" in str(e.value.details()), e.value

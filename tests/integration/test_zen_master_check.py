@@ -19,8 +19,7 @@ from devstack.pg import PgCluster, free_port
 from keylib.kdf import master_check_value
 from keylib.master import MasterSecret
 from tests.helpers import CAProcess, Clients, OrgRoot, start_ca, wait_for
-from tests.integration.test_zen import (ROOT, Web, _procs, curl, org, served_chain, start_zen,  # noqa: F401
-                                        web)
+from tests.integration.test_zen import ROOT, Web, _procs, curl, org, served_chain, start_zen, web  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -131,7 +131,8 @@ async def test_cluster_derived_from_the_chart(api: KeywardApi, tmp_path: Path,
     """Without a spec file the operator derives the cluster from the chart's names and passwords
     Secret; what it writes into the servers names their own passfile, not the operator's."""
     from k8s.operator.config import OperatorConfig
-    from k8s.operator.dbwatch import DbWatch, cluster as derive
+    from k8s.operator.dbwatch import DbWatch
+    from k8s.operator.dbwatch import cluster as derive
     from k8s.operator.kube import Endpoint, Kube
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))

@@ -78,7 +78,7 @@ def elector(api: FakeLeases, me: str) -> Elector:
 
 async def test_unexpected_errors_never_make_a_leader() -> None:
     api = FakeLeases()
-    api.fail = [aiohttp.ServerDisconnectedError(), RuntimeError("anything"), asyncio.TimeoutError()]
+    api.fail = [aiohttp.ServerDisconnectedError(), RuntimeError("anything"), TimeoutError()]
     e = elector(api, "a")
     await asyncio.wait_for(e.acquire(), 5)
     assert not api.fail and record(api.lease)[0] == "a"

@@ -44,7 +44,7 @@ async def test_platform_pki_created_kept_and_renewed(kmock: KeywardApi) -> None:
         assert issued == [] and root2.pem == root.pem and _cert(kmock, "keyward-ca-tls") == srv
 
         # Two thirds of its life gone: renewed. Signed by another root: replaced.
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         old, old_key = build_cert(subject_cn="old", issuer=root.cert, issuer_key=root.key,
                                   uris=["spiffe://keyward/platform-admin"],
                                   not_before=now - dt.timedelta(days=70), not_after=now + dt.timedelta(days=20))

@@ -9,17 +9,17 @@ import kubernetes_validate
 from k8s.operator.reconcile import (
     POOL_LABEL,
     Release,
-    misplaced_pods,
+    eligible_nodes,
     may_register,
-    prune_placement,
-    widens_placement,
-    set_condition,
+    misplaced_pods,
+    pdb_wanted,
     placement_problems,
     pool_deployment,
-    eligible_nodes,
-    pdb_wanted,
     pool_pdb,
     pool_service,
+    prune_placement,
+    set_condition,
+    widens_placement,
 )
 
 REL = Release("keyward", "keyward", "keyward/zen:0.1.0")

@@ -119,7 +119,7 @@ def test_aad_is_the_documented_layout() -> None:
         assert bytes(out.view) == b"by hand"
 
 
-def test_master_secret_rules(tmp_path: "os.PathLike[str]", monkeypatch: pytest.MonkeyPatch) -> None:
+def test_master_secret_rules(tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(MasterSecretError, match="shorter than 32"):
         MasterSecret.from_bytes(b"short")
     f = os.path.join(str(tmp_path), "m")

@@ -37,7 +37,7 @@ def test_a_key_sealed_by_the_ca_opens_in_a_zen_from_its_certificate(alg: str) ->
     csr = x509.load_pem_x509_csr(pending.csr_pem.encode())
     root_key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "acme root")])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(csr.subject).issuer_name(name).public_key(csr.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
             .sign(root_key, hashes.SHA256()))

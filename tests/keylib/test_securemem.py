@@ -12,7 +12,8 @@ from keylib.securemem import LockedBuffer, from_bytes, wipe_bytes
 
 def _vmflags(addr: int) -> list[str]:
     """VmFlags of the mapping that starts at ``addr`` (from /proc/self/smaps)."""
-    lines = open("/proc/self/smaps").read().splitlines()
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
     for i, line in enumerate(lines):
         if "-" in line.split(" ")[0] and int(line.split("-")[0], 16) == addr:
             for follow in lines[i + 1:]:

@@ -55,7 +55,7 @@ def pending_key(org_id: str) -> PendingKey:
 
 
 def accept(fp: bytes) -> tuple[CertInfo, str, str]:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     return CertInfo("CN=test", uuid.uuid4().hex, now, now + dt.timedelta(days=30), fp), "CERT", ""
 
 
