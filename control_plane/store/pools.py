@@ -54,7 +54,9 @@ class Pools(Writes):
         """Every org the pool serves (replica-ok: distribution)."""
         async def q(conn: Conn) -> list[OrgRow]:
             cur = await conn.execute(
-                "SELECT o.*, NULL AS active_key_id FROM pool_orgs_served s JOIN organizations o USING (org_id)"
+                "SELECT o.*, (SELECT k.key_id FROM intermediate_keys k WHERE k.org_id = o.org_id"
+                " AND k.state = 'active') AS active_key_id"
+                " FROM pool_orgs_served s JOIN organizations o USING (org_id)"
                 " WHERE s.pool = %s ORDER BY o.org_id", (pool.name,))
             return [org_row(r) for r in await cur.fetchall()]
         return await self._replica_read(q)

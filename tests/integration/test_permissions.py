@@ -228,10 +228,12 @@ def test_pool_made_private_then_deregistered_revokes_and_refuses(
         name=pool, visibility=pb.POOL_VISIBILITY_PUBLIC)), timeout=30)
     assert reg.serves_fail_closed_org  # a public pool serves this fail-closed org
     zen = clients(ca.addr, pki_dir, f"zen-{pool}")
-    assert zen.keys.GetKeyPair(pb.GetKeyPairRequest(org_id=new_org_id), timeout=30).encrypted_private_key
+    kp = zen.keys.GetKeyPair(pb.GetKeyPairRequest(org_id=new_org_id), timeout=30)
+    assert kp.encrypted_private_key
     watch = zen.keys.WatchKeys(pb.WatchKeysRequest(org_ids=[new_org_id], snapshot=True), timeout=60)
     first = next(watch)  # the snapshot: the stream is live before the change below
     assert first.kind == pb.KEY_EVENT_KIND_POLICY_CHANGED and first.org_id == new_org_id
+    assert first.key_id == kp.key_id  # the org's active key (the snapshot once sent "")
 
     other = f"{new_org_id}-b"
     create_org(platform, other)
