@@ -185,14 +185,23 @@ def backup(spec: ClusterSpec, *, log: Callable[[str], None] = _warn) -> Backup:
     # recycles WAL after every retirement, and pg_basebackup's default temporary slot comes too late
     # for that ("requested WAL segment ... has already been removed", seen in a rotation race).
     slot = f"keyward_backup_{stamp.lower().replace('.', '_')}"
-    try:
-        run("pg_basebackup", "-h", node.host, "-p", str(node.port), "-U", spec.repl_user, "-D", str(tmp),
-            "-F", "tar", "-X", "stream", "-C", "-S", slot, "-c", "fast", "--no-manifest", timeout=900,
-            env={"PGPASSFILE": spec.passfile})
-    finally:
-        with psycopg.connect(spec.conninfo(node), autocommit=True) as c:
-            c.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                      "WHERE slot_name = %s AND NOT active", (slot,))
+    for attempt in (1, 2):
+        try:
+            run("pg_basebackup", "-h", node.host, "-p", str(node.port), "-U", spec.repl_user, "-D", str(tmp),
+                "-F", "tar", "-X", "stream", "-C", "-S", slot, "-c", "fast", "--no-manifest", timeout=900,
+                env={"PGPASSFILE": spec.passfile})
+            break
+        except PgError as e:
+            # Still seen, rarely, when a retirement's WAL purge (a switch and a checkpoint on every
+            # server) lands while the copy starts: the copy is simply taken again, once.
+            if attempt == 2 or "has already been removed" not in str(e):
+                raise
+            log("base backup lost a race with the WAL purge; taking it again")
+            shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            with psycopg.connect(spec.conninfo(node), autocommit=True) as c:
+                c.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                          "WHERE slot_name = %s AND NOT active", (slot,))
     keys_after, _ = _keys_and_seq(spec, node)
     manifest = {"created": stamp, "source": node.name, "key_ids": sorted(keys_before | keys_after),
                 "event_seq": seq}
