@@ -34,6 +34,7 @@ from typing import Any
 
 import grpc
 
+from common import failpoints
 from control_plane import metrics, refusals
 from control_plane.deadline import CALL_DEADLINE
 from control_plane.errors import (
@@ -206,7 +207,9 @@ def rpc(action: str, *, audited: bool = False) -> Callable[[Any], Any]:
                 CALL_DEADLINE.set(time.monotonic() + budget)
                 call.deadline = True
                 async with asyncio.timeout(budget):
-                    return await fn(self, request, context, ident)
+                    reply = await fn(self, request, context, ident)
+                failpoints.point(f"ca.reply.{action}")  # committed, not yet answered (the fault campaign)
+                return reply
             except BaseException as e:
                 if not call.failed(e):
                     raise

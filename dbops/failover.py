@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 
+from common import failpoints
 from dbops import local
 from dbops.plan import FailoverPlan, NoFailover, plan_failover
 from dbops.spec import ClusterSpec, Node
@@ -103,16 +104,20 @@ def execute(spec: ClusterSpec, plan: FailoverPlan, *, fence: Callable[[Node, Nod
             if n.name in plan.must_fence:
                 raise FailoverRefused(f"cannot fence live primary {n.name}: {e}") from e
             rep.steps.append(f"could not fence {n.name} locally ({e}); it is down and must stay down")
+    failpoints.point("dbops.failover.fenced")
 
     # The CHECKPOINT writes the new timeline into pg_control, which pg_rewind
     # reads from the source; without it a rewind wrongly finds "same timeline".
     _sql(spec, new, "SELECT pg_promote(true, 60)", "CHECKPOINT")
     rep.steps.append(f"promoted {new.name} at {plan.at_lsn}")
+    failpoints.point("dbops.failover.promoted")
     configure_primary(spec, new)
+    failpoints.point("dbops.failover.configured")
     rep.steps.append(f"{new.name}: slots + synchronous_standby_names = {spec.sync_names(new.name)}")
     for n in plan.repoint:
         repoint(spec, n, new)
         rep.steps.append(f"re-pointed {n.name} at {new.name}")
+    failpoints.point("dbops.failover.repointed")
     for n in plan.rejoin:
         how = local.rejoin(spec, n, new)
         rep.rejoined[n.name] = how

@@ -79,7 +79,8 @@ def _exists(pid: int) -> bool:
 
 def node_conf(node: Node) -> str:
     d = _datadir(node)
-    return f"port = {node.port}\nunix_socket_directories = '{d.parent}'\ncluster_name = '{node.name}'\n"
+    return (f"listen_addresses = '{node.host}'\nport = {node.port}\nunix_socket_directories = '{d.parent}'\n"
+            f"cluster_name = '{node.name}'\n")
 
 
 def point_at(spec: ClusterSpec, node: Node, upstream: Node) -> None:
@@ -107,7 +108,8 @@ def fence(spec: ClusterSpec, node: Node, new_primary: Node) -> None:
 def start(node: Node, timeout: int = 60) -> None:
     if postmaster_pid(node) is not None:
         return
-    run("pg_ctl", "start", "-D", str(_datadir(node)), "-l", str(logfile(node)), "-w", "-t", str(timeout))
+    run("pg_ctl", "start", "-D", str(_datadir(node)), "-l", str(logfile(node)), "-w", "-t", str(timeout),
+        netns=node.netns)
 
 
 def stop(node: Node, mode: str = "fast") -> None:

@@ -200,3 +200,36 @@ def watch(spec: ClusterSpec, observed: Sequence[NodeStatus], *, last_primary: st
     if now - lost_since < after:
         return Waiting(lost_since)
     return plan_failover(spec, observed, rejoin=rejoin, last_primary=last_primary)
+
+
+@dataclass(frozen=True)
+class Converge:
+    """What brings the servers back in step with the one primary after a failover that did not
+    finish (its watcher killed between two steps): each part is safe to do again."""
+
+    configure: bool
+    """The primary's ``synchronous_standby_names`` are not the spec's (promoted, not configured:
+    it may acknowledge writes no standby holds, or none at all)."""
+    repoint: tuple[Node, ...]
+    """Standbys whose ``primary_conninfo`` names another server than the primary."""
+    rejoin: tuple[Node, ...]
+    """Servers the unfinished failover fenced and did not bring back (still down)."""
+
+    def __bool__(self) -> bool:
+        return self.configure or bool(self.repoint) or bool(self.rejoin)
+
+
+def converge(spec: ClusterSpec, observed: Sequence[NodeStatus], primary: str,
+             unfinished: Sequence[str] = ()) -> Converge:
+    """The repairs a watcher does while ``primary`` is the one primary. ``unfinished``: the
+    servers a failover the watcher began was to rejoin (its durable memory); a server down for
+    any other reason is not the watcher's to start."""
+    by_name = {s.node.name: s for s in observed}
+    p = by_name[primary]
+    want = " ".join(spec.sync_names(primary).split())
+    configure = p.reachable and " ".join(p.sync_names.split()) != want
+    repoint = tuple(s.node for s in observed if s.reachable and s.role == "standby" and s.source
+                    and (n := upstream_node(spec.nodes, s.source)) is not None and n.name != primary)
+    rejoin = tuple(by_name[n].node for n in unfinished
+                   if n in by_name and n != primary and not by_name[n].reachable and by_name[n].node.datadir)
+    return Converge(configure, repoint, rejoin)

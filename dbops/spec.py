@@ -21,6 +21,9 @@ class Node:
     host: str
     port: int
     datadir: str = ""
+    netns: str = ""
+    """Network namespace the server runs in when a tool starts it (``ip netns exec``): the
+    fault campaign gives each server its own to cut links. Empty: the tool's own."""
 
 
 @dataclass(frozen=True)

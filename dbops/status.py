@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from dbops.spec import ClusterSpec, Node
 
@@ -29,6 +30,8 @@ class NodeStatus:
     lsn_int: int = 0
     replay_lsn: str = ""
     upstream: str = ""  # standby: host:port it streams from
+    source: str = ""
+    """standby: host:port its primary_conninfo names (what it streams from, or keeps trying to)."""
     streaming: bool = False
     sync_names: str = ""
     replicas: list[ReplicaLink] = field(default_factory=list)
@@ -39,6 +42,14 @@ def _lsn_int(lsn: str | None) -> int:
         return 0
     hi, lo = lsn.split("/")
     return (int(hi, 16) << 32) + int(lo, 16)
+
+
+def _host_port(conninfo: str) -> str:
+    try:
+        d = conninfo_to_dict(conninfo) if conninfo else {}
+    except psycopg.ProgrammingError:
+        return ""
+    return f"{d['host']}:{d.get('port', 5432)}" if d.get("host") else ""
 
 
 def node_status(spec: ClusterSpec, node: Node, timeout: int = 2) -> NodeStatus:
@@ -58,6 +69,8 @@ def node_status(spec: ClusterSpec, node: Node, timeout: int = 2) -> NodeStatus:
                     st.upstream = f"{w[1]}:{w[2]}"
                     st.timeline = int(w[3] or 0)
                 st.lsn_int = max(_lsn_int(st.lsn), _lsn_int(st.replay_lsn))
+                ci = c.execute("SELECT current_setting('primary_conninfo')").fetchone()
+                st.source = _host_port(ci[0] if ci else "")
             else:
                 r = c.execute("SELECT pg_current_wal_lsn()::text, timeline_id FROM pg_control_checkpoint()").fetchone()
                 assert r is not None

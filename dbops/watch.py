@@ -22,8 +22,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dbops import local
 from dbops import plan as dbplan
-from dbops.failover import FailoverRefused, execute
+from dbops.failover import FailoverRefused, configure_primary, execute, repoint
 from dbops.spec import ClusterSpec
 from dbops.status import cluster_status
 
@@ -43,20 +44,28 @@ class Memory:
     last_primary: str | None = None
     lost_since: float | None = None
     last_said: str = ""
+    unfinished: tuple[str, ...] = ()
+    """Servers a failover began by fencing and has not brought back yet: written before the
+    failover starts, so a watcher killed in the middle of one finishes it after its restart."""
 
     @classmethod
     def load(cls, path: Path) -> Memory:
         try:
-            return cls(path, json.loads(path.read_text()).get("last_primary"))
-        except (OSError, ValueError):
+            d = json.loads(path.read_text())
+            return cls(path, d.get("last_primary"), unfinished=tuple(d.get("unfinished") or ()))
+        except (OSError, ValueError, TypeError):
             return cls(path)
 
-    def remember(self, primary: str) -> None:
-        if primary != self.last_primary:
-            self.last_primary = primary
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"last_primary": primary}))
-            os.replace(tmp, self.path)  # never a half-written file
+    def _save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"last_primary": self.last_primary, "unfinished": list(self.unfinished)}))
+        os.replace(tmp, self.path)  # never a half-written file
+
+    def remember(self, primary: str, *, unfinished: tuple[str, ...] | None = None) -> None:
+        new = self.unfinished if unfinished is None else unfinished
+        if primary != self.last_primary or new != self.unfinished:
+            self.last_primary, self.unfinished = primary, new
+            self._save()
 
 
 def _say(mem: Memory, level: int, msg: str, **fields: object) -> None:
@@ -76,6 +85,11 @@ def look(spec: ClusterSpec, mem: Memory, *, after: float = AFTER) -> object:
         mem.lost_since = None
         mem.remember(v.primary)
         _say(mem, logging.INFO, "primary answers", primary=v.primary, back=v.back)
+        fix = dbplan.converge(spec, sts, v.primary, mem.unfinished)
+        if fix:
+            _finish(spec, mem, v.primary, fix)
+        elif mem.unfinished:
+            mem.remember(v.primary, unfinished=())
     elif isinstance(v, dbplan.SplitBrain):
         _say(mem, logging.ERROR, "split brain: several servers answer as primary; no automatic action, fence all "
              "but one", primaries=list(v.primaries))
@@ -88,16 +102,35 @@ def look(spec: ClusterSpec, mem: Memory, *, after: float = AFTER) -> object:
         _say(mem, logging.ERROR, "failover refused", reason=v.reason)
     else:
         assert isinstance(v, dbplan.FailoverPlan)
+        # Before the first step: a watcher killed during the failover finishes it after its restart.
+        mem.remember(mem.last_primary or "", unfinished=tuple(n.name for n in v.rejoin))
         try:
             rep = execute(spec, v)
         except FailoverRefused as e:
             _say(mem, logging.ERROR, "failover refused", reason=str(e))
             return v
         mem.lost_since = None
-        mem.remember(rep.new_primary)
+        mem.remember(rep.new_primary, unfinished=())
         _say(mem, logging.WARNING, "failed over", old_primary=rep.old_primary, new_primary=rep.new_primary,
              lsn=rep.promoted_lsn, seconds=round(rep.seconds, 2), steps=rep.steps)
     return v
+
+
+def _finish(spec: ClusterSpec, mem: Memory, primary: str, fix: dbplan.Converge) -> None:
+    """Carry out :func:`dbops.plan.converge`'s repairs (each is safe to do twice)."""
+    new = spec.node(primary)
+    steps = []
+    if fix.configure:
+        configure_primary(spec, new)
+        steps.append(f"{primary}: slots + synchronous_standby_names = {spec.sync_names(primary)}")
+    for n in fix.repoint:
+        repoint(spec, n, new)
+        steps.append(f"re-pointed {n.name} at {primary}")
+    for n in fix.rejoin:
+        how = local.rejoin(spec, n, new)
+        steps.append(f"rejoined {n.name} as a standby ({how})")
+    mem.remember(primary, unfinished=())
+    _say(mem, logging.WARNING, "finished an interrupted failover", primary=primary, steps=steps)
 
 
 def agent(spec: ClusterSpec, *, state: Path, after: float = AFTER, interval: float = INTERVAL,

@@ -69,6 +69,10 @@ class PgServer:
     user: str = "keyward"
     name: str = "n0"
     passfile_path: Path | None = None
+    host: str = "127.0.0.1"
+    """The address it listens on (and is reached at)."""
+    netns: str = ""
+    """The network namespace it runs in (dbops.spec.Node.netns); empty: ours."""
 
     @property
     def datadir(self) -> Path:
@@ -83,7 +87,7 @@ class PgServer:
         return self.passfile_path or (self.root / "pgpass")
 
     def dsn(self, **extra: str) -> str:
-        parts = {"host": "127.0.0.1", "port": str(self.port), "dbname": self.dbname, "user": self.user,
+        parts = {"host": self.host, "port": str(self.port), "dbname": self.dbname, "user": self.user,
                  "passfile": str(self.passfile), "connect_timeout": "5"}
         parts.update(extra)
         return " ".join(f"{k}={v}" for k, v in parts.items())
@@ -103,8 +107,8 @@ class PgServer:
     def _node_conf(self) -> str:
         # The socket lives beside, not inside, the data directory: pg_rewind
         # copies the source's data directory and cannot read a socket.
-        return (f"port = {self.port}\nunix_socket_directories = '{self.root}'\n"
-                f"cluster_name = '{self.name}'\n")
+        return (f"listen_addresses = '{self.host}'\nport = {self.port}\n"
+                f"unix_socket_directories = '{self.root}'\ncluster_name = '{self.name}'\n")
 
     def init(self, passwords: dict[str, str] | None = None) -> None:
         """initdb, configure, start; create the roles and the database."""
@@ -112,6 +116,9 @@ class PgServer:
         run("initdb", "-D", str(self.datadir), "-U", "postgres", "--auth-local=trust",
             "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8")
         write_as_server(self.datadir / "postgresql.auto.conf", BASE_CONF + self._node_conf(), append=True)
+        if self.host != "127.0.0.1":  # initdb lets only loopback in: also our own subnet (the standbys clone it)
+            write_as_server(self.datadir / "pg_hba.conf", "host all all samenet scram-sha-256\n"
+                            "host replication all samenet scram-sha-256\n", append=True)
         self.start()
         pw = passwords or {"postgres": secrets.token_urlsafe(24), self.user: secrets.token_urlsafe(24),
                            "replicator": secrets.token_urlsafe(24)}
@@ -133,7 +140,7 @@ class PgServer:
     def clone_from(self, upstream: PgServer, spec_passfile: Path) -> None:
         """Become a hot standby of ``upstream`` (pg_basebackup, own slot)."""
         self._prepare_root()
-        run("pg_basebackup", "-h", "127.0.0.1", "-p", str(upstream.port), "-U", "replicator",
+        run("pg_basebackup", "-h", upstream.host, "-p", str(upstream.port), "-U", "replicator",
             "-D", str(self.datadir), "-X", "stream", "-c", "fast", "-C", "-S", self.name,
             env={"PGPASSFILE": str(spec_passfile)})
         self.make_standby_of(upstream)
@@ -144,7 +151,7 @@ class PgServer:
         write_as_server(
             self.datadir / "postgresql.auto.conf",
             self._node_conf()
-            + f"primary_conninfo = 'host=127.0.0.1 port={upstream.port} user=replicator "
+            + f"primary_conninfo = 'host={upstream.host} port={upstream.port} user=replicator "
             f"passfile={self.passfile} application_name={self.name} connect_timeout=3'\n"
             f"primary_slot_name = '{self.name}'\n",
             append=True,
@@ -164,7 +171,7 @@ class PgServer:
     def start(self) -> None:
         if self.running():
             return
-        run("pg_ctl", "start", "-D", str(self.datadir), "-l", str(self.logfile), "-w", "-t", "60")
+        run("pg_ctl", "start", "-D", str(self.datadir), "-l", str(self.logfile), "-w", "-t", "60", netns=self.netns)
 
     def stop(self, mode: str = "fast") -> None:
         if not self.datadir.exists() or not self.running():
@@ -189,12 +196,16 @@ class PgCluster:
     ports: tuple[int, int, int]
     required_sync: int = 2
     nodes: list[PgServer] = field(default_factory=list)
+    places: tuple[tuple[str, str], ...] = ()
+    """(host, netns) per server, for servers in network namespaces of their own (the fault
+    campaign); default: all on 127.0.0.1 in ours."""
     _hint: PgServer | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.nodes:
-            self.nodes = [PgServer(self.root / f"n{i}", p, name=f"n{i}", passfile_path=self.root / "pgpass")
-                          for i, p in enumerate(self.ports)]
+            places = self.places or (("127.0.0.1", ""),) * len(self.ports)
+            self.nodes = [PgServer(self.root / f"n{i}", p, name=f"n{i}", passfile_path=self.root / "pgpass",
+                                   host=h, netns=ns) for i, (p, (h, ns)) in enumerate(zip(self.ports, places, strict=True))]
 
     @property
     def spec_path(self) -> Path:
@@ -206,7 +217,7 @@ class PgCluster:
 
     def spec(self) -> ClusterSpec:
         return ClusterSpec(
-            nodes=tuple(Node(n.name, "127.0.0.1", n.port, str(n.datadir)) for n in self.nodes),
+            nodes=tuple(Node(n.name, n.host, n.port, str(n.datadir), n.netns) for n in self.nodes),
             passfile=str(self.passfile), required_sync=self.required_sync,
             backup_dir=str(self.root / "backups"))
 

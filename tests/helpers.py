@@ -208,6 +208,15 @@ def pb_policy(**kw: Any) -> pb.Policy:
     return pb.Policy(**kw)
 
 
+def stopped_at_failpoint(pid: int) -> bool:
+    """The process is stopped (state T): it reached an armed failpoint (common.failpoints)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1].startswith("T")
+    except (OSError, IndexError):
+        return False
+
+
 def three_servers(root: Path) -> Iterator[PgCluster]:
     """A fresh primary and two synchronous hot standbys under ``root``, destroyed afterwards
     (the body of the cluster fixtures)."""

@@ -20,14 +20,22 @@ from pathlib import Path
 
 from dbops import local
 from devstack.pg import PgCluster, PgServer
-from tests.helpers import ROOT, CAProcess, start_ca
+from tests.chaos.places import Places
+from tests.helpers import ROOT, CAProcess, start_ca, stopped_at_failpoint, wait_for
 
 KINDS = ("kill-primary", "kill-standby", "kill-both-standbys", "stall-primary", "stall-standby", "kill-ca",
-         "kill-watch")
+         "kill-ca-after-commit", "kill-watch", "kill-watch-mid-failover", "cut-primary", "cut-standby",
+         "disk-full-standby")
 # Two at once: only pairs whose targets are disjoint (a primary fault with a standby or CA fault).
 PAIRS = (("kill-primary", "stall-standby"), ("kill-primary", "kill-ca"), ("stall-primary", "kill-ca"),
          ("kill-standby", "kill-ca"), ("stall-standby", "kill-ca"), ("kill-primary", "kill-standby"),
-         ("stall-primary", "stall-standby"))
+         ("stall-primary", "stall-standby"), ("cut-primary", "stall-standby"), ("cut-standby", "kill-ca"),
+         ("kill-primary", "disk-full-standby"), ("disk-full-standby", "kill-ca"))
+# Where the CA is frozen, then killed: after the commit of one of these calls, before its reply.
+AFTER_COMMIT = ("CreateOrganization", "RequestIntermediateCsr", "UploadIntermediateCertificate", "UpdatePolicy",
+                "RevokeIntermediate", "GetKeyPair")
+# Where the watch agent is frozen, then killed: between two steps of its failover (dbops.failover).
+FAILOVER_STEPS = ("fenced", "promoted", "configured", "repointed")
 
 
 def _starttime(pid: int) -> str | None:
@@ -53,8 +61,10 @@ class Watcher:
     after: float
     proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, failpoints: str = "") -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KEYWARD_")}
+        if failpoints:
+            env["KEYWARD_FAILPOINTS"] = failpoints
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "control_plane", "db", "--cluster", str(self.cluster.spec_path), "watch",
@@ -87,8 +97,9 @@ class CA:
     overrides: dict[str, str]
     proc: CAProcess | None = None
 
-    def start(self) -> None:
-        self.proc = start_ca(self.cluster, self.pki_dir, self.master_file, self.workdir, **self.overrides)
+    def start(self, failpoints: str = "") -> None:
+        extra = {"KEYWARD_FAILPOINTS": failpoints} if failpoints else {}
+        self.proc = start_ca(self.cluster, self.pki_dir, self.master_file, self.workdir, **self.overrides, **extra)
 
     @property
     def addr(self) -> str:
@@ -111,6 +122,8 @@ class Fault:
     param: float = 0.0
     """Stall length, or pause before a restart, or (kill-ca, kill-watch) delay before the kill."""
     param2: float = 0.0
+    point: str = ""
+    """kill-ca-after-commit: the call; kill-watch-mid-failover: the step (a failpoint)."""
     injected: float = 0.0
     healed: float = 0.0
     quorum_lost: list[tuple[float, float]] = field(default_factory=list)
@@ -123,14 +136,21 @@ class Fault:
         p = {"stall-primary": "stopped {:.1f}s", "stall-standby": "stopped {:.1f}s",
              "kill-standby": "restarted after {:.1f}s", "kill-both-standbys": "restarted after {:.1f}s",
              "kill-ca": "killed {:.1f}s into the load", "kill-watch": "watcher killed {:.1f}s after the primary",
-             "kill-primary": ""}[self.kind]
-        return f"{self.kind}({self.target}{'; ' + p.format(self.param) if p else ''})"
+             "kill-primary": "", "kill-ca-after-commit": "", "kill-watch-mid-failover": "",
+             "cut-primary": "link down {:.1f}s", "cut-standby": "link down {:.1f}s",
+             "disk-full-standby": "full {:.1f}s"}[self.kind]
+        at = f"; at {self.point}" if self.point else ""
+        what = "; ".join(x for x in (self.target, p.format(self.param) if p else "", at[2:]) if x)
+        return f"{self.kind}({what})"
 
 
-def choose(rng: random.Random, stall: tuple[float, float], pair_chance: float = 0.15) -> list[str]:
-    if rng.random() < pair_chance:
-        return list(rng.choice(PAIRS))
-    return [rng.choice(KINDS)]
+def choose(rng: random.Random, stall: tuple[float, float], pair_chance: float = 0.15,
+           only: tuple[str, ...] = KINDS) -> list[str]:
+    """One fault, or (``pair_chance``) two at once; only of the kinds in ``only``."""
+    pairs = [p for p in PAIRS if set(p) <= set(only)]
+    if pairs and rng.random() < pair_chance:
+        return list(rng.choice(pairs))
+    return [rng.choice(only)]
 
 
 def plan(rng: random.Random, kinds: list[str], cluster: PgCluster, stall: tuple[float, float]) -> list[Fault]:
@@ -140,13 +160,13 @@ def plan(rng: random.Random, kinds: list[str], cluster: PgCluster, stall: tuple[
     out = []
     for k in kinds:
         f = Fault(k)
-        if k in ("kill-primary", "stall-primary", "kill-watch"):
+        if k in ("kill-primary", "stall-primary", "kill-watch", "kill-watch-mid-failover", "cut-primary"):
             f.target = primary
-        elif k in ("kill-standby", "stall-standby"):
+        elif k in ("kill-standby", "stall-standby", "cut-standby", "disk-full-standby"):
             f.target = standbys.pop()
         elif k == "kill-both-standbys":
             f.target = ",".join(standbys)
-        if k.startswith("stall"):
+        if k.startswith(("stall", "cut", "disk-full")):
             f.param = round(rng.uniform(*stall), 1)
         elif k in ("kill-standby", "kill-both-standbys"):
             f.param = round(rng.uniform(0.5, 5.0), 1)
@@ -154,6 +174,10 @@ def plan(rng: random.Random, kinds: list[str], cluster: PgCluster, stall: tuple[
             f.param, f.param2 = round(rng.uniform(0.0, 2.0), 2), round(rng.uniform(0.3, 3.0), 1)
         elif k == "kill-watch":
             f.param, f.param2 = round(rng.uniform(0.0, 1.2), 2), round(rng.uniform(0.5, 3.0), 1)  # a failover takes ~0.5-1.5 s
+        elif k == "kill-ca-after-commit":
+            f.point, f.param2 = f"ca.reply.{rng.choice(AFTER_COMMIT)}", round(rng.uniform(0.3, 3.0), 1)
+        elif k == "kill-watch-mid-failover":
+            f.point, f.param2 = f"dbops.failover.{rng.choice(FAILOVER_STEPS)}", round(rng.uniform(0.5, 3.0), 1)
         out.append(f)
     return out
 
@@ -162,7 +186,12 @@ def _node(cluster: PgCluster, name: str) -> PgServer:
     return next(n for n in cluster.nodes if n.name == name)
 
 
-def run(f: Fault, cluster: PgCluster, ca: CA, watcher: Watcher, on_ca_back: Callable[[], None]) -> None:
+def _index(name: str) -> int:
+    return int(name.lstrip("n"))  # the servers are n0, n1, n2 (devstack.pg.PgCluster)
+
+
+def run(f: Fault, cluster: PgCluster, ca: CA, watcher: Watcher, places: Places,
+        on_ca_back: Callable[[], None]) -> None:
     """Inject ``f`` and heal it (blocking: call it in a thread)."""
     spec = cluster.spec()
     try:
@@ -206,6 +235,53 @@ def run(f: Fault, cluster: PgCluster, ca: CA, watcher: Watcher, on_ca_back: Call
             ca.start()
             f.ca_down.append((f.injected, time.monotonic()))
             on_ca_back()
+        elif f.kind == "kill-ca-after-commit":
+            down = time.monotonic()
+            ca.kill()
+            ca.start(failpoints=f.point)  # the next such call commits, then the CA freezes before replying
+            assert ca.proc is not None
+            pid = ca.proc.proc.pid
+            wait_for(lambda: stopped_at_failpoint(pid), 120, f"the CA to stop at {f.point}", interval=0.02)
+            f.injected = time.monotonic()
+            ca.kill()
+            time.sleep(f.param2)
+            ca.start()
+            f.ca_down.append((down, time.monotonic()))
+            on_ca_back()
+        elif f.kind == "kill-watch-mid-failover":
+            watcher.kill()
+            watcher.start(failpoints=f.point)  # it reads the primary it last saw from its state file
+            local.kill_node(spec.node(f.target))
+            f.injected = time.monotonic()
+            assert watcher.proc is not None
+            wpid = watcher.proc.pid
+            try:
+                wait_for(lambda: stopped_at_failpoint(wpid), 120, f"the watcher to stop at {f.point}", interval=0.02)
+                f.notes.append(f"watcher killed at {f.point}")
+            except AssertionError:  # a failover that skips the step (nothing to re-point): killed anyway
+                f.notes.append(f"watcher never reached {f.point}; killed")
+            watcher.kill()
+            time.sleep(f.param2)
+            watcher.start()
+        elif f.kind in ("cut-primary", "cut-standby"):
+            i = _index(f.target)
+            places.cut(i)
+            f.injected = time.monotonic()
+            time.sleep(f.param)
+            places.restore(i)
+            if f.kind == "cut-standby":
+                f.quorum_lost.append((f.injected, time.monotonic()))
+        elif f.kind == "disk-full-standby":
+            i = _index(f.target)
+            taken = places.fill(i)
+            f.injected = time.monotonic()
+            time.sleep(f.param)
+            places.free(i)
+            node = _node(cluster, f.target)
+            f.notes.append(f"{taken / 2**20:.0f} MiB taken; the server "
+                           + ("ran on" if node.running() else "had stopped: restarted (a supervisor's restart)"))
+            if not node.running():
+                node.start()
         elif f.kind == "kill-watch":
             local.kill_node(spec.node(f.target))
             f.injected = time.monotonic()

@@ -46,7 +46,8 @@ from tests.chaos import faults
 from tests.chaos.faults import CA, Fault, Watcher
 from tests.chaos.load import Load
 from tests.chaos.monitor import Monitor
-from tests.helpers import ROOT, OrgRoot, clients, three_servers, wait_for
+from tests.chaos.places import Places
+from tests.helpers import ROOT, OrgRoot, clients, wait_for
 
 CYCLES = int(os.environ.get("KEYWARD_CHAOS_CYCLES", "0") or 0)
 SEED = int(os.environ.get("KEYWARD_CHAOS_SEED", "0") or 0) or random.SystemRandom().randrange(1, 10**6)
@@ -54,12 +55,17 @@ _lo, _, _hi = os.environ.get("KEYWARD_CHAOS_STALL", "5-30").partition("-")
 STALL = (float(_lo), float(_hi or _lo))
 AFTER = float(os.environ.get("KEYWARD_CHAOS_AFTER", "1"))
 BACK_TIMEOUT = float(os.environ.get("KEYWARD_CHAOS_BACK_TIMEOUT", "180"))
+ONLY = tuple(k for k in os.environ.get("KEYWARD_CHAOS_KINDS", "").split(",") if k) or faults.KINDS
+unknown_kinds = set(ONLY) - set(faults.KINDS)
+assert not unknown_kinds, f"KEYWARD_CHAOS_KINDS: no fault kind {sorted(unknown_kinds)}; kinds: {', '.join(faults.KINDS)}"
+TMPFS_MB = int(os.environ.get("KEYWARD_CHAOS_TMPFS_MB", "512"))
 WRITE_ACTIONS = ("CreateOrganization", "RequestIntermediateCsr", "UploadIntermediateCertificate", "UpdatePolicy",
                  "RevokeIntermediate")
 
 
 def replay_command() -> str:
     extra = "" if STALL == (5.0, 30.0) else f" STALL={_lo}-{_hi or _lo}"
+    extra += "" if ONLY == faults.KINDS else f" KINDS={','.join(ONLY)}"
     return f"make chaos CYCLES={CYCLES} SEED={SEED}{extra}"
 
 
@@ -82,8 +88,24 @@ class Cycle:
 
 
 @pytest.fixture(scope="module")
-def cluster(workdir: Path) -> Iterator[PgCluster]:
-    yield from three_servers(workdir / "pg-chaos")
+def places(workdir: Path) -> Iterator[Places]:
+    pl = Places([workdir / "pg-chaos" / f"n{i}" for i in range(3)], tmpfs_mb=TMPFS_MB)
+    try:
+        yield pl
+    finally:
+        pl.teardown()
+
+
+@pytest.fixture(scope="module")
+def cluster(workdir: Path, places: Places) -> Iterator[PgCluster]:
+    """Three servers, each in its own network namespace on its own tmpfs, every one on port 5432
+    (as in Kubernetes: a server is known by its host)."""
+    c = PgCluster(workdir / "pg-chaos", (5432, 5432, 5432), places=places.setup())
+    try:
+        c.init()
+        yield c
+    finally:
+        c.destroy()
 
 
 def _q(node_root: Path, port: int, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
@@ -177,7 +199,7 @@ def _check(cy: Cycle, cluster: PgCluster, load: Load, mon: Monitor, t0: float, z
         v.append(f"{sent} keys sent to the ZEN, only {key_rows()} KeySent audit rows")
 
 
-def test_chaos_campaign(cluster: PgCluster, pki_dir: Path, master_secret: tuple[bytes, Path], workdir: Path,
+def test_chaos_campaign(cluster: PgCluster, places: Places, pki_dir: Path, master_secret: tuple[bytes, Path], workdir: Path,
                         tmp_path: Path) -> None:
     print(f"\nchaos: seed {SEED}, {CYCLES} cycles, stalls {STALL[0]:g}-{STALL[1]:g}s, watcher --after {AFTER:g}; "
           f"replay: {replay_command()}", flush=True)
@@ -208,13 +230,13 @@ def test_chaos_campaign(cluster: PgCluster, pki_dir: Path, master_secret: tuple[
     failed: Cycle | None = None
     try:
         for n in range(CYCLES):
-            kinds = faults.choose(rng, STALL)
+            kinds = faults.choose(rng, STALL, only=ONLY)
             cy = Cycle(n, faults.plan(rng, kinds, cluster, STALL))
             lead = rng.uniform(0.3, 1.5)
             cycles.append(cy)
             t0 = time.monotonic()
             time.sleep(lead)  # steady load first
-            threads = [threading.Thread(target=faults.run, args=(f, cluster, ca, watcher, lambda: None), daemon=True)
+            threads = [threading.Thread(target=faults.run, args=(f, cluster, ca, watcher, places, lambda: None), daemon=True)
                        for f in cy.faults]
             spec = cluster.spec()
             samples: list[tuple[float, bool]] = []  # (when, full redundancy), sampled from the injection on

@@ -12,6 +12,7 @@ from dbops.plan import (
     NoFailover,
     SplitBrain,
     Waiting,
+    converge,
     plan_failover,
     same_host,
     upstream_node,
@@ -160,3 +161,36 @@ def test_watch() -> None:
     assert due.rejoin == ()  # no data directory at hand: the orchestrator restarts the fenced pod
     refused = look([down(K8S, n.name) for n in K8S.nodes], 0.0)
     assert isinstance(refused, NoFailover) and "only 0 standby" in refused.reason
+
+
+# converge: what a watcher repairs while one primary answers (a failover it did not finish).
+
+def configured(spec: ClusterSpec, name: str) -> NodeStatus:
+    return replace(primary(spec, name), sync_names=spec.sync_names(name))
+
+
+def test_a_healthy_cluster_needs_no_repair() -> None:
+    observed = [configured(LOCAL, "n1"), replace(standby(LOCAL, "n0", 0x100), source="127.0.0.1:5434"),
+                replace(standby(LOCAL, "n2", 0x100), source="127.0.0.1:5434")]
+    assert not converge(LOCAL, observed, "n1")
+
+
+def test_promoted_but_not_configured_is_configured_and_the_standbys_follow() -> None:
+    """The watcher was killed right after pg_promote: the new primary still has the standby's empty
+    synchronous_standby_names (it would acknowledge writes no standby holds), n2 still points at
+    the old primary n0, and n0 (fenced) is down."""
+    observed = [down(LOCAL, "n0"), primary(LOCAL, "n1"), replace(standby(LOCAL, "n2", 0x100), source="127.0.0.1:5433")]
+    fix = converge(LOCAL, observed, "n1", unfinished=("n0",))
+    assert fix.configure and names(fix.repoint) == ["n2"] and names(fix.rejoin) == ["n0"]
+
+
+def test_a_server_down_that_no_failover_fenced_is_not_the_watchers_to_start() -> None:
+    observed = [configured(LOCAL, "n0"), down(LOCAL, "n1"), replace(standby(LOCAL, "n2", 0x100), source="127.0.0.1:5433")]
+    assert not converge(LOCAL, observed, "n0")
+    assert names(converge(LOCAL, observed, "n0", unfinished=("n1",)).rejoin) == ["n1"]
+
+
+def test_a_standby_with_no_conninfo_or_an_unknown_one_is_left_alone() -> None:
+    observed = [configured(LOCAL, "n0"), replace(standby(LOCAL, "n1", 0x100), source=""),
+                replace(standby(LOCAL, "n2", 0x100), source="10.9.9.9:5432")]
+    assert not converge(LOCAL, observed, "n0")

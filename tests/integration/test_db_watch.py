@@ -20,7 +20,7 @@ import pytest
 
 from dbops import local
 from devstack.pg import PgCluster
-from tests.helpers import three_servers, wait_for
+from tests.helpers import stopped_at_failpoint, three_servers, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,8 +30,10 @@ def cluster(workdir: Path) -> Iterator[PgCluster]:
     yield from three_servers(workdir / "pg-watch")
 
 
-def _watch(cluster: PgCluster, log: Path, state: Path) -> subprocess.Popen[bytes]:
+def _watch(cluster: PgCluster, log: Path, state: Path, failpoints: str = "") -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KEYWARD_")}
+    if failpoints:
+        env["KEYWARD_FAILPOINTS"] = failpoints
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "control_plane", "db", "--cluster", str(cluster.spec_path),
                                  "watch", "--after", "1", "--state", str(state)], cwd=ROOT, env=env,
@@ -76,6 +78,51 @@ def test_the_watcher_fails_over_by_itself_and_remembers_the_primary(cluster: PgC
         started = wait_for(lambda: [ln for ln in _lines(log) if ln.get("msg") == "watching"][1:], 30,
                            "the restarted watcher")[-1]
         assert started["last_primary"] == done["new_primary"]
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+@pytest.mark.parametrize("step", ["fenced", "promoted", "configured", "repointed"])
+def test_a_watcher_killed_in_the_middle_of_a_failover_finishes_it_after_its_restart(
+        cluster: PgCluster, tmp_path: Path, step: str) -> None:
+    """Killed right after pg_promote, the watcher left a primary whose synchronous_standby_names
+    were a standby's (empty: it acknowledged writes no standby held), the other standby pointed
+    at the dead primary and the old primary down for good: the restarted watcher saw "primary
+    answers" and did nothing. It now keeps the failover's servers to rejoin in its state file
+    (before the first step) and finishes it."""
+    log, state = tmp_path / "watch.log", tmp_path / "watch-state.json"
+    cluster.wait_synchronous(60)
+    old = cluster.primary()
+    proc = _watch(cluster, log, state, failpoints=f"dbops.failover.{step}")
+    try:
+        wait_for(lambda: state.exists() and json.loads(state.read_text())["last_primary"] == old.name, 30,
+                 "the watcher to see the primary")
+        assert local.kill_node(cluster.spec().node(old.name))
+        wait_for(lambda: stopped_at_failpoint(proc.pid), 60, f"the watcher to stop at dbops.failover.{step}")
+        assert json.loads(state.read_text())["unfinished"] == [old.name]
+    finally:
+        proc.kill()
+        proc.wait(15)
+    proc = _watch(cluster, log, state)
+    try:
+        if step in ("promoted", "configured", "repointed"):
+            done = wait_for(lambda: [ln for ln in _lines(log) if ln.get("msg") == "finished an interrupted failover"],
+                            90, "the restarted watcher to finish the failover")[-1]
+            assert any(str(s).startswith(f"rejoined {old.name}") for s in done["steps"]), done  # type: ignore[attr-defined]
+        else:  # fenced, not promoted: no primary yet, the restarted watcher fails over itself
+            wait_for(lambda: [ln for ln in _lines(log) if ln.get("msg") == "failed over"], 90,
+                     "the restarted watcher to fail over")
+        cluster.wait_synchronous(90)
+        new = cluster.primary()
+        assert new.name != old.name
+        assert new.psql("SHOW synchronous_standby_names") == cluster.spec().sync_names(new.name)
+        new.psql("CREATE TABLE IF NOT EXISTS resumed (step text)")
+        new.psql(f"INSERT INTO resumed VALUES ('{step}')")
+        for n in cluster.nodes:
+            wait_for(lambda n=n: n.running() and step in n.psql("SELECT string_agg(step, ',') FROM resumed"),
+                     60, f"the row on {n.name}")
+        wait_for(lambda: json.loads(state.read_text())["unfinished"] == [], 30, "the state file to forget it")
     finally:
         proc.terminate()
         proc.wait(15)
