@@ -63,10 +63,11 @@ soak: deps venv protos
 # The seeded fault campaign (tests/chaos): CYCLES faults under load, SEED replays one (default: random,
 # printed with the command that replays it). STALL=LO-HI bounds the stalls, link cuts and full disks
 # (default 5-30 s); KINDS=a,b draws only those fault kinds (tests/chaos/faults.py KINDS).
+# BACKUP_EVERY=N restores the newest backup every N cycles and on the last (default 5; 0: never).
 # CI's short campaign: make chaos CYCLES=8 STALL=2-6
 chaos: deps venv protos
 	KEYWARD_CHAOS_CYCLES=$${CYCLES:-100} KEYWARD_CHAOS_SEED=$${SEED:-} KEYWARD_CHAOS_STALL=$${STALL:-5-30} \
-	KEYWARD_CHAOS_KINDS=$${KINDS:-} \
+	  KEYWARD_CHAOS_KINDS=$${KINDS:-} KEYWARD_CHAOS_BACKUP_EVERY=$${BACKUP_EVERY:-5} \
 	  $(BIN)/python -m pytest -s -p no:cacheprovider tests/chaos $(PYTEST_ARGS)
 
 up: deps venv protos

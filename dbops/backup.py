@@ -268,8 +268,13 @@ def reconcile(spec: ClusterSpec, keep: int = 3, log: Callable[[str], None] = lam
     return did
 
 
+RESTORE_HOST = "127.0.0.1"
+"""The address a restored server listens on (TCP), whatever its source listened on."""
+
+
 def restore(backup_path: Path, root: Path, port: int, *, name: str = "restored") -> Node:
-    """Unpack a backup into ``root/data`` and start it as a fresh primary."""
+    """Unpack a backup into ``root/data`` and start it as a fresh primary listening on
+    :data:`RESTORE_HOST` (the returned node's host) and in ``root`` (its Unix socket)."""
     if not (backup_path / MANIFEST).exists():
         raise PgError(f"{backup_path} is not a finished keyward backup (no {MANIFEST})")
     data = root / "data"
@@ -284,12 +289,16 @@ def restore(backup_path: Path, root: Path, port: int, *, name: str = "restored")
     with tarfile.open(backup_path / "pg_wal.tar") as t:
         t.extractall(data / "pg_wal", filter="fully_trusted")
     (data / "standby.signal").unlink(missing_ok=True)
+    # Appended, so each line overrides the source's own (the last one read wins). The source's
+    # listen_addresses may name an address of its host or network namespace only: binding it here
+    # would fail, and the postmaster would not start.
     write_as_server(data / "postgresql.auto.conf",
-                    f"port = {port}\nunix_socket_directories = '{root}'\ncluster_name = '{name}'\n"
+                    f"listen_addresses = '{RESTORE_HOST}'\nport = {port}\nunix_socket_directories = '{root}'\n"
+                    f"cluster_name = '{name}'\n"
                     "synchronous_standby_names = ''\nprimary_conninfo = ''\nprimary_slot_name = ''\n",
                     append=True)
     run_chown(data)
-    node = Node(name, "127.0.0.1", port, str(data))
+    node = Node(name, RESTORE_HOST, port, str(data))
     run("pg_ctl", "start", "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "120")
     return node
 

@@ -12,11 +12,16 @@ with ANY 2 satisfied, then checks, with the writers paused:
   (its audit rows, per org and call; the policy versions acknowledged);
 * never two servers answered as primary in one sampling round;
 * the audit chain verifies (`keyward audit verify`), and every key a ZEN got has its KeySent row;
-* ZENs got keys whenever a server answered and the CA ran (reported: failures are counted).
+* ZENs got keys whenever a server answered and the CA ran (reported: failures are counted);
+* the newest backup restores every live key (tests/chaos/backups.py): made current as the backup
+  agent does (`reconcile`), restored into a fresh server, it holds every key row of the primary
+  (org, state, sealed key and certificate, compared by sha256) and no retired key. Every
+  KEYWARD_CHAOS_BACKUP_EVERY cycles (5; 0: never) and on the last one.
 
 KEYWARD_CHAOS_CYCLES, KEYWARD_CHAOS_SEED (default: random, printed), KEYWARD_CHAOS_STALL
-("5-30": SIGSTOP seconds), KEYWARD_CHAOS_AFTER (the watcher's --after, 1). A failing run prints
-its seed and the command that replays it (the faults and their timings; not the scheduling).
+("5-30": SIGSTOP seconds), KEYWARD_CHAOS_AFTER (the watcher's --after, 1),
+KEYWARD_CHAOS_BACKUP_EVERY (5). A failing run prints its seed and the command that replays it (the
+faults and their timings; not the scheduling).
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from dbops import status
 from devstack.pg import PgCluster, free_port
 from protos.keyward.v1 import keyward_pb2 as pb
 from tests.chaos import faults
+from tests.chaos.backups import EVERY as BACKUP_EVERY
+from tests.chaos.backups import BackupCheck, check_newest_backup, due
 from tests.chaos.faults import CA, Fault, Watcher
 from tests.chaos.load import Load
 from tests.chaos.monitor import Monitor
@@ -66,6 +73,7 @@ WRITE_ACTIONS = ("CreateOrganization", "RequestIntermediateCsr", "UploadIntermed
 def replay_command() -> str:
     extra = "" if STALL == (5.0, 30.0) else f" STALL={_lo}-{_hi or _lo}"
     extra += "" if ONLY == faults.KINDS else f" KINDS={','.join(ONLY)}"
+    extra += "" if BACKUP_EVERY == 5 else f" BACKUP_EVERY={BACKUP_EVERY}"
     return f"make chaos CYCLES={CYCLES} SEED={SEED}{extra}"
 
 
@@ -81,6 +89,8 @@ class Cycle:
     zen_errors_served: int = 0
     unknown_retried: int = 0
     violations: list[str] = field(default_factory=list)
+    backup: BackupCheck | None = None
+    """The newest-backup check, on the cycles that ran it."""
 
     @property
     def kind(self) -> str:
@@ -111,7 +121,7 @@ def cluster(workdir: Path, places: Places) -> Iterator[PgCluster]:
 def _q(node_root: Path, port: int, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
     with psycopg.connect(f"host={node_root} port={port} dbname=keyward user=postgres connect_timeout=5",
                          autocommit=True) as c:
-        return c.execute(sql, args).fetchall()  # type: ignore[arg-type]
+        return c.execute(sql, args).fetchall()
 
 
 def _pct(xs: list[float]) -> str:
@@ -128,9 +138,9 @@ def _check(cy: Cycle, cluster: PgCluster, load: Load, mon: Monitor, t0: float, z
     # 1. Every acknowledged write on every server.
     ids = [o.request_id for o in acked]
     for n in cluster.nodes:
-        def missing(n: object = n) -> set[str]:
-            got = {r[0] for r in _q(n.root, n.port, "SELECT request_id FROM request_log WHERE request_id = ANY(%s)",
-                                    (ids,))}
+        def missing(root: Path = n.root, port: int = n.port) -> set[str]:
+            got = {str(r[0]) for r in _q(root, port, "SELECT request_id FROM request_log WHERE request_id = ANY(%s)",
+                                         (ids,))}
             return set(ids) - got
         try:
             wait_for(lambda: not missing(), 15, f"every acknowledged write on {n.name}", interval=0.5)
@@ -141,10 +151,10 @@ def _check(cy: Cycle, cluster: PgCluster, load: Load, mon: Monitor, t0: float, z
     # 2. No acknowledgement while a synchronous standby could not confirm.
     for f in cy.faults:
         for w0, w1 in f.quorum_lost:
-            bad = [o for o in acked if o.ack_attempt_started is not None and o.ack_attempt_started > w0 + 0.2
+            bad = [(o, o.acked) for o in acked if o.ack_attempt_started is not None and o.ack_attempt_started > w0 + 0.2
                    and o.acked is not None and o.acked < w1]
-            for o in bad:
-                v.append(f"{o.action} {o.org} (request_id {o.request_id}) acknowledged {o.acked - w0:.2f}s into "
+            for o, at in bad:
+                v.append(f"{o.action} {o.org} (request_id {o.request_id}) acknowledged {at - w0:.2f}s into "
                          f"{f.describe()}, while {f.target} could not confirm it (attempts {o.attempts}, "
                          f"unknown outcome before: {o.unknown})")
     # 3. At most once: audit rows (outcome ok) per org and call against the ledger.
@@ -192,11 +202,22 @@ def _check(cy: Cycle, cluster: PgCluster, load: Load, mon: Monitor, t0: float, z
     def key_rows() -> int:
         r = _q(primary.root, primary.port, "SELECT count(*) FROM audit_events WHERE action = 'KeySent' "
                "AND org_id = %s AND actor = %s", (key_org, zen_spiffe))
-        return int(r[0][0])  # type: ignore[call-overload]
+        count = r[0][0]
+        assert isinstance(count, int)
+        return count
     try:
         wait_for(lambda: key_rows() >= sent, 30, "a KeySent audit row for every key sent", interval=0.5)
     except AssertionError:
         v.append(f"{sent} keys sent to the ZEN, only {key_rows()} KeySent audit rows")
+
+
+def _check_backup(cy: Cycle, cluster: PgCluster, logs: Path) -> None:
+    """The newest backup restores every live key (tests/chaos/backups.py), with the writers paused:
+    a key retired between the reads of the primary and of the restore would be reported."""
+    # Beside the servers (a directory the postgres user can reach; pytest's tmp_path is not).
+    scratch = cluster.root.parent / f"backup-check-{cy.n}-{uuid.uuid4().hex[:6]}"
+    cy.backup = check_newest_backup(cluster.spec_path, scratch, keep_log=logs / f"backup-check-{cy.n}-server.log")
+    cy.violations += cy.backup.violations
 
 
 def test_chaos_campaign(cluster: PgCluster, places: Places, pki_dir: Path, master_secret: tuple[bytes, Path], workdir: Path,
@@ -294,13 +315,17 @@ def test_chaos_campaign(cluster: PgCluster, places: Places, pki_dir: Path, maste
                 load.pause()
                 try:
                     _check(cy, cluster, load, mon, t0, zen_spiffe, key_org)
+                    if not cy.violations and due(n, CYCLES):
+                        _check_backup(cy, cluster, tmp_path)
                 finally:
                     load.resume()
             print(f"cycle {n}: {' + '.join(f.describe() for f in cy.faults)}: first ack "
                   f"{'-' if cy.first_ack is None else f'{cy.first_ack:.2f}s'}, back "
                   f"{'-' if cy.back is None else f'{cy.back:.1f}s'}, writer errors {dict(cy.writer_errors)}, "
                   f"ZEN errors {cy.zen_errors} ({cy.zen_errors_served} while a server answered), "
-                  f"unknown-then-acked {cy.unknown_retried}" + "".join(f"\n  VIOLATION: {x}" for x in cy.violations)
+                  f"unknown-then-acked {cy.unknown_retried}"
+                  + (f"\n  {cy.backup.summary()}" if cy.backup else "")
+                  + "".join(f"\n  VIOLATION: {x}" for x in cy.violations)
                   + "".join(f"\n  note: {x}" for f in cy.faults for x in f.notes), flush=True)
             if cy.violations:
                 failed = cy
@@ -324,6 +349,23 @@ def test_chaos_campaign(cluster: PgCluster, places: Places, pki_dir: Path, maste
                             + f"\nseed {SEED}; replay: {replay_command()}")
 
 
+def _spread(xs: list[int]) -> tuple[int, int, int]:
+    return min(xs), int(statistics.median_low(xs)), max(xs)
+
+
+def _backup_line(cycles: list[Cycle]) -> str:
+    checks = [c.backup for c in cycles if c.backup is not None]
+    if not checks:
+        return "Newest backup: not checked (KEYWARD_CHAOS_BACKUP_EVERY)."
+    return (f"Newest backup: checked {len(checks)} times (every {BACKUP_EVERY} cycles and the last), "
+            f"{sum(bool(c.violations) for c in checks)} failed; live keys restored "
+            f"{' / '.join(str(k) for k in _spread([c.restored_keys for c in checks]))}, "
+            f"seconds per check {_pct([c.seconds for c in checks])} "
+            f"(reconcile {_pct([c.reconcile_seconds for c in checks])}, restore + compare "
+            f"{_pct([c.restore_seconds for c in checks])}) (min / med / max); "
+            f"{sum(any(a.startswith('took') for a in c.actions) for c in checks)} new backups taken by reconcile.")
+
+
 def report(cycles: list[Cycle], load: Load, seconds: float) -> str:
     ops = list(load.ledger.ops)
     lines = [f"## Chaos campaign: seed {SEED}, {len(cycles)} cycles, {seconds / 60:.1f} min "
@@ -332,7 +374,7 @@ def report(cycles: list[Cycle], load: Load, seconds: float) -> str:
              f"{sum(bool(o.unknown) and o.acked is not None for o in ops)} of them after an unknown outcome "
              f"(retried with their request_id), {sum(bool(o.refused) for o in ops)} refused, "
              f"{sum(o.abandoned for o in ops)} abandoned; ZEN reads: {len(load.ledger.reads_ok)} ok, "
-             f"{len(load.ledger.reads_failed)} failed.", "",
+             f"{len(load.ledger.reads_failed)} failed.", "", _backup_line(cycles), "",
              "| fault | cycles | fault → first ack, s (min / med / max) | back to 3 streaming + ANY 2, s "
              "(min / med / max) | writer errors (codes) | ZEN errors (while a server answered) | violations |",
              "|---|---|---|---|---|---|---|"]

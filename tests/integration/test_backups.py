@@ -4,11 +4,15 @@ After a rotation and a revocation, the backup agent leaves no backup holding
 the retired key's ciphertext or certificate (every backup file is scanned byte
 for byte), while the newest backup holds every active key (positive control),
 restores into a fresh server, and serves a key that a ZEN opens. The retired
-rows are gone on all three live servers, checked on each one directly."""
+rows are gone on all three live servers, checked on each one directly. A restore
+listens on 127.0.0.1 whatever address its source listened on."""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
+import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -16,12 +20,14 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from data_plane.keyopen import open_org_key
 from dbops import backup as dbbackup
+from dbops.binaries import run as pgrun
 from devstack.pg import PgCluster, free_port
 from keylib.master import MasterSecret
 from protos.keyward.v1 import keyward_pb2 as pb
@@ -174,3 +180,44 @@ def test_backups_forget_retired_keys_and_restore(
         from dbops.binaries import run as pgrun
         pgrun("pg_ctl", "stop", "-D", str(rdir / "data"), "-m", "immediate", "-w", check=False)
     _ = base64  # (kept for debugging dumps)
+
+
+ELSEWHERE = "10.255.255.1"
+"""An address of no interface here: a server in a network namespace of its own listens on its
+veth address, which the host restoring its backup does not have."""
+
+
+def test_restore_listens_on_loopback_whatever_its_source_listened_on(bcl: PgCluster, bca: CAProcess,
+                                                                    workdir: Path) -> None:
+    """(``bca``: the CA creates the schema a backup reads.)"""
+    with socket.socket() as s:
+        try:
+            s.bind((ELSEWHERE, 0))
+        except OSError:
+            pass  # as expected: not an address of this host
+        else:
+            pytest.skip(f"{ELSEWHERE} is an address of this host: the test needs one that is not")
+    # A backup directory of its own: the other test counts the backups in the spec's.
+    spec = dataclasses.replace(bcl.spec(), backup_dir=str(workdir / f"backups-listen-{uuid.uuid4().hex[:6]}"))
+    primary = bcl.primary()
+    # In the source's postgresql.auto.conf (so in its base backup), not applied: a restart would need it.
+    primary.psql(f"ALTER SYSTEM SET listen_addresses = '{ELSEWHERE}'", dbname="postgres")
+    try:
+        b = dbbackup.backup(spec)
+    finally:
+        primary.psql("ALTER SYSTEM SET listen_addresses = '127.0.0.1'", dbname="postgres")
+    with tarfile.open(b.path / "base.tar") as t:
+        member = t.extractfile("postgresql.auto.conf")
+        assert member is not None
+        assert ELSEWHERE in member.read().decode(), "precondition: the backup's config names the other address"
+
+    rdir, rport = workdir / f"restored-listen-{uuid.uuid4().hex[:6]}", free_port()
+    try:
+        node = dbbackup.restore(b.path, rdir, rport)
+        assert (node.host, node.port) == ("127.0.0.1", rport)
+        with psycopg.connect(spec.conninfo(node), autocommit=True) as c:  # over TCP, at the node's host
+            assert c.execute("SHOW listen_addresses").fetchone() == ("127.0.0.1",)
+            assert c.execute("SELECT pg_is_in_recovery()").fetchone() == (False,)
+    finally:
+        pgrun("pg_ctl", "stop", "-D", str(rdir / "data"), "-m", "immediate", "-w", "-t", "30", check=False)
+        shutil.rmtree(rdir, ignore_errors=True)
