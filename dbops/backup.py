@@ -46,6 +46,10 @@ class Backup:
     created: str
     key_ids: frozenset[str]
     event_seq: int
+    key_states: tuple[tuple[str, str], ...] = ()
+    """(key_id, state) as the copy holds them ("?": the state changed while it was taken). A backup
+    whose states are not the live ones is not current: a key activated after it was taken would
+    be restored pending, with no certificate (ids alone did not tell)."""
 
 
 def primary_node(spec: ClusterSpec) -> Node:
@@ -55,11 +59,17 @@ def primary_node(spec: ClusterSpec) -> Node:
     raise PgError("no primary reachable: a backup needs the primary")
 
 
-def _keys_and_seq(spec: ClusterSpec, node: Node) -> tuple[set[str], int]:
+def _keys_and_seq(spec: ClusterSpec, node: Node) -> tuple[dict[str, str], int]:
+    """Every key's state (key_id -> pending | active), and the last key event's seq."""
     with psycopg.connect(spec.conninfo(node), autocommit=True) as c:
-        keys = {str(r[0]) for r in c.execute("SELECT key_id FROM intermediate_keys")}
+        keys = {str(r[0]): str(r[1]) for r in c.execute("SELECT key_id, state FROM intermediate_keys")}
         row = c.execute("SELECT coalesce(max(seq), 0) FROM key_events").fetchone()
         return keys, int(row[0]) if row else 0
+
+
+def current(b: Backup, live: dict[str, str]) -> bool:
+    """The backup holds exactly the live keys, each in its live state."""
+    return b.key_ids == frozenset(live) and dict(b.key_states) == live
 
 
 def _rewrite_without_dead_rows(c: psycopg.Connection[Any], table: str, timeout: float = 30) -> None:
@@ -91,7 +101,8 @@ def list_backups(spec: ClusterSpec) -> list[Backup]:
             j = json.loads((d / MANIFEST).read_text())
         except (OSError, ValueError):
             continue  # unfinished, or being shredded
-        out.append(Backup(d, j["created"], frozenset(j["key_ids"]), int(j["event_seq"])))
+        out.append(Backup(d, j["created"], frozenset(j["key_ids"]), int(j["event_seq"]),
+                          tuple(sorted((j.get("key_states") or {}).items()))))
     return out
 
 
@@ -203,12 +214,14 @@ def backup(spec: ClusterSpec, *, log: Callable[[str], None] = _warn) -> Backup:
                 c.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
                           "WHERE slot_name = %s AND NOT active", (slot,))
     keys_after, _ = _keys_and_seq(spec, node)
-    manifest = {"created": stamp, "source": node.name, "key_ids": sorted(keys_before | keys_after),
-                "event_seq": seq}
+    ids = set(keys_before) | set(keys_after)
+    states = {k: keys_before[k] if keys_before.get(k) == keys_after.get(k) else "?" for k in sorted(ids)}
+    manifest = {"created": stamp, "source": node.name, "key_ids": sorted(ids), "event_seq": seq,
+                "key_states": states}
     write_as_server(tmp / MANIFEST, json.dumps(manifest, indent=2))
     final = root / f"backup-{stamp}"
     os.rename(tmp, final)
-    return Backup(final, stamp, frozenset(keys_before | keys_after), seq)
+    return Backup(final, stamp, frozenset(ids), seq, tuple(sorted(states.items())))
 
 
 def shred(path: Path) -> None:
@@ -246,17 +259,19 @@ def reconcile(spec: ClusterSpec, keep: int = 3, log: Callable[[str], None] = lam
     for _ in range(3):  # a rotation racing the backup makes it stale: go again
         live, _seq = _keys_and_seq(spec, node)
         backups = list_backups(spec)
-        # The newest backup must hold every live key and no retired one.
-        if backups and backups[-1].key_ids == live:
+        # The newest backup must hold every live key, in its live state, and no retired one.
+        if backups and current(backups[-1], live):
             break
-        say("took a new backup" if not backups else
-            "took a new backup (newest " + ("held a retired key" if backups[-1].key_ids - live
-                                            else "lacked a live key") + ")")
+        newest = backups[-1] if backups else None
+        say("took a new backup" if newest is None else
+            "took a new backup (newest " + ("held a retired key" if newest.key_ids - set(live)
+                                            else "lacked a live key" if set(live) - newest.key_ids
+                                            else "held a key in another state") + ")")
         backup(spec, log=log)
     live, _ = _keys_and_seq(spec, node)
     for b in list_backups(spec):
-        if b.key_ids - live:
-            say(f"shredded {b.path.name} (held retired key(s) {', '.join(sorted(b.key_ids - live))})")
+        if b.key_ids - set(live):
+            say(f"shredded {b.path.name} (held retired key(s) {', '.join(sorted(b.key_ids - set(live)))})")
             shred(b.path)
     kept = list_backups(spec)
     for b in kept[:-keep] if keep > 0 else []:

@@ -107,6 +107,13 @@ class Database:
         except psycopg.ProgrammingError as e:
             raise ConfigError(f"KEYWARD_DB_DSN is not a valid libpq connection string: {e}") from None
         params.setdefault("connect_timeout", "3")
+        # A server cut off (a link down, a machine gone) answers nothing, not even a reset: without
+        # these a pooled connection to it, or the pool's check of one, waits out the kernel's
+        # retransmissions (minutes). Unsent-data and idle probes end it in seconds; a commit that
+        # waits for its standbys is neither (the server acknowledged the bytes).
+        for k, v in (("keepalives", "1"), ("keepalives_idle", "5"), ("keepalives_interval", "2"),
+                     ("keepalives_count", "2"), ("tcp_user_timeout", "5000")):
+            params.setdefault(k, v)
         rw = make_conninfo("", **{**params, "target_session_attrs": "read-write"})
         ro = make_conninfo("", **{**params, "target_session_attrs": "prefer-standby"})
         return rw, ro

@@ -221,3 +221,28 @@ def test_restore_listens_on_loopback_whatever_its_source_listened_on(bcl: PgClus
     finally:
         pgrun("pg_ctl", "stop", "-D", str(rdir / "data"), "-m", "immediate", "-w", "-t", "30", check=False)
         shutil.rmtree(rdir, ignore_errors=True)
+
+
+def test_a_key_activated_after_the_newest_backup_is_backed_up_again(bcl: PgCluster, bca: CAProcess, pki_dir: Path,
+                                                                    workdir: Path) -> None:
+    """The newest backup was current by key ids alone: taken while an org's first key was
+    pending, it still "held every live key" once the key was activated, and a restore gave the
+    org a pending key with no certificate (found by the fault campaign's restore check)."""
+    spec = dataclasses.replace(bcl.spec(), backup_dir=str(workdir / f"backups-states-{uuid.uuid4().hex[:6]}"))
+    platform = clients(bca.addr, pki_dir, "platform-admin")
+    org = f"st-{uuid.uuid4().hex[:6]}"
+    create_org(platform, org)
+    admin = org_admin(bca.addr, pki_dir, org)
+    csr = admin.admin.RequestIntermediateCsr(pb.RequestIntermediateCsrRequest(org_id=org), timeout=60)
+    dbbackup.reconcile(spec)
+    before = dbbackup.list_backups(spec)[-1]
+    key_id = csr.key_id
+    assert dict(before.key_states)[key_id] == "pending"
+    root = OrgRoot.create(workdir / f"root-{org}", org)
+    admin.admin.UploadIntermediateCertificate(pb.UploadIntermediateCertificateRequest(
+        org_id=org, certificate_pem=root.sign(csr.csr_pem), chain_pem=root.crt.read_text()), timeout=30)
+    did = dbbackup.reconcile(spec)
+    assert "took a new backup (newest held a key in another state)" in did, did
+    after = dbbackup.list_backups(spec)[-1]
+    assert after.path != before.path and dict(after.key_states)[key_id] == "active"
+    assert dbbackup.reconcile(spec) == []  # current now: nothing more to do
