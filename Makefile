@@ -64,7 +64,7 @@ soak: deps venv protos
 # printed with the command that replays it). STALL=LO-HI bounds the stalls, link cuts and full disks
 # (default 5-30 s); KINDS=a,b draws only those fault kinds (tests/chaos/faults.py KINDS).
 # BACKUP_EVERY=N restores the newest backup every N cycles and on the last (default 5; 0: never).
-# CI's short campaign: make chaos CYCLES=8 STALL=2-6
+# CI's short campaign (.ci/run): make chaos CYCLES=12 SEED=879 STALL=2-6 BACKUP_EVERY=4 (every kind drawn)
 chaos: deps venv protos
 	KEYWARD_CHAOS_CYCLES=$${CYCLES:-100} KEYWARD_CHAOS_SEED=$${SEED:-} KEYWARD_CHAOS_STALL=$${STALL:-5-30} \
 	  KEYWARD_CHAOS_KINDS=$${KINDS:-} KEYWARD_CHAOS_BACKUP_EVERY=$${BACKUP_EVERY:-5} \
