@@ -59,3 +59,16 @@ class Monitor:
         """A server answered (any role) in a round started within ``slack`` s before ``t``."""
         with self.lock:
             return any(t - slack <= r.t <= t and any(v != "down" for v in r.roles.values()) for r in self.rounds)
+
+    def down_until(self, name: str, t0: float, t1: float) -> float:
+        """When ``name`` was last seen down, from ``t0``, before a round first saw it answer again
+        (the start of that last "down" round: it was down at least until then); ``t1`` if no round
+        in [t0, t1] saw it answer. Another hand may have restarted it (the watcher rejoins a server
+        its failover fenced) before the harness did."""
+        last = t0
+        for r in self.between(t0, t1):
+            if r.roles.get(name, "down") != "down":
+                return last
+            last = r.t
+        return t1
+

@@ -151,6 +151,8 @@ def _check(cy: Cycle, cluster: PgCluster, load: Load, mon: Monitor, t0: float, z
     # 2. No acknowledgement while a synchronous standby could not confirm.
     for f in cy.faults:
         for w0, w1 in f.quorum_lost:
+            if not f.kind.startswith("cut"):  # a cut standby runs (the monitor sees it) yet cannot confirm
+                w1 = min(w1, max(mon.down_until(name, w0, w1) for name in f.target.split(",")))
             bad = [(o, o.acked) for o in acked if o.ack_attempt_started is not None and o.ack_attempt_started > w0 + 0.2
                    and o.acked is not None and o.acked < w1]
             for o, at in bad:
