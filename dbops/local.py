@@ -31,12 +31,23 @@ def logfile(node: Node) -> Path:
 
 
 def postmaster_pid(node: Node) -> int | None:
+    """The running postmaster of the node's data directory, or None. The pid file outlives a
+    killed server, and pids come round again (32768 here): a pid counts only if that process
+    works in this very directory (a postmaster's cwd is its data directory)."""
+    d = _datadir(node)
     try:
-        pid = int((_datadir(node) / "postmaster.pid").read_text().splitlines()[0])
+        pid = int((d / "postmaster.pid").read_text().splitlines()[0])
         os.kill(pid, 0)
-        return pid
     except (FileNotFoundError, ValueError, IndexError, ProcessLookupError):
         return None
+    try:
+        if os.readlink(f"/proc/{pid}/cwd") != str(d.resolve()):
+            return None  # another process now has that pid
+    except PermissionError:
+        pass  # not ours to inspect: trust the pid file, as pg_ctl does
+    except OSError:
+        return None  # gone meanwhile
+    return pid
 
 
 def _gone(pid: int) -> bool:
@@ -83,9 +94,10 @@ def node_conf(node: Node) -> str:
             f"cluster_name = '{node.name}'\n")
 
 
-def point_at(spec: ClusterSpec, node: Node, upstream: Node) -> None:
-    """Write standby.signal and the replication settings into the data directory."""
-    d = _datadir(node)
+def point_at(spec: ClusterSpec, node: Node, upstream: Node, *, datadir: Path | None = None) -> None:
+    """Write standby.signal and the replication settings into the data directory (``datadir``:
+    the node's, unless it is elsewhere for the moment)."""
+    d = datadir or _datadir(node)
     write_as_server(d / "standby.signal", "")
     write_as_server(
         d / "postgresql.auto.conf",
@@ -119,25 +131,40 @@ def stop(node: Node, mode: str = "fast") -> None:
 
 
 def rejoin(spec: ClusterSpec, node: Node, primary: Node) -> str:
-    """Bring ``node`` back as a standby of ``primary``. Returns how: 'rewind' or 'clone'."""
+    """Bring ``node`` back as a standby of ``primary``. Returns how: 'rewind' or 'clone'.
+
+    The data directory is renamed aside while it is rewound or replaced: a supervisor restarting
+    the server meanwhile (systemd, the fault campaign's harness) finds no data directory and
+    fails cleanly, instead of starting a server over files being rewritten (seen: a clone
+    removing the files of a server just started, which then replayed garbage WAL forever). An
+    interrupted rejoin (the watcher killed) is carried on from the renamed directory."""
     d = _datadir(node)
-    kill_node(node)
+    work = d.with_name(d.name + ".rejoining")
+    if d.exists() or not work.exists():
+        kill_node(node)
+        shutil.rmtree(work, ignore_errors=True)  # a leftover beside a live directory: the live one wins
+        os.rename(d, work)  # from here on nobody can start this server
+    _kill_pidfile(work)  # a server started between the kill and the rename
     # pg_rewind first completes crash recovery itself (single-user mode) when needed.
     src = spec.conninfo(primary, dbname="postgres")
     how = "rewind"
-    # A node that never diverged rewinds trivially; one that did is rewound to the fork point.
-    for f in ("standby.signal",):
-        (d / f).unlink(missing_ok=True)
-    p = run("pg_rewind", "-D", str(d), f"--source-server={src}", timeout=600, check=False,
+    (work / "standby.signal").unlink(missing_ok=True)
+    p = run("pg_rewind", "-D", str(work), f"--source-server={src}", timeout=600, check=False,
             env={"PGPASSFILE": spec.passfile})
     if p.returncode != 0:
         lines = (p.stderr or p.stdout).strip().splitlines()
         how = f"clone; pg_rewind: {lines[-1][:160] if lines else p.returncode}"
-        shutil.rmtree(d, ignore_errors=True)
-        d.mkdir(mode=0o700)
-        chown_server(d)
-        run("pg_basebackup", "-h", primary.host, "-p", str(primary.port), "-U", spec.repl_user, "-D", str(d),
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(mode=0o700)
+        chown_server(work)
+        run("pg_basebackup", "-h", primary.host, "-p", str(primary.port), "-U", spec.repl_user, "-D", str(work),
             "-X", "stream", "-c", "fast", timeout=900, env={"PGPASSFILE": spec.passfile})
-    point_at(spec, node, primary)
+    point_at(spec, node, primary, datadir=work)
+    os.rename(work, d)
     start(node)
     return how
+
+
+def _kill_pidfile(d: Path) -> None:
+    """SIGKILL the postmaster whose pid file is in ``d`` (and its children), if it runs."""
+    kill_node(Node("rejoining", "", 0, str(d)))  # postmaster_pid: only a server working in ``d``
