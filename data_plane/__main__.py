@@ -95,14 +95,17 @@ async def _serve(cfg: config.ZenConfig, master: MasterSecret, trust: bytes, cert
     from data_plane.ca_client import CAClient
     from data_plane.keys import KeyManager
     from data_plane.mint import Minter
+    from data_plane.origins import OriginPool
     from data_plane.proxy import Proxy
 
     client = CAClient(cfg.ca_addr, trust_pem=trust, cert_pem=cert, key_pem=key)
     km = KeyManager(client, master, require_lock=cfg.require_mlock, max_keys=cfg.max_keys)
     minter = Minter(leaf_hours=cfg.leaf_hours, cache_size=cfg.leaf_cache_size)
     km.on_key_gone.append(minter.forget)  # leaves minted under a key that is gone are forgotten with it
+    pool = OriginPool(max_idle=cfg.origin_pool, idle_seconds=cfg.origin_idle)
+    km.on_key_gone.append(pool.forget)  # an org whose key is gone keeps no origin connection either
     proxy = Proxy(km, minter, roots[0], origin_h1_ctx=roots[1], resolve=dict(cfg.resolve),
-                  pac_proxies=list(cfg.pac_proxies))
+                  pac_proxies=list(cfg.pac_proxies), pool=pool)
     server = await _listen("KEYWARD_ZEN_LISTEN", cfg.listen, proxy.handle)
     host = split_hostport(cfg.listen)[0]
     bound = server.sockets[0].getsockname()[1]
@@ -131,6 +134,7 @@ async def _serve(cfg: config.ZenConfig, master: MasterSecret, trust: bytes, cert
     async with server:
         await stop.wait()
     await km.stop()
+    pool.close()
     await client.close()
 
 def _parser() -> argparse.ArgumentParser:

@@ -71,6 +71,15 @@ class ZenConfig:
         "KEYWARD_ZEN_MAX_KEYS", "org keys open at once, each in its own signer process with locked memory (about "
         "40 MB); the least recently used is dropped to open another, so a flood of orgs cannot pin this ZEN's RAM",
         default=16, unit="keys")
+    origin_pool: int = _setting(
+        "KEYWARD_ZEN_ORIGIN_POOL", "idle origin connections kept for reuse, in all: a client connection to a site "
+        "this org's clients just used skips the origin's TCP connect and TLS handshake (most of the ZEN's CPU per "
+        "new connection); only under the same org, host, port and verified name; 0 keeps none",
+        default=256, unit="connections")
+    origin_idle: int = _setting(
+        "KEYWARD_ZEN_ORIGIN_IDLE", "how long an idle origin connection is kept (below most servers' keep-alive "
+        "timeouts; a pooled connection its origin closed first is replaced, for a request without a body)",
+        default=30, unit="seconds")
     require_mlock: bool = _setting(
         "KEYWARD_REQUIRE_MLOCK", "a key whose memory cannot be locked is not opened (its org's fail mode applies; "
         "/healthz says why)", default=True, unit="true/false")
@@ -105,6 +114,8 @@ _PARSE: dict[str, Callable[[str, str], Any]] = {
     "leaf_cache_size": integer_in(1, 1_000_000),
     "leaf_hours": integer_in(1, 24 * 30),
     "max_keys": integer_in(1, 10000),
+    "origin_pool": integer_in(0, 100_000),
+    "origin_idle": integer_in(1, 3600),
     "require_mlock": boolean,
     "log_level": log_level,
 }

@@ -14,19 +14,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from h2.errors import ErrorCodes
 
 from data_plane import metrics
 from data_plane.h2conn import H2Endpoint, Inbound, StreamReset, code_name
-from data_plane.http1 import BodyReader, HttpError, check_framing, copy_body, read_head, splice
+from data_plane.http1 import BodyReader, Head, HttpError, check_framing, copy_body, read_head, splice
 from data_plane.messages import Header, MessageError, Request, Response, page_response, request_from_h1, request_from_h2
 from data_plane.policy import OrgPolicy, Verdict, request_verdict
 from data_plane.upstream import Upstream, UpstreamError
 
 access = logging.getLogger("keyward.zen.access")
+
+Redial = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
 _PAGES = {Verdict.BLOCK: (403, "{url} is blocked by your organization's policy."),
           Verdict.MISDIRECTED: (421, "{host} needs a connection of its own; your browser retries it.")}
@@ -195,8 +197,15 @@ class Session:
         return True
 
     async def serve_h1_raw(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter,
-                           o_reader: asyncio.StreamReader, o_writer: asyncio.StreamWriter) -> None:
-        """HTTP/1.1 on both sides: heads parsed and decided, bytes copied as they are."""
+                           o_reader: asyncio.StreamReader, o_writer: asyncio.StreamWriter,
+                           redial: Redial | None = None) -> bool:
+        """HTTP/1.1 on both sides: heads parsed and decided, bytes copied as they are. True when
+        the client left with the origin connection at a message boundary (every exchange complete,
+        neither side asked to close): it may serve another client connection of the same key.
+
+        ``redial``: the origin connection was used before (pooled). If its origin closed it before
+        the first response began, a first request without a body goes again over the (new,
+        verified) connection ``redial`` opens."""
         while (head := await read_head(c_reader)) is not None:
             check_framing(head, is_request=True)
             req = request_from_h1(head, self.name)
@@ -206,16 +215,27 @@ class Session:
                 c_writer.write(resp.to_h1(chunked=False) + page)
                 await c_writer.drain()
                 self.log(req, resp.status, 0, None, **_REFUSED[verdict])
-                return
+                return False
             o_writer.write(head.raw)
             # The request body goes up while the answer is awaited: a client sending
             # "Expect: 100-continue" waits for the 100 before its body.
             upload = asyncio.create_task(copy_body(head, c_reader, o_writer, is_response=False))
             try:
                 while True:  # informational responses (100 Continue, 103 Early Hints) first, as they come
-                    resp_head = await read_head(o_reader)
+                    try:
+                        resp_head = await read_head(o_reader)
+                    except ConnectionError:
+                        if redial is None or not _bodiless(head):
+                            raise
+                        resp_head = None
+                    if resp_head is None and redial is not None and _bodiless(head):
+                        o_reader, o_writer = await redial()
+                        redial = None
+                        o_writer.write(head.raw)
+                        continue
+                    redial = None
                     if resp_head is None:
-                        return
+                        return False
                     c_writer.write(resp_head.raw)
                     if not resp_head.start[1].startswith("1") or resp_head.start[1] == "101":
                         break
@@ -223,17 +243,23 @@ class Session:
                 if status == "101":  # an upgrade (WebSocket) the request's decision allowed: relayed as is
                     self.log(req, 101, 0, None, upgraded=resp_head.get("upgrade") or "")
                     await splice(c_reader, c_writer, o_reader, o_writer)
-                    return
+                    return False
                 n, closed = await copy_body(resp_head, o_reader, c_writer, is_response=True,
                                             request_method=req.method)
                 self.log(req, int(status) if status.isdigit() else 0, n, None)
                 if not upload.done():
-                    return  # answered before the request body ended: this connection cannot go on
+                    return False  # answered before the request body ended: this connection cannot go on
                 upload.result()
             finally:
                 upload.cancel()
             if closed or head.wants_close() or resp_head.wants_close():
-                return
+                return False
+        return True
+
+
+def _bodiless(head: Head) -> bool:
+    """A request head that says no body follows (it can be sent again as it is)."""
+    return head.get("transfer-encoding") is None and (head.get("content-length") or "0") == "0"
 
 
 async def serve_page_h2(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int, text: str) -> None:

@@ -33,6 +33,10 @@ KEYS_HELD = Gauge("keyward_zen_keys_held", "Org keys held (one signer process ea
 SIGNER_LOCKED = Gauge("keyward_zen_signer_memory_locked",
                       "1 if the last signer started could lock the memory holding its key", registry=REGISTRY)
 CA_REACHABLE = Gauge("keyward_zen_ca_reachable", "1 if the CA answered last time", registry=REGISTRY)
+ORIGIN_CONNECTIONS = Counter("keyward_zen_origin_connections_total",
+                             "Origin connections used by intercepted connections: reused (idle, from the pool), "
+                             "resumed (a new connection, its TLS session resumed) or new (a full handshake)",
+                             ["how"], registry=REGISTRY)
 
 
 def serve(listen: str, health: Health | None = None) -> int:

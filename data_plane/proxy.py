@@ -19,7 +19,6 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
 
 from common.ids import is_id
 from data_plane import metrics, plain
@@ -29,6 +28,7 @@ from data_plane.http1 import HttpError, read_head, splice
 from data_plane.inspect import Session, serve_page_h2
 from data_plane.keys import KeyManager, OrgKey
 from data_plane.mint import Minter
+from data_plane.origins import Dialer, Key, Origin, OriginPool
 from data_plane.policy import Action, connect_action, org_for
 from data_plane.proxyauth import ProxyAuth, Verdict, basic_credentials
 from data_plane.upstream import H1Upstream, H2Upstream, Upstream
@@ -54,17 +54,17 @@ class Proxy:
     def __init__(self, km: KeyManager, minter: Minter, origin_ctx: ssl.SSLContext, *,
                  origin_h1_ctx: ssl.SSLContext | None = None,
                  resolve: dict[str, str] | None = None, pac_proxies: list[str] | None = None,
-                 auth: ProxyAuth | None = None) -> None:
+                 auth: ProxyAuth | None = None, pool: OriginPool | None = None) -> None:
         self.km = km
         self.minter = minter
         self.origin_ctx = origin_ctx
         self.origin_h1_ctx = origin_h1_ctx or origin_ctx
-        self.resolve = resolve or {}
+        self.dialer = Dialer(self.origin_ctx, self.origin_h1_ctx, resolve or {}, pool)
         self.pac_proxies = pac_proxies or []
         self.auth = auth or ProxyAuth()
 
     def _addr(self, host: str) -> str:
-        return self.resolve.get(host.lower(), host)
+        return self.dialer.addr(host)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("?", 0)
@@ -172,21 +172,25 @@ class Proxy:
                                   "fail-closed."))
             await writer.drain()
             return
-        try:  # TCP to the CONNECT host's address; TLS comes once the name is known
-            o_reader, o_writer = await asyncio.wait_for(asyncio.open_connection(self._addr(host), port),
-                                                        CONNECT_TIMEOUT)
-        except (TimeoutError, OSError) as e:
-            self._failed(org, f"{host}:{port}", 502, f"cannot reach {host}: {str(e) or type(e).__name__}")
-            writer.write(page(502, "Bad Gateway", f"cannot reach {_html(host)}: {_html(str(e))}"))
-            await writer.drain()
-            return
+        origin = Origin((org, host, port, host, False))
+        # TCP to the CONNECT host's address; TLS comes once the name is known. When a connection of
+        # this org to that host:port is idle, TCP waits for the name: the pooled one may do.
+        if not (first is Action.INTERCEPT and self.dialer.pool.has_host(org, host, port)):
+            try:
+                origin.reader, origin.writer = await self.dialer.tcp(host, port)
+            except (TimeoutError, OSError) as e:
+                self._failed(org, f"{host}:{port}", 502, f"cannot reach {host}: {str(e) or type(e).__name__}")
+                writer.write(page(502, "Bad Gateway", f"cannot reach {_html(host)}: {_html(str(e))}"))
+                await writer.drain()
+                return
         try:
-            await self._after_connect(reader, writer, o_reader, o_writer, org, host, port, first, key)
+            await self._after_connect(reader, writer, origin, org, host, port, first, key)
         finally:
             # Whatever happens from here on (a client that never completes its handshake, sends
-            # no TLS at all, or hangs up), the origin connection goes with the client's.
+            # no TLS at all, or hangs up), the origin connection goes with the client's, unless it
+            # was given back at a message boundary (then it is in the pool, and origin has none).
             with contextlib.suppress(Exception):
-                o_writer.close()
+                self.dialer.release(origin, reusable=False)
 
     def _decided(self, org: str, host: str, port: int, sni: str | None, action: Action, name: str, why: str,
                  **answer: object) -> None:
@@ -200,9 +204,8 @@ class Proxy:
         """The access line of a 502/503 page: the status and its reason."""
         access.info(json.dumps({"org": org, "connect": target, "status": status, "reason": reason}))
 
-    async def _after_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                             o_reader: asyncio.StreamReader, o_writer: asyncio.StreamWriter, org: str, host: str,
-                             port: int, first: Action, key: OrgKey | None) -> None:
+    async def _after_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, origin: Origin,
+                             org: str, host: str, port: int, first: Action, key: OrgKey | None) -> None:
         # Keep the ClientHello in the socket, for the TLS layer, while it is read for the decision.
         transport = writer.transport
         assert isinstance(transport, asyncio.Transport)  # a TCP connection's: it reads too
@@ -214,10 +217,10 @@ class Proxy:
                 raise NotTls("data before the tunnel was established")
             hello = await self._client_hello(writer)
         except (NotTls, TimeoutError, OSError) as e:
-            if first is Action.TUNNEL:  # a do-not-inspect host: whatever it speaks, tunnelled as before
+            if first is Action.TUNNEL and origin.reader and origin.writer:  # do-not-inspect: tunnelled as before
                 self._decided(org, host, port, None, first, host, f"policy for {host}; not TLS ({e})")
                 transport.resume_reading()
-                await self._splice(reader, writer, o_reader, o_writer)
+                await self._splice(reader, writer, origin.reader, origin.writer)
             return
         policy = self.km.policies[org]
         verdicts = {host: first}
@@ -229,17 +232,31 @@ class Proxy:
                         hello.sni: connect_action(policy, hello.sni, have_key=key is not None)}
         action, name, why = decide(host, hello.sni, verdicts)
         self._decided(org, host, port, hello.sni, action, name, why)
-        if action is Action.TUNNEL:
+        if action is Action.TUNNEL and origin.reader and origin.writer:  # (first was TUNNEL: TCP is open)
             transport.resume_reading()
-            await self._splice(reader, writer, o_reader, o_writer)
+            await self._splice(reader, writer, origin.reader, origin.writer)
             return
         if action is not Action.INTERCEPT or key is None:
             return  # after the 200 there is no page to send in plaintext: the connection is closed
-        # The origin, over the same TCP connection, must prove the name the leaf will carry. A client
-        # that offered no h2 gets an HTTP/1.1 origin at once (no reconnect).
-        origin_ctx = self.origin_ctx if "h2" in hello.alpn else self.origin_h1_ctx
+        # A client that offered no h2 gets an HTTP/1.1 origin at once (no reconnect).
+        okey: Key = (org, host, port, name, "h2" in hello.alpn)
+        pooled = self.dialer.take(okey)
+        if pooled is not None:  # made for this org, host:port and name, verified then, at a message boundary
+            self.dialer.release(origin, reusable=False)
+            origin = pooled
+            await self._intercept(reader, writer, origin, org, name, host, port, key, hello.alpn)
+            return
+        origin.key = okey
+        if origin.writer is None:  # TCP waited for the name, and no pooled connection fits it
+            try:
+                origin.reader, origin.writer = await self.dialer.tcp(host, port)
+            except (TimeoutError, OSError) as e:
+                await self._tls_page(reader, writer, org, key, name, 502, "Bad Gateway",
+                                     f"cannot reach {_html(host)}: {_html(str(e))}", hello.alpn)
+                return
+        # The origin, over the same TCP connection, must prove the name the leaf will carry.
         try:
-            await asyncio.wait_for(o_writer.start_tls(origin_ctx, server_hostname=name), CONNECT_TIMEOUT)
+            await self.dialer.handshake(origin)
         except ssl.SSLCertVerificationError as e:
             await self._tls_page(reader, writer, org, key, name, 502, "Bad Gateway",
                                  f"The certificate of {_html(name)} is not trusted "
@@ -247,7 +264,7 @@ class Proxy:
                                  hello.alpn)
             return
         except (TimeoutError, OSError, ssl.SSLError) as e:
-            if origin_ctx is self.origin_h1_ctx and "no application protocol" in str(e).lower().replace("_", " "):
+            if not okey[4] and "no application protocol" in str(e).lower().replace("_", " "):
                 # An HTTP/2-only origin refused the HTTP/1.1 client's protocol: reach it over HTTP/2
                 # on a new connection, and translate (inspect.Session.serve_h1).
                 await self._intercept_again(reader, writer, org, name, host, port, key, hello.alpn)
@@ -256,22 +273,24 @@ class Proxy:
                                  f"cannot reach {_html(name)}: {_html(str(e))}",
                                  hello.alpn)
             return
-        await self._intercept(reader, writer, o_reader, o_writer, org, name, host, port, key, hello.alpn)
+        await self._intercept(reader, writer, origin, org, name, host, port, key, hello.alpn)
 
     async def _intercept_again(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, org: str,
                                name: str, host: str, port: int, key: OrgKey, client_alpn: tuple[str, ...]) -> None:
+        origin = Origin((org, host, port, name, True))
         try:
-            o_reader, o_writer = await asyncio.wait_for(asyncio.open_connection(
-                self._addr(host), port, ssl=self.origin_ctx, server_hostname=name, limit=64 * 1024), CONNECT_TIMEOUT)
+            origin.reader, origin.writer = await self.dialer.tcp(host, port)
+            await self.dialer.handshake(origin)
         except (TimeoutError, OSError, ssl.SSLError) as e:
+            self.dialer.release(origin, reusable=False)
             await self._tls_page(reader, writer, org, key, name, 502, "Bad Gateway",
                                  f"cannot reach {_html(name)}: {_html(str(e))}",
                                  client_alpn)
             return
         try:
-            await self._intercept(reader, writer, o_reader, o_writer, org, name, host, port, key, client_alpn)
+            await self._intercept(reader, writer, origin, org, name, host, port, key, client_alpn)
         finally:
-            o_writer.close()
+            self.dialer.release(origin, reusable=False)
 
     async def _client_hello(self, writer: asyncio.StreamWriter) -> ClientHello:
         """Peek at the client's ClientHello (MSG_PEEK: it stays for the TLS layer), waiting with
@@ -324,15 +343,14 @@ class Proxy:
         writer.write(page(status, reason, text))
         await writer.drain()
 
-    async def _intercept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                         o_reader: asyncio.StreamReader, o_writer: asyncio.StreamWriter, org: str, name: str,
-                         host: str, port: int, key: OrgKey, client_alpn: tuple[str, ...]) -> None:
+    async def _intercept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, origin: Origin,
+                         org: str, name: str, host: str, port: int, key: OrgKey, client_alpn: tuple[str, ...]) -> None:
         """Both handshakes done: every request is inspected (``inspect.Session``), in the protocol
-        each side chose; HTTP/2 is offered to a client that offers it, whatever the origin speaks."""
-        sslobj = o_writer.get_extra_info("ssl_object")
-        peer = sslobj.getpeercert() if sslobj else None
-        sans = [v for k, v in (peer or {}).get("subjectAltName", ()) if k in ("DNS", "IP Address")]
-        origin_proto = (sslobj.selected_alpn_protocol() if sslobj else None) or "http/1.1"
+        each side chose; HTTP/2 is offered to a client that offers it, whatever the origin speaks.
+        An origin connection left at a message boundary goes back to the pool (``origin.key``)."""
+        assert origin.reader is not None and origin.writer is not None
+        sans = list(origin.sans)
+        origin_proto = origin.proto
         alpn = ("h2", "http/1.1") if "h2" in client_alpn else ("http/1.1",)
         ctx = await asyncio.to_thread(self.minter.context_for, org, key.key_id, key.signer, key.certificate_pem,
                                       name, sans, alpn, key.chain_pem)
@@ -341,22 +359,36 @@ class Proxy:
         client_proto = (c_ssl.selected_alpn_protocol() if c_ssl else None) or "http/1.1"
         session = Session(org, name, tuple(sans), lambda: self.km.policies.get(org), client_proto, origin_proto)
         if client_proto != "h2" and origin_proto != "h2":
-            await session.serve_h1_raw(reader, writer, o_reader, o_writer)
+            async def redial() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+                # The pooled connection was closed by its origin before it answered: a new one, verified.
+                self.dialer.release(origin, reusable=False)
+                origin.reader, origin.writer = await self.dialer.open(origin.key)
+                origin.reused = False
+                return origin.reader, origin.writer
+            kept = await session.serve_h1_raw(reader, writer, origin.reader, origin.writer,
+                                              redial if origin.reused else None)
+            self.dialer.release(origin, reusable=kept)
             return
+        h1_key: Key = (*origin.key[:4], False)
 
-        def connect(ctx: ssl.SSLContext) -> Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]:
-            async def open_() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-                return await asyncio.wait_for(asyncio.open_connection(
-                    self._addr(host), port, ssl=ctx, server_hostname=name, limit=64 * 1024), CONNECT_TIMEOUT)
-            return open_
+        async def open_h1() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            o = self.dialer.take(h1_key)
+            return (o.reader, o.writer) if o and o.reader and o.writer else await self.dialer.open(h1_key)
+
+        async def open_h2() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            return await self.dialer.open((*origin.key[:4], True))
 
         upstream: Upstream
         if origin_proto == "h2":
-            ep = H2Endpoint(o_reader, o_writer, client_side=True)
+            ep = H2Endpoint(origin.reader, origin.writer, client_side=True)
+            origin.reader = origin.writer = None  # the endpoint's now: H2Upstream closes it
             await ep.start()
-            upstream = H2Upstream(ep, connect(self.origin_ctx))
+            upstream = H2Upstream(ep, open_h2)
         else:
-            upstream = H1Upstream((o_reader, o_writer), connect(self.origin_h1_ctx))
+            first = (origin.reader, origin.writer)
+            origin.reader = origin.writer = None  # the upstream's now: it gives back what is idle at its end
+            upstream = H1Upstream(first, open_h1, lambda r, w: self.dialer.give_back(
+                origin.key if w is first[1] else h1_key, r, w), reused={first[1]} if origin.reused else None)
         if client_proto == "h2":
             await session.serve_h2(reader, writer, upstream)
         else:

@@ -1,0 +1,218 @@
+"""The origin side of intercepted connections: dialled, verified, and kept for reuse.
+
+An intercepted connection costs the ZEN two TLS handshakes; the origin's (a TCP connect, a full
+handshake, the origin's chain parsed and verified) is the larger part, and a client that opens
+connection after connection to one site pays it each time. ``OriginPool`` keeps an origin
+connection that its client left at a message boundary, idle, for the next client connection of
+the same key, which then skips the TCP connect and the handshake. ``Dialer`` makes, verifies,
+lends and takes back origin connections.
+
+Contract:
+
+* The key is (org, CONNECT host, port, name, h2 offered): the org whose client made the
+  connection, the host and port the TCP connection went to, the name the origin's certificate was
+  verified for (the SNI the ZEN sent), and whether the ZEN offered h2. A connection is used only
+  under exactly the key it was made for: never for another org, host, port or name.
+* Every connection is verified when it is made (the chain and the name, by the TLS context);
+  a pooled one keeps what its origin proved then (its certificate's names, for the leaf).
+* Only a connection its user gives back at a message boundary is kept: at most ``per_key`` per key
+  and ``max_idle`` in all (the oldest goes first), each for ``idle_seconds`` at most. One the origin
+  closed, or with bytes nobody asked for, is never handed out.
+* ``forget(org)`` drops an org's connections (its key dropped, its access revoked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from data_plane import metrics
+
+Key = tuple[str, str, int, str, bool]
+"""(org, CONNECT host, port, verified name, h2 offered)."""
+
+def names_of(peer: dict[str, Any] | None) -> tuple[str, ...]:
+    """The DNS names and IP addresses of a certificate (``SSLObject.getpeercert()``)."""
+    return tuple(v for k, v in (peer or {}).get("subjectAltName", ()) if k in ("DNS", "IP Address"))
+
+
+@dataclass
+class Idle:
+    """A pooled connection: what the origin negotiated and proved when it was made."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    proto: str
+    sans: tuple[str, ...]
+    timer: asyncio.TimerHandle | None = None
+
+
+def usable(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """Open both ways, nothing read that nobody asked for (an origin's 408 before it closes)."""
+    return not (writer.is_closing() or reader.at_eof() or reader.exception() is not None
+                or bool(getattr(reader, "_buffer", b"")))
+
+
+class OriginPool:
+    def __init__(self, *, max_idle: int = 256, per_key: int = 8, idle_seconds: float = 30.0) -> None:
+        self._max, self._per_key, self._idle_s = max_idle, per_key, idle_seconds
+        self._idle: OrderedDict[Key, list[Idle]] = OrderedDict()
+        self._count = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self._max > 0 and self._idle_s > 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def has_host(self, org: str, host: str, port: int) -> bool:
+        """Some connection of ``org`` to ``host:port`` is idle (under any name)."""
+        return any(k[0] == org and k[1] == host and k[2] == port for k in self._idle) if self._count else False
+
+    def take(self, key: Key) -> Idle | None:
+        """An idle connection made for exactly ``key``, the most recently used first; None."""
+        conns = self._idle.get(key)
+        while conns:
+            c = conns.pop()
+            self._count -= 1
+            if c.timer is not None:
+                c.timer.cancel()
+            if usable(c.reader, c.writer):
+                if not conns:
+                    del self._idle[key]
+                metrics.ORIGIN_CONNECTIONS.labels("reused").inc()
+                return c
+            c.writer.close()
+        self._idle.pop(key, None)
+        return None
+
+    def put(self, key: Key, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, proto: str,
+            sans: tuple[str, ...]) -> bool:
+        """Keep a connection at a message boundary for ``key``; False (and closed) when it is not kept."""
+        if not self.enabled or not usable(reader, writer):
+            writer.close()
+            return False
+        conns = self._idle.setdefault(key, [])
+        self._idle.move_to_end(key)
+        if len(conns) >= self._per_key:
+            self._drop(key, conns[0])
+            conns = self._idle.setdefault(key, [])
+        while self._count >= self._max:
+            oldest_key, oldest = next(iter(self._idle.items()))
+            self._drop(oldest_key, oldest[0])
+        idle = Idle(reader, writer, proto, sans)
+        idle.timer = asyncio.get_running_loop().call_later(self._idle_s, self._expire, key, idle)
+        self._idle.setdefault(key, []).append(idle)
+        self._count += 1
+        return True
+
+    def _drop(self, key: Key, c: Idle) -> None:
+        conns = self._idle.get(key, [])
+        if c in conns:
+            conns.remove(c)
+            self._count -= 1
+            if c.timer is not None:
+                c.timer.cancel()
+            c.writer.close()
+        if not conns:
+            self._idle.pop(key, None)
+
+    def _expire(self, key: Key, c: Idle) -> None:
+        c.timer = None
+        self._drop(key, c)
+
+    def forget(self, org: str) -> None:
+        for key in [k for k in self._idle if k[0] == org]:
+            for c in list(self._idle.get(key, [])):
+                self._drop(key, c)
+
+    def close(self) -> None:
+        for key in list(self._idle):
+            for c in list(self._idle.get(key, [])):
+                self._drop(key, c)
+
+
+CONNECT_TIMEOUT = 10.0
+
+
+@dataclass
+class Origin:
+    """The origin side of one intercepted client connection, which owns it until it is released."""
+
+    key: Key
+    reader: asyncio.StreamReader | None = None
+    writer: asyncio.StreamWriter | None = None
+    proto: str = "http/1.1"
+    """What the origin chose by ALPN."""
+    sans: tuple[str, ...] = ()
+    """The names the origin's certificate proved (the leaf carries those that fit)."""
+    reused: bool = False
+    """Taken from the pool: it may turn out closed before its first response (then redialled)."""
+
+
+class Dialer:
+    """Origin connections: TCP to the CONNECT host's address, TLS verified under the name, the
+    pool. ``ctx``/``h1_ctx``: contexts that verify origins, offering h2 and HTTP/1.1 or HTTP/1.1 only."""
+
+    def __init__(self, ctx: ssl.SSLContext, h1_ctx: ssl.SSLContext, resolve: dict[str, str],
+                 pool: OriginPool | None = None) -> None:
+        self.ctx, self.h1_ctx = ctx, h1_ctx
+        self.resolve = resolve
+        self.pool = pool if pool is not None else OriginPool(max_idle=0)
+
+    def addr(self, host: str) -> str:
+        return self.resolve.get(host.lower(), host)
+
+    async def tcp(self, host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.wait_for(asyncio.open_connection(self.addr(host), port, limit=64 * 1024),
+                                      CONNECT_TIMEOUT)
+
+    def take(self, key: Key) -> Origin | None:
+        idle = self.pool.take(key)
+        if idle is None:
+            return None
+        return Origin(key, idle.reader, idle.writer, idle.proto, idle.sans, reused=True)
+
+    async def handshake(self, o: Origin) -> None:
+        """TLS over ``o``'s TCP connection, the origin verified under the key's name (raises
+        ssl.SSLCertVerificationError, ssl.SSLError, OSError, TimeoutError)."""
+        assert o.writer is not None
+        await asyncio.wait_for(o.writer.start_tls(self.ctx if o.key[4] else self.h1_ctx, server_hostname=o.key[3]),
+                               CONNECT_TIMEOUT)
+        self._learn(o)
+
+    async def open(self, key: Key) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A new connection for ``key``, TCP and TLS, verified as :meth:`handshake` does."""
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(
+            self.addr(key[1]), key[2], ssl=self.ctx if key[4] else self.h1_ctx, server_hostname=key[3],
+            limit=64 * 1024), CONNECT_TIMEOUT)
+        metrics.ORIGIN_CONNECTIONS.labels("new").inc()
+        return reader, writer
+
+    def _learn(self, o: Origin) -> None:
+        assert o.writer is not None
+        sslobj = o.writer.get_extra_info("ssl_object")
+        o.sans = names_of(sslobj.getpeercert() if sslobj else None)
+        o.proto = (sslobj.selected_alpn_protocol() if sslobj else None) or "http/1.1"
+        metrics.ORIGIN_CONNECTIONS.labels("new").inc()
+
+    def release(self, o: Origin, reusable: bool) -> None:
+        """``o``'s connection leaves its client connection: kept in the pool when ``reusable``
+        (at a message boundary), else closed."""
+        if o.writer is None or o.reader is None:
+            return
+        reader, writer, o.reader, o.writer = o.reader, o.writer, None, None
+        if reusable:
+            self.pool.put(o.key, reader, writer, o.proto, o.sans)
+        else:
+            writer.close()
+
+    def give_back(self, key: Key, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A connection at a message boundary made by :meth:`open` (the upstreams' extra ones)."""
+        sslobj = writer.get_extra_info("ssl_object")
+        proto = (sslobj.selected_alpn_protocol() if sslobj else None) or "http/1.1"
+        self.pool.put(key, reader, writer, proto, names_of(sslobj.getpeercert() if sslobj else None))
