@@ -118,6 +118,10 @@ def serve(d: Path, origin_port: int, profile_dir: str | None) -> None:
         from data_plane.origins import OriginPool
 
         extra["pool"] = OriginPool(max_idle=cfg.origin_pool, idle_seconds=cfg.origin_idle)
+    if hasattr(cfg, "origin_session_seconds"):
+        from data_plane.origins import Sessions
+
+        extra["sessions"] = Sessions(seconds=cfg.origin_session_seconds)
     proxy = Proxy(LocalKeys(policy, key), Minter(), origin_context(roots),  # type: ignore[arg-type]
                   origin_h1_ctx=origin_context(roots, ("http/1.1",)), resolve={"bench.test": "127.0.0.1"}, **extra)
 

@@ -95,7 +95,7 @@ async def _serve(cfg: config.ZenConfig, master: MasterSecret, trust: bytes, cert
     from data_plane.ca_client import CAClient
     from data_plane.keys import KeyManager
     from data_plane.mint import Minter
-    from data_plane.origins import OriginPool
+    from data_plane.origins import OriginPool, Sessions
     from data_plane.proxy import Proxy
 
     client = CAClient(cfg.ca_addr, trust_pem=trust, cert_pem=cert, key_pem=key)
@@ -103,9 +103,9 @@ async def _serve(cfg: config.ZenConfig, master: MasterSecret, trust: bytes, cert
     minter = Minter(leaf_hours=cfg.leaf_hours, cache_size=cfg.leaf_cache_size)
     km.on_key_gone.append(minter.forget)  # leaves minted under a key that is gone are forgotten with it
     pool = OriginPool(max_idle=cfg.origin_pool, idle_seconds=cfg.origin_idle)
-    km.on_key_gone.append(pool.forget)  # an org whose key is gone keeps no origin connection either
     proxy = Proxy(km, minter, roots[0], origin_h1_ctx=roots[1], resolve=dict(cfg.resolve),
-                  pac_proxies=list(cfg.pac_proxies), pool=pool)
+                  pac_proxies=list(cfg.pac_proxies), pool=pool, sessions=Sessions(seconds=cfg.origin_session_seconds))
+    km.on_key_gone.append(proxy.dialer.forget)  # an org whose key is gone keeps no origin connection nor session
     server = await _listen("KEYWARD_ZEN_LISTEN", cfg.listen, proxy.handle)
     host = split_hostport(cfg.listen)[0]
     bound = server.sockets[0].getsockname()[1]

@@ -80,6 +80,11 @@ class ZenConfig:
         "KEYWARD_ZEN_ORIGIN_IDLE", "how long an idle origin connection is kept (below most servers' keep-alive "
         "timeouts; a pooled connection its origin closed first is replaced, for a request without a body)",
         default=30, unit="seconds")
+    origin_session_seconds: int = _setting(
+        "KEYWARD_ZEN_ORIGIN_SESSIONS", "how long an origin's TLS session is kept for resumption, per org, host, "
+        "port and name: a new origin connection (no idle one fits) resumes it instead of a full handshake, and "
+        "the certificate the session holds is checked again for the name; never longer than the origin's ticket "
+        "allows; 0 keeps none", default=600, unit="seconds")
     require_mlock: bool = _setting(
         "KEYWARD_REQUIRE_MLOCK", "a key whose memory cannot be locked is not opened (its org's fail mode applies; "
         "/healthz says why)", default=True, unit="true/false")
@@ -116,6 +121,7 @@ _PARSE: dict[str, Callable[[str, str], Any]] = {
     "max_keys": integer_in(1, 10000),
     "origin_pool": integer_in(0, 100_000),
     "origin_idle": integer_in(1, 3600),
+    "origin_session_seconds": integer_in(0, 86400),
     "require_mlock": boolean,
     "log_level": log_level,
 }

@@ -4,39 +4,91 @@ An intercepted connection costs the ZEN two TLS handshakes; the origin's (a TCP 
 handshake, the origin's chain parsed and verified) is the larger part, and a client that opens
 connection after connection to one site pays it each time. ``OriginPool`` keeps an origin
 connection that its client left at a message boundary, idle, for the next client connection of
-the same key, which then skips the TCP connect and the handshake. ``Dialer`` makes, verifies,
-lends and takes back origin connections.
+the same key, which then skips the TCP connect and the handshake. ``Sessions`` keeps the origin's
+TLS session (its ticket) per key, offered when a new connection to that key must be made (clients
+in parallel, after an idle close), so that handshake is a resumption: no chain sent, parsed and
+verified again. ``Dialer`` makes, verifies, lends and takes back origin connections.
 
 Contract:
 
 * The key is (org, CONNECT host, port, name, h2 offered): the org whose client made the
   connection, the host and port the TCP connection went to, the name the origin's certificate was
-  verified for (the SNI the ZEN sent), and whether the ZEN offered h2. A connection is used only
-  under exactly the key it was made for: never for another org, host, port or name.
+  verified for (the SNI the ZEN sent), and whether the ZEN offered h2. A connection or a session
+  is used only under exactly the key it was made for: never for another org, host, port or name.
 * Every connection is verified when it is made (the chain and the name, by the TLS context);
-  a pooled one keeps what its origin proved then (its certificate's names, for the leaf).
+  a pooled one keeps what its origin proved then (its certificate's names, for the leaf). A
+  resumed handshake proves nothing new, so its certificate (kept in the session) is checked again
+  (:func:`check_resumed`): it must still cover the name and be within its validity, or the
+  connection is refused like an untrusted one. Sessions live ``session_seconds`` at most (and no
+  longer than the origin's ticket says; 0: none kept).
 * Only a connection its user gives back at a message boundary is kept: at most ``per_key`` per key
   and ``max_idle`` in all (the oldest goes first), each for ``idle_seconds`` at most. One the origin
   closed, or with bytes nobody asked for, is never handed out.
-* ``forget(org)`` drops an org's connections (its key dropped, its access revoked).
+* ``forget(org)`` drops an org's connections and sessions (its key dropped, its access revoked).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import ssl
+import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from data_plane import metrics
+from data_plane.policy import cert_name_covers
 
 Key = tuple[str, str, int, str, bool]
 """(org, CONNECT host, port, verified name, h2 offered)."""
 
+_offer: contextvars.ContextVar[ssl.SSLSession | None] = contextvars.ContextVar("keyward_origin_session",
+                                                                             default=None)
+
+
+class OriginContext(ssl.SSLContext):
+    """A client context that offers the session :func:`offering` names, if any, to the
+    handshakes it starts (asyncio's ``start_tls`` and ``open_connection`` take no session)."""
+
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, server_side: bool = False,
+                 server_hostname: str | bytes | None = None, session: ssl.SSLSession | None = None) -> ssl.SSLObject:
+        if session is None and not server_side:
+            session = _offer.get()
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+
+
+@contextlib.contextmanager
+def offering(session: ssl.SSLSession | None) -> Iterator[None]:
+    """Handshakes started by this task within the block (an OriginContext's) offer ``session``."""
+    token = _offer.set(session)
+    try:
+        yield
+    finally:
+        _offer.reset(token)
+
+
 def names_of(peer: dict[str, Any] | None) -> tuple[str, ...]:
     """The DNS names and IP addresses of a certificate (``SSLObject.getpeercert()``)."""
     return tuple(v for k, v in (peer or {}).get("subjectAltName", ()) if k in ("DNS", "IP Address"))
+
+
+def check_resumed(peer: dict[str, Any] | None, name: str, now: float | None = None) -> bool:
+    """Whether the certificate of a resumed session still proves ``name``: one of its names
+    covers it (as the handshake's check did), and it is within its validity now."""
+    if not peer:
+        return False
+    now = time.time() if now is None else now
+    try:
+        if not ssl.cert_time_to_seconds(str(peer["notBefore"])) <= now <= ssl.cert_time_to_seconds(
+                str(peer["notAfter"])):
+            return False
+    except (KeyError, ValueError):
+        return False
+    host = name.lower().rstrip(".")
+    return any(cert_name_covers(n, host) for n in names_of(peer))
 
 
 @dataclass
@@ -136,6 +188,54 @@ class OriginPool:
                 self._drop(key, c)
 
 
+class Sessions:
+    """The origin's latest TLS session per key, for ``session_seconds`` at most; bounded (LRU).
+
+    Python copies a session each time one is read from a connection or offered to one (which
+    decodes its certificate again: as much CPU as a third of a full handshake), so a session is
+    read from a connection only when none is kept for its key, or the one kept has been offered
+    since (a resumed connection brings a fresh ticket)."""
+
+    def __init__(self, *, seconds: float = 600.0, size: int = 4096) -> None:
+        self._seconds, self._size = seconds, size
+        self._s: OrderedDict[Key, list[Any]] = OrderedDict()
+        """key -> [session, expiry (monotonic), offered since saved]"""
+
+    def get(self, key: Key) -> ssl.SSLSession | None:
+        hit = self._s.get(key)
+        if hit is None:
+            return None
+        if hit[1] < time.monotonic():
+            del self._s[key]
+            return None
+        hit[2] = True
+        session: ssl.SSLSession = hit[0]
+        return session
+
+    def save(self, key: Key, sslobj: ssl.SSLObject | None) -> None:
+        """The connection's session, if it can be resumed (a ticket, or a TLS 1.2 session id),
+        unless the one kept for ``key`` is still fresh and unused."""
+        if self._seconds <= 0 or sslobj is None:
+            return
+        old = self._s.get(key)
+        if old is not None and not old[2] and old[1] >= time.monotonic():
+            return
+        s = sslobj.session
+        if s is None or not (s.has_ticket or s.id):
+            return
+        self._s[key] = [s, time.monotonic() + min(self._seconds, max(0, s.timeout)), False]
+        self._s.move_to_end(key)
+        while len(self._s) > self._size:
+            self._s.popitem(last=False)
+
+    def drop(self, key: Key) -> None:
+        self._s.pop(key, None)
+
+    def forget(self, org: str) -> None:
+        for k in [k for k in self._s if k[0] == org]:
+            del self._s[k]
+
+
 CONNECT_TIMEOUT = 10.0
 
 
@@ -159,10 +259,15 @@ class Dialer:
     pool. ``ctx``/``h1_ctx``: contexts that verify origins, offering h2 and HTTP/1.1 or HTTP/1.1 only."""
 
     def __init__(self, ctx: ssl.SSLContext, h1_ctx: ssl.SSLContext, resolve: dict[str, str],
-                 pool: OriginPool | None = None) -> None:
+                 pool: OriginPool | None = None, sessions: Sessions | None = None) -> None:
         self.ctx, self.h1_ctx = ctx, h1_ctx
         self.resolve = resolve
         self.pool = pool if pool is not None else OriginPool(max_idle=0)
+        self.sessions = sessions if sessions is not None else Sessions(seconds=0)
+
+    def forget(self, org: str) -> None:
+        self.pool.forget(org)
+        self.sessions.forget(org)
 
     def addr(self, host: str) -> str:
         return self.resolve.get(host.lower(), host)
@@ -178,27 +283,43 @@ class Dialer:
         return Origin(key, idle.reader, idle.writer, idle.proto, idle.sans, reused=True)
 
     async def handshake(self, o: Origin) -> None:
-        """TLS over ``o``'s TCP connection, the origin verified under the key's name (raises
-        ssl.SSLCertVerificationError, ssl.SSLError, OSError, TimeoutError)."""
+        """TLS over ``o``'s TCP connection, the origin verified under the key's name, or its session
+        resumed and checked again (raises ssl.SSLCertVerificationError, ssl.SSLError, OSError,
+        TimeoutError)."""
         assert o.writer is not None
-        await asyncio.wait_for(o.writer.start_tls(self.ctx if o.key[4] else self.h1_ctx, server_hostname=o.key[3]),
-                               CONNECT_TIMEOUT)
-        self._learn(o)
+        with offering(self.sessions.get(o.key)):
+            await asyncio.wait_for(o.writer.start_tls(self.ctx if o.key[4] else self.h1_ctx,
+                                                      server_hostname=o.key[3]), CONNECT_TIMEOUT)
+        o.proto, o.sans = self._proved(o.key, o.writer)
 
     async def open(self, key: Key) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A new connection for ``key``, TCP and TLS, verified as :meth:`handshake` does."""
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(
-            self.addr(key[1]), key[2], ssl=self.ctx if key[4] else self.h1_ctx, server_hostname=key[3],
-            limit=64 * 1024), CONNECT_TIMEOUT)
-        metrics.ORIGIN_CONNECTIONS.labels("new").inc()
+        with offering(self.sessions.get(key)):
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(
+                self.addr(key[1]), key[2], ssl=self.ctx if key[4] else self.h1_ctx, server_hostname=key[3],
+                limit=64 * 1024), CONNECT_TIMEOUT)
+        try:
+            self._proved(key, writer)
+        except ssl.SSLError:
+            writer.close()
+            raise
         return reader, writer
 
-    def _learn(self, o: Origin) -> None:
-        assert o.writer is not None
-        sslobj = o.writer.get_extra_info("ssl_object")
-        o.sans = names_of(sslobj.getpeercert() if sslobj else None)
-        o.proto = (sslobj.selected_alpn_protocol() if sslobj else None) or "http/1.1"
-        metrics.ORIGIN_CONNECTIONS.labels("new").inc()
+    def _proved(self, key: Key, writer: asyncio.StreamWriter) -> tuple[str, tuple[str, ...]]:
+        """(ALPN chosen, certificate names) of a connection just made; a resumed session's
+        certificate checked again for the name (:func:`check_resumed`)."""
+        sslobj = writer.get_extra_info("ssl_object")
+        peer = sslobj.getpeercert() if sslobj else None
+        if sslobj is not None and sslobj.session_reused:
+            if not check_resumed(peer, key[3]):
+                self.sessions.drop(key)
+                e = ssl.SSLCertVerificationError(f"the resumed session's certificate does not prove {key[3]} now")
+                e.verify_message = "certificate of the resumed session does not match the name, or has expired"
+                raise e
+            metrics.ORIGIN_CONNECTIONS.labels("resumed").inc()
+        else:
+            metrics.ORIGIN_CONNECTIONS.labels("new").inc()
+        return (sslobj.selected_alpn_protocol() if sslobj else None) or "http/1.1", names_of(peer)
 
     def release(self, o: Origin, reusable: bool) -> None:
         """``o``'s connection leaves its client connection: kept in the pool when ``reusable``
@@ -206,6 +327,7 @@ class Dialer:
         if o.writer is None or o.reader is None:
             return
         reader, writer, o.reader, o.writer = o.reader, o.writer, None, None
+        self.sessions.save(o.key, writer.get_extra_info("ssl_object"))
         if reusable:
             self.pool.put(o.key, reader, writer, o.proto, o.sans)
         else:
@@ -214,5 +336,6 @@ class Dialer:
     def give_back(self, key: Key, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """A connection at a message boundary made by :meth:`open` (the upstreams' extra ones)."""
         sslobj = writer.get_extra_info("ssl_object")
+        self.sessions.save(key, sslobj)
         proto = (sslobj.selected_alpn_protocol() if sslobj else None) or "http/1.1"
         self.pool.put(key, reader, writer, proto, names_of(sslobj.getpeercert() if sslobj else None))

@@ -28,7 +28,7 @@ from data_plane.http1 import HttpError, read_head, splice
 from data_plane.inspect import Session, serve_page_h2
 from data_plane.keys import KeyManager, OrgKey
 from data_plane.mint import Minter
-from data_plane.origins import Dialer, Key, Origin, OriginPool
+from data_plane.origins import Dialer, Key, Origin, OriginContext, OriginPool, Sessions
 from data_plane.policy import Action, connect_action, org_for
 from data_plane.proxyauth import ProxyAuth, Verdict, basic_credentials
 from data_plane.upstream import H1Upstream, H2Upstream, Upstream
@@ -54,12 +54,13 @@ class Proxy:
     def __init__(self, km: KeyManager, minter: Minter, origin_ctx: ssl.SSLContext, *,
                  origin_h1_ctx: ssl.SSLContext | None = None,
                  resolve: dict[str, str] | None = None, pac_proxies: list[str] | None = None,
-                 auth: ProxyAuth | None = None, pool: OriginPool | None = None) -> None:
+                 auth: ProxyAuth | None = None, pool: OriginPool | None = None,
+                 sessions: Sessions | None = None) -> None:
         self.km = km
         self.minter = minter
         self.origin_ctx = origin_ctx
         self.origin_h1_ctx = origin_h1_ctx or origin_ctx
-        self.dialer = Dialer(self.origin_ctx, self.origin_h1_ctx, resolve or {}, pool)
+        self.dialer = Dialer(self.origin_ctx, self.origin_h1_ctx, resolve or {}, pool, sessions)
         self.pac_proxies = pac_proxies or []
         self.auth = auth or ProxyAuth()
 
@@ -401,10 +402,11 @@ class Proxy:
 
 
 def origin_context(extra_roots_file: str, alpn: tuple[str, ...] = ("h2", "http/1.1")) -> ssl.SSLContext:
-    """Verifies origins against the system store plus the extra roots."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    """Verifies origins against the system store plus the extra roots (as ssl.create_default_context
+    does), and offers the session ``origins.offering`` names for resumption."""
+    ctx = OriginContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname, as the default context
+    ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     if extra_roots_file:
         ctx.load_verify_locations(cafile=extra_roots_file)
     ctx.set_alpn_protocols(list(alpn))
     return ctx
-

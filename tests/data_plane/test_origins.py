@@ -1,5 +1,6 @@
-"""data_plane.origins: origin connections kept for reuse, and only ever reused under the key they
-were made for (org, CONNECT host, port, verified name, ALPN offered).
+"""data_plane.origins: origin connections kept for reuse, and TLS sessions kept for resumption,
+only ever used under the key they were made for (org, CONNECT host, port, verified name, ALPN
+offered); a resumed session's certificate is checked again for the name.
 
 A real Proxy (a signer process holding an org intermediate's key, the minter) between an asyncio
 client and two local TLS origins that count their TCP connections: a second client connection of
@@ -20,7 +21,8 @@ from cryptography.hazmat.primitives import serialization
 
 from data_plane.keys import OrgKey
 from data_plane.mint import Minter
-from data_plane.origins import Key, OriginPool, usable
+from data_plane.origins import Dialer, Key, OriginPool, Sessions, check_resumed, usable
+from data_plane.origins import Origin as OriginRef
 from data_plane.policy import OrgPolicy
 from data_plane.proxy import Proxy, origin_context
 from data_plane.signer import Signer
@@ -256,3 +258,42 @@ def test_the_pool_is_bounded_and_expires(pki: Pki) -> None:
     asyncio.run(main())
 
 
+
+
+def test_a_tls_session_is_resumed_only_under_its_key_and_its_certificate_checked_again(pki: Pki) -> None:
+    async def main() -> None:
+        origin = Origin()
+        await origin.start(pki)
+        roots = str(pki.web_root)
+        sessions = Sessions(seconds=600)
+        dialer = Dialer(origin_context(roots), origin_context(roots, ("http/1.1",)), {"a.test": "127.0.0.1",
+                        "b.test": "127.0.0.1"}, OriginPool(max_idle=0), sessions)
+
+        async def once(key: Key) -> bool:
+            """A request on a new connection for ``key``, which is then closed; whether it resumed."""
+            r, w = await dialer.open(key)
+            w.write(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            await r.readuntil(b"\r\n\r\n")  # the ticket came before the answer: it is read by now
+            o = OriginRef(key, r, w)
+            dialer.release(o, reusable=False)
+            return bool(w.get_extra_info("ssl_object").session_reused)
+
+        a: Key = ("org-a", "a.test", origin.port, "a.test", False)
+        assert not await once(a)
+        assert await once(a)  # the same key: resumed
+        for other in (("org-b", *a[1:]), ("org-a", "b.test", *a[2:]), (*a[:3], "b.test", False), (*a[:4], True)):
+            assert not await once(other), other  # another org, host, name or ALPN offer: a full handshake
+        dialer.forget("org-a")
+        assert not await once(a)  # the org's key gone: its sessions with it
+        await origin.stop()
+    asyncio.run(main())
+
+
+def test_a_resumed_certificate_must_still_prove_the_name() -> None:
+    now = 1_800_000_000.0
+    cert = {"subjectAltName": (("DNS", "a.test"), ("DNS", "*.b.test")),
+            "notBefore": "Jan  1 00:00:00 2020 GMT", "notAfter": "Jan  1 00:00:00 2030 GMT"}
+    assert check_resumed(cert, "a.test", now) and check_resumed(cert, "x.b.test", now)
+    assert not check_resumed(cert, "c.test", now) and not check_resumed(cert, "b.test", now)
+    assert not check_resumed(cert, "a.test", 1_900_000_000.0)  # expired since
+    assert not check_resumed(None, "a.test", now) and not check_resumed({}, "a.test", now)
