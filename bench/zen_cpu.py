@@ -11,7 +11,8 @@ as in bench/zen_vs_mitmproxy.py (no ALPN, no TLS session resumption toward the Z
     .venv/bin/python bench/zen_cpu.py [--new 1000] [--keepalive 5000] [--rounds 3]
         [--profile DIR]     # also: cProfile of the ZEN over each shape, in DIR/{new,keepalive}.prof
         [--workers N]       # KEYWARD_ZEN_WORKERS for the ZEN (when it has them)
-        [--uvloop]          # the ZEN's event loop is uvloop's (when installed)
+        [--loop asyncio]    # KEYWARD_ZEN_EVENT_LOOP (the ZEN's default when unset)
+        ZEN settings KEYWARD_ZEN_ORIGIN_* and KEYWARD_ZEN_EVENT_LOOP are taken from the environment.
 
 Prints, per shape, the ZEN's CPU ms per connection / request (median of the rounds) and the
 client's wall-clock rate through the ZEN and directly to the origin (indicative only).
@@ -110,7 +111,8 @@ def serve(d: Path, origin_port: int, profile_dir: str | None) -> None:
     key = OrgKey(ORG, "k1", 1, inter_pem, (d / "org-root.crt").read_text(), signer)
     policy = OrgPolicy(ORG, proxy_verifiers=(proxyauth.make(SECRET),), blocked_url_prefixes=("bench.test/blocked",))
     roots = str(d / "web.crt")
-    cfg = config.from_env({k: v for k, v in os.environ.items() if k.startswith("KEYWARD_ZEN_ORIGIN")}
+    cfg = config.from_env({k: v for k, v in os.environ.items() if k.startswith(("KEYWARD_ZEN_ORIGIN",
+                                                                                "KEYWARD_ZEN_EVENT_LOOP"))}
                           | {"KEYWARD_ZEN_TLS_CERT_FILE": "-", "KEYWARD_ZEN_TLS_KEY_FILE": "-",
                              "KEYWARD_ZEN_CA_TRUST_FILE": "-", "KEYWARD_MASTER_SECRET_FILE": "-"})
     extra: dict[str, Any] = {}
@@ -150,7 +152,7 @@ def serve(d: Path, origin_port: int, profile_dir: str | None) -> None:
             await stop.wait()
         signer.stop()
 
-    if os.environ.get("BENCH_UVLOOP"):
+    if getattr(cfg, "event_loop", "asyncio") == "uvloop":  # as python -m data_plane runs it
         import uvloop
 
         uvloop.run(main())
@@ -250,7 +252,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--profile")
     ap.add_argument("--workers", type=int, default=0)
-    ap.add_argument("--uvloop", action="store_true")
+    ap.add_argument("--loop", choices=("uvloop", "asyncio"), help="KEYWARD_ZEN_EVENT_LOOP for the ZEN")
     ap.add_argument("--callgrind", help="run the ZEN under callgrind, dumps in this directory; reports "
                     "instructions (user space only, deterministic) per connection / request")
     ap.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
@@ -269,8 +271,8 @@ def main() -> None:
     env = dict(os.environ)
     if a.workers:
         env["KEYWARD_ZEN_WORKERS"] = str(a.workers)
-    if a.uvloop:
-        env["BENCH_UVLOOP"] = "1"
+    if a.loop:
+        env["KEYWARD_ZEN_EVENT_LOOP"] = a.loop
     if a.profile:
         os.makedirs(a.profile, exist_ok=True)
     cmd = [sys.executable, __file__, "--serve", str(d), str(oport)] + (["--profile", a.profile] if a.profile else [])

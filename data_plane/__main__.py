@@ -152,7 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.from_env()
         logging.getLogger().setLevel(cfg.log_level)
         no_core_dumps()
-        asyncio.run(run(cfg))
+        if cfg.event_loop == "uvloop":
+            import uvloop
+
+            uvloop.run(run(cfg))
+        else:
+            asyncio.run(run(cfg))
     except (config.ZenConfigError, StartupError) as e:
         log.error("%s", e)
         return 2

@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import ssl
+from typing import cast
 
 from common.ids import is_id
 from data_plane import metrics, plain
@@ -208,8 +209,8 @@ class Proxy:
     async def _after_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, origin: Origin,
                              org: str, host: str, port: int, first: Action, key: OrgKey | None) -> None:
         # Keep the ClientHello in the socket, for the TLS layer, while it is read for the decision.
-        transport = writer.transport
-        assert isinstance(transport, asyncio.Transport)  # a TCP connection's: it reads too
+        # A TCP connection's: it reads too (uvloop's transports have asyncio.Transport's methods, not its class).
+        transport = cast(asyncio.Transport, writer.transport)
         transport.pause_reading()
         writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         await writer.drain()
