@@ -12,13 +12,13 @@ gets its 403 while the connection's other streams go on.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from h2.errors import ErrorCodes
 
+from common.logs import log_fields
 from data_plane import metrics
 from data_plane.h2conn import H2Endpoint, Inbound, StreamReset, code_name
 from data_plane.http1 import BodyReader, Head, HttpError, check_framing, copy_body, read_head, splice
@@ -68,7 +68,7 @@ class Session:
         if stream is not None:
             line["stream"] = stream
         line.update(extra)
-        access.info(json.dumps(line))
+        log_fields(access, line)
 
     # -- HTTP/2 clients
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
-import json
 import logging
 import os
 import socket
@@ -22,6 +21,7 @@ import ssl
 from typing import cast
 
 from common.ids import is_id
+from common.logs import log_fields
 from data_plane import metrics, plain
 from data_plane.clienthello import MAX_HELLO, ClientHello, NotTls, decide, needed, parse
 from data_plane.h2conn import H2Endpoint
@@ -198,13 +198,13 @@ class Proxy:
                  **answer: object) -> None:
         metrics.DECISIONS.labels(org, {Action.INTERCEPT: "intercepted", Action.TUNNEL: "tunnelled",
                                        Action.BLOCK: "blocked", Action.REFUSE: "refused"}[action]).inc()
-        access.info(json.dumps({"org": org, "connect": f"{host}:{port}", "sni": sni, "name": name,
-                                "action": action.value, "why": why, **answer}))
+        log_fields(access, {"org": org, "connect": f"{host}:{port}", "sni": sni, "name": name,
+                                "action": action.value, "why": why, **answer})
 
     @staticmethod
     def _failed(org: str, target: str, status: int, reason: str) -> None:
         """The access line of a 502/503 page: the status and its reason."""
-        access.info(json.dumps({"org": org, "connect": target, "status": status, "reason": reason}))
+        log_fields(access, {"org": org, "connect": target, "status": status, "reason": reason})
 
     async def _after_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, origin: Origin,
                              org: str, host: str, port: int, first: Action, key: OrgKey | None) -> None:
