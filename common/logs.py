@@ -59,16 +59,18 @@ def _as_object(msg: str) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-class JsonLine(str):
-    """A message that is a JSON object, the object kept beside its text: the formatter takes the
-    object as it is instead of parsing the text again. What it writes is the same either way."""
+class JsonLine:
+    """A message that is a JSON object, kept as the object: the formatter takes it as it is, and
+    its text (``str()``, which ``LogRecord.getMessage`` and any other handler use) is made only
+    if asked for. What the formatter writes is the same as for the text."""
 
-    fields: dict[str, Any]
+    __slots__ = ("fields",)
 
-    def __new__(cls, fields: dict[str, Any]) -> JsonLine:
-        line = super().__new__(cls, json.dumps(fields))
-        line.fields = fields
-        return line
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.fields = fields
+
+    def __str__(self) -> str:
+        return json.dumps(self.fields)
 
 
 def log_fields(logger: logging.Logger, fields: dict[str, Any], level: int = logging.INFO) -> None:
@@ -277,6 +279,9 @@ def setup(level: str | int, program: str, *, capture_stderr: bool = True, grpc_h
         sys.excepthook = _excepthook
         threading.excepthook = _thread_excepthook
         logging.captureWarnings(True)
+    # No format here shows a record's thread or process: not collected (logging's documented
+    # optimisations), as the caller's frame is not looked up for log_fields' lines.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [JsonHandler(_sink, JsonFormatter(program))]
     root.setLevel(level)

@@ -21,7 +21,7 @@ from h2.errors import ErrorCodes
 from common.logs import log_fields
 from data_plane import metrics
 from data_plane.h2conn import H2Endpoint, Inbound, StreamReset, code_name
-from data_plane.http1 import BodyReader, Head, HttpError, check_framing, copy_body, read_head, splice
+from data_plane.http1 import BodyReader, HttpError, bodiless, check_framing, copy_body, read_head, splice
 from data_plane.messages import Header, MessageError, Request, Response, page_response, request_from_h1, request_from_h2
 from data_plane.policy import OrgPolicy, Verdict, request_verdict
 from data_plane.upstream import Upstream, UpstreamError
@@ -54,12 +54,13 @@ class Session:
             return Verdict.BLOCK
         return request_verdict(policy, self.name, self.names, req.host, req.path)
 
+
     def refusal(self, verdict: Verdict, req: Request) -> tuple[Response, bytes]:
         status, text = _PAGES[verdict]
         return page_response(status, text.format(url=_html(req.host + req.path), host=_html(req.host)))
 
     def log(self, req: Request | None, status: int, nbytes: int, stream: int | None, **extra: Any) -> None:
-        metrics.REQUESTS.labels(self.org, str(status)).inc()
+        metrics.requests(self.org, status).inc()
         line: dict[str, Any] = {"org": self.org, "method": req.method if req else None,
                                 "host": req.host if req else self.name, "path": req.path if req else None,
                                 "status": status, "bytes": nbytes, "protocol": self.client_proto}
@@ -218,17 +219,18 @@ class Session:
                 return False
             o_writer.write(head.raw)
             # The request body goes up while the answer is awaited: a client sending
-            # "Expect: 100-continue" waits for the 100 before its body.
-            upload = asyncio.create_task(copy_body(head, c_reader, o_writer, is_response=False))
+            # "Expect: 100-continue" waits for the 100 before its body. None to send: no task.
+            upload = None if bodiless(head) else asyncio.create_task(
+                copy_body(head, c_reader, o_writer, is_response=False))
             try:
                 while True:  # informational responses (100 Continue, 103 Early Hints) first, as they come
                     try:
                         resp_head = await read_head(o_reader)
                     except ConnectionError:
-                        if redial is None or not _bodiless(head):
+                        if redial is None or upload is not None:
                             raise
                         resp_head = None
-                    if resp_head is None and redial is not None and _bodiless(head):
+                    if resp_head is None and redial is not None and upload is None:
                         o_reader, o_writer = await redial()
                         redial = None
                         o_writer.write(head.raw)
@@ -236,30 +238,28 @@ class Session:
                     redial = None
                     if resp_head is None:
                         return False
-                    c_writer.write(resp_head.raw)
                     if not resp_head.start[1].startswith("1") or resp_head.start[1] == "101":
                         break
+                    c_writer.write(resp_head.raw)
                 status = resp_head.start[1]
                 if status == "101":  # an upgrade (WebSocket) the request's decision allowed: relayed as is
+                    c_writer.write(resp_head.raw)
                     self.log(req, 101, 0, None, upgraded=resp_head.get("upgrade") or "")
                     await splice(c_reader, c_writer, o_reader, o_writer)
                     return False
                 n, closed = await copy_body(resp_head, o_reader, c_writer, is_response=True,
-                                            request_method=req.method)
+                                            request_method=req.method, before=resp_head.raw)
                 self.log(req, int(status) if status.isdigit() else 0, n, None)
-                if not upload.done():
-                    return False  # answered before the request body ended: this connection cannot go on
-                upload.result()
+                if upload is not None:
+                    if not upload.done():
+                        return False  # answered before the request body ended: this connection cannot go on
+                    upload.result()
             finally:
-                upload.cancel()
+                if upload is not None:
+                    upload.cancel()
             if closed or head.wants_close() or resp_head.wants_close():
                 return False
         return True
-
-
-def _bodiless(head: Head) -> bool:
-    """A request head that says no body follows (it can be sent again as it is)."""
-    return head.get("transfer-encoding") is None and (head.get("content-length") or "0") == "0"
 
 
 async def serve_page_h2(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int, text: str) -> None:

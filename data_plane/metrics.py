@@ -3,6 +3,8 @@ in labels or in the report."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from common import metrics
@@ -37,6 +39,16 @@ ORIGIN_CONNECTIONS = Counter("keyward_zen_origin_connections_total",
                              "Origin connections used by intercepted connections: reused (idle, from the pool), "
                              "resumed (a new connection, its TLS session resumed) or new (a full handshake)",
                              ["how"], registry=REGISTRY)
+
+_requests: dict[tuple[str, int], Any] = {}
+
+
+def requests(org: str, status: int) -> Any:
+    """``REQUESTS.labels(org, str(status))``, the child kept (one request, one lookup less)."""
+    child = _requests.get((org, status))
+    if child is None:
+        child = _requests[(org, status)] = REQUESTS.labels(org, str(status))
+    return child
 
 
 def serve(listen: str, health: Health | None = None) -> int:
