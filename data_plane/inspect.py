@@ -60,7 +60,7 @@ class Session:
         return page_response(status, text.format(url=_html(req.host + req.path), host=_html(req.host)))
 
     def log(self, req: Request | None, status: int, nbytes: int, stream: int | None, **extra: Any) -> None:
-        metrics.requests(self.org, status).inc()
+        metrics.child(metrics.REQUESTS, self.org, str(status)).inc()
         line: dict[str, Any] = {"org": self.org, "method": req.method if req else None,
                                 "host": req.host if req else self.name, "path": req.path if req else None,
                                 "status": status, "bytes": nbytes, "protocol": self.client_proto}

@@ -40,15 +40,16 @@ ORIGIN_CONNECTIONS = Counter("keyward_zen_origin_connections_total",
                              "resumed (a new connection, its TLS session resumed) or new (a full handshake)",
                              ["how"], registry=REGISTRY)
 
-_requests: dict[tuple[str, int], Any] = {}
+_children: dict[tuple[object, tuple[str, ...]], Any] = {}
 
 
-def requests(org: str, status: int) -> Any:
-    """``REQUESTS.labels(org, str(status))``, the child kept (one request, one lookup less)."""
-    child = _requests.get((org, status))
-    if child is None:
-        child = _requests[(org, status)] = REQUESTS.labels(org, str(status))
-    return child
+def child(metric: Counter | Gauge, *labels: str) -> Any:
+    """``metric.labels(*labels)``, the child kept (prometheus_client checks and locks on each
+    ``labels``; these are counted per connection and per request). Children are never removed."""
+    c = _children.get((metric, labels))
+    if c is None:
+        c = _children[(metric, labels)] = metric.labels(*labels)
+    return c
 
 
 def serve(listen: str, health: Health | None = None) -> int:

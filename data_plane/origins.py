@@ -136,7 +136,7 @@ class OriginPool:
             if usable(c.reader, c.writer):
                 if not conns:
                     del self._idle[key]
-                metrics.ORIGIN_CONNECTIONS.labels("reused").inc()
+                metrics.child(metrics.ORIGIN_CONNECTIONS, "reused").inc()
                 return c
             c.writer.close()
         self._idle.pop(key, None)
@@ -316,9 +316,9 @@ class Dialer:
                 e = ssl.SSLCertVerificationError(f"the resumed session's certificate does not prove {key[3]} now")
                 e.verify_message = "certificate of the resumed session does not match the name, or has expired"
                 raise e
-            metrics.ORIGIN_CONNECTIONS.labels("resumed").inc()
+            metrics.child(metrics.ORIGIN_CONNECTIONS, "resumed").inc()
         else:
-            metrics.ORIGIN_CONNECTIONS.labels("new").inc()
+            metrics.child(metrics.ORIGIN_CONNECTIONS, "new").inc()
         return (sslobj.selected_alpn_protocol() if sslobj else None) or "http/1.1", names_of(peer)
 
     def release(self, o: Origin, reusable: bool) -> None:

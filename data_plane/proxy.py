@@ -15,21 +15,20 @@ import asyncio
 import contextlib
 import html
 import logging
-import os
-import socket
 import ssl
 from typing import cast
 
 from common.ids import is_id
 from common.logs import log_fields
 from data_plane import metrics, plain
-from data_plane.clienthello import MAX_HELLO, ClientHello, NotTls, decide, needed, parse
+from data_plane.clienthello import NotTls, decide
 from data_plane.h2conn import H2Endpoint
 from data_plane.http1 import HttpError, read_head, splice
 from data_plane.inspect import Session, serve_page_h2
 from data_plane.keys import KeyManager, OrgKey
 from data_plane.mint import Minter
 from data_plane.origins import Dialer, Key, Origin, OriginContext, OriginPool, Sessions
+from data_plane.peek import peek_client_hello
 from data_plane.policy import Action, connect_action, org_for
 from data_plane.proxyauth import ProxyAuth, Verdict, basic_credentials
 from data_plane.upstream import H1Upstream, H2Upstream, Upstream
@@ -112,7 +111,7 @@ class Proxy:
                             policy = await self.km.learn(creds[0])
                     if verdict is not Verdict.THROTTLED:
                         verdict = await self.auth.check(policy, creds[1], ip)
-                    metrics.PROXY_AUTH.labels(verdict.value).inc()
+                    metrics.child(metrics.PROXY_AUTH, verdict.value).inc()
                 if verdict is Verdict.OK and creds is not None:
                     org = creds[0]
                 elif verdict is Verdict.THROTTLED:
@@ -129,7 +128,7 @@ class Proxy:
                                       'Proxy-Authenticate: Basic realm="keyward"\r\n'))
                     await writer.drain()
                     return
-            metrics.CONNECTIONS.labels(org).inc()
+            metrics.child(metrics.CONNECTIONS, org).inc()
             if method == "CONNECT":
                 await self._connect(reader, writer, org, target)
                 return
@@ -196,7 +195,7 @@ class Proxy:
 
     def _decided(self, org: str, host: str, port: int, sni: str | None, action: Action, name: str, why: str,
                  **answer: object) -> None:
-        metrics.DECISIONS.labels(org, {Action.INTERCEPT: "intercepted", Action.TUNNEL: "tunnelled",
+        metrics.child(metrics.DECISIONS, org, {Action.INTERCEPT: "intercepted", Action.TUNNEL: "tunnelled",
                                        Action.BLOCK: "blocked", Action.REFUSE: "refused"}[action]).inc()
         log_fields(access, {"org": org, "connect": f"{host}:{port}", "sni": sni, "name": name,
                                 "action": action.value, "why": why, **answer})
@@ -217,7 +216,7 @@ class Proxy:
         try:
             if getattr(reader, "_buffer", b""):  # bytes sent before our 200: not a TLS client we can serve
                 raise NotTls("data before the tunnel was established")
-            hello = await self._client_hello(writer)
+            hello = await peek_client_hello(writer, CONNECT_TIMEOUT)
         except (NotTls, TimeoutError, OSError) as e:
             if first is Action.TUNNEL and origin.reader and origin.writer:  # do-not-inspect: tunnelled as before
                 self._decided(org, host, port, None, first, host, f"policy for {host}; not TLS ({e})")
@@ -294,41 +293,6 @@ class Proxy:
         finally:
             self.dialer.release(origin, reusable=False)
 
-    async def _client_hello(self, writer: asyncio.StreamWriter) -> ClientHello:
-        """Peek at the client's ClientHello (MSG_PEEK: it stays for the TLS layer), waiting with
-        SO_RCVLOWAT for as many bytes as its record headers announce (no polling)."""
-        loop = asyncio.get_running_loop()
-        sock = writer.get_extra_info("socket")
-        # A duplicate descriptor of the same socket: the transport owns the original in the loop.
-        dup = socket.socket(fileno=os.dup(sock.fileno()))
-        dup.setblocking(False)
-        try:
-            async with asyncio.timeout(CONNECT_TIMEOUT):
-                want = 5
-                while True:
-                    dup.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, min(want, MAX_HELLO))
-                    ready: asyncio.Future[None] = loop.create_future()
-
-                    def wake(f: asyncio.Future[None] = ready) -> None:
-                        if not f.done():
-                            f.set_result(None)
-                    loop.add_reader(dup.fileno(), wake)
-                    try:
-                        await ready
-                    finally:
-                        loop.remove_reader(dup.fileno())
-                    buf = dup.recv(MAX_HELLO, socket.MSG_PEEK)
-                    if not buf:
-                        raise NotTls("the client closed the connection")
-                    hello = parse(buf)
-                    if hello is not None:
-                        return hello
-                    want = needed(buf)
-        finally:
-            with contextlib.suppress(OSError):
-                dup.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-            dup.close()
-
     async def _tls_page(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, org: str, key: OrgKey,
                         name: str, status: int, reason: str, text: str, client_alpn: tuple[str, ...]) -> None:
         """An error page the client can read: over TLS, with a leaf for the name it asked for, in
@@ -354,8 +318,10 @@ class Proxy:
         sans = list(origin.sans)
         origin_proto = origin.proto
         alpn = ("h2", "http/1.1") if "h2" in client_alpn else ("http/1.1",)
-        ctx = await asyncio.to_thread(self.minter.context_for, org, key.key_id, key.signer, key.certificate_pem,
-                                      name, sans, alpn, key.chain_pem)
+        ctx = self.minter.cached(org, key.key_id, name, alpn)  # a cached leaf needs no thread
+        if ctx is None:
+            ctx = await asyncio.to_thread(self.minter.context_for, org, key.key_id, key.signer, key.certificate_pem,
+                                          name, sans, alpn, key.chain_pem)
         await writer.start_tls(ctx)
         c_ssl = writer.get_extra_info("ssl_object")
         client_proto = (c_ssl.selected_alpn_protocol() if c_ssl else None) or "http/1.1"
