@@ -45,11 +45,16 @@ ORG = "bench"
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the whole process (every thread), in seconds."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) of the whole process (every thread), in seconds."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the whole process (every thread), in seconds."""
+    return sum(cpu_times(pid))
 
 
 # ------------------------------------------------------------------ the ZEN side (a child process)
@@ -292,6 +297,7 @@ def main() -> None:
             requests(zport, org_root, 50, keep, True, oport)  # warm-up: the leaf, the credential cache
             per: list[float] = []
             walls: list[float] = []
+            sys_share: list[float] = []
             for r in range(a.rounds):
                 if a.callgrind and r == 0:
                     _cg(zen.pid, "-i", "on")
@@ -304,15 +310,18 @@ def main() -> None:
                 if a.profile and r == 0:
                     (d / "profile-name").write_text(f"{shape}.prof")
                     os.kill(zen.pid, signal.SIGUSR1)
-                c0 = cpu_seconds(zen.pid)
+                u0, s0 = cpu_times(zen.pid)
                 walls.append(requests(zport, org_root, n, keep, True, oport))
-                per.append((cpu_seconds(zen.pid) - c0) / n * 1000)
+                u1, s1 = cpu_times(zen.pid)
+                per.append((u1 - u0 + s1 - s0) / n * 1000)
+                sys_share.append((s1 - s0) / max(1e-9, u1 - u0 + s1 - s0))
                 if a.profile and r == 0:
                     os.kill(zen.pid, signal.SIGUSR2)
                     time.sleep(1)
             direct = requests(oport, str(d / "web.crt"), n, keep, False, oport)
             key = "zen_mega_instructions" if a.callgrind else "zen_cpu_ms"
             results[shape] = {key: round(statistics.median(per), 4), "rounds": [round(x, 4) for x in per],
+                              **({"system_share": round(statistics.median(sys_share), 2)} if sys_share else {}),
                               "rate_via_zen": round(n / statistics.median(walls)), "rate_direct": round(n / direct),
                               "ratio": round(direct / statistics.median(walls), 3)}
         print(json.dumps({"at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **results}, indent=1))
