@@ -57,6 +57,24 @@ def cpu_seconds(pid: int) -> float:
     return sum(cpu_times(pid))
 
 
+def zen_pids(pid: int) -> list[int]:
+    """The ZEN's process and its workers (not its signer processes)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(x) for x in f.read().split()]
+    except OSError:
+        kids = []
+    out = [pid]
+    for k in kids:
+        try:
+            with open(f"/proc/{k}/cmdline", "rb") as f:
+                if b"data_plane.worker" in f.read():
+                    out.append(k)
+        except OSError:
+            pass
+    return out
+
+
 # ------------------------------------------------------------------ the ZEN side (a child process)
 
 def _pki(d: Path) -> None:
@@ -91,6 +109,8 @@ class LocalKeys:
     def __init__(self, policy: Any, key: Any) -> None:
         self.policies = {policy.org_id: policy}
         self._key = key
+        self.keys = {key.org_id: key}
+        self.on_key_gone: list[Any] = []
 
     async def signer_for(self, org_id: str) -> Any:
         return self._key if org_id == self._key.org_id else None
@@ -116,10 +136,12 @@ def serve(d: Path, origin_port: int, profile_dir: str | None) -> None:
     key = OrgKey(ORG, "k1", 1, inter_pem, (d / "org-root.crt").read_text(), signer)
     policy = OrgPolicy(ORG, proxy_verifiers=(proxyauth.make(SECRET),), blocked_url_prefixes=("bench.test/blocked",))
     roots = str(d / "web.crt")
-    cfg = config.from_env({k: v for k, v in os.environ.items() if k.startswith(("KEYWARD_ZEN_ORIGIN",
-                                                                                "KEYWARD_ZEN_EVENT_LOOP"))}
-                          | {"KEYWARD_ZEN_TLS_CERT_FILE": "-", "KEYWARD_ZEN_TLS_KEY_FILE": "-",
-                             "KEYWARD_ZEN_CA_TRUST_FILE": "-", "KEYWARD_MASTER_SECRET_FILE": "-"})
+    # What a worker reads from the environment too (the CA's settings are not used here).
+    os.environ.update({"KEYWARD_ZEN_TLS_CERT_FILE": "-", "KEYWARD_ZEN_TLS_KEY_FILE": "-",
+                       "KEYWARD_ZEN_CA_TRUST_FILE": "-", "KEYWARD_MASTER_SECRET_FILE": "-",
+                       "KEYWARD_ZEN_EXTRA_ROOTS_FILE": str(d / "web.crt"), "KEYWARD_ZEN_RESOLVE": "bench.test=127.0.0.1"})
+    cfg = config.from_env({k: v for k, v in os.environ.items() if k.startswith(("KEYWARD_ZEN_ORIGIN", "KEYWARD_ZEN_",
+                                                                                "KEYWARD_MASTER"))})
     extra: dict[str, Any] = {}
     if hasattr(cfg, "origin_pool"):  # the ZEN's settings as they are at this commit
         from data_plane.origins import OriginPool
@@ -148,8 +170,15 @@ def serve(d: Path, origin_port: int, profile_dir: str | None) -> None:
         signal.signal(signal.SIGUSR1, on)
         signal.signal(signal.SIGUSR2, off)
 
+    workers = getattr(cfg, "workers", 1)
+
     async def main() -> None:
-        server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0, limit=64 * 1024)
+        server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0, limit=64 * 1024, start_serving=workers == 1)
+        if workers > 1:  # as python -m data_plane with KEYWARD_ZEN_WORKERS: this process supervises
+            from data_plane.workers import Supervisor
+
+            sup = Supervisor(proxy.km, workers, [s.fileno() for s in server.sockets], [])
+            await sup.start()
         print(server.sockets[0].getsockname()[1], flush=True)
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -298,6 +327,7 @@ def main() -> None:
             per: list[float] = []
             walls: list[float] = []
             sys_share: list[float] = []
+            shares: list[float] = []
             for r in range(a.rounds):
                 if a.callgrind and r == 0:
                     _cg(zen.pid, "-i", "on")
@@ -310,9 +340,13 @@ def main() -> None:
                 if a.profile and r == 0:
                     (d / "profile-name").write_text(f"{shape}.prof")
                     os.kill(zen.pid, signal.SIGUSR1)
-                u0, s0 = cpu_times(zen.pid)
+                pids = zen_pids(zen.pid)
+                before = [cpu_seconds(p) for p in pids]
+                u0, s0 = (sum(x) for x in zip(*map(cpu_times, pids), strict=True))
                 walls.append(requests(zport, org_root, n, keep, True, oport))
-                u1, s1 = cpu_times(zen.pid)
+                u1, s1 = (sum(x) for x in zip(*map(cpu_times, pids), strict=True))
+                spent = [cpu_seconds(p) - b for p, b in zip(pids, before, strict=True)]
+                shares = [round(x / max(1e-9, sum(spent)), 2) for x in spent]
                 per.append((u1 - u0 + s1 - s0) / n * 1000)
                 sys_share.append((s1 - s0) / max(1e-9, u1 - u0 + s1 - s0))
                 if a.profile and r == 0:
@@ -322,6 +356,7 @@ def main() -> None:
             key = "zen_mega_instructions" if a.callgrind else "zen_cpu_ms"
             results[shape] = {key: round(statistics.median(per), 4), "rounds": [round(x, 4) for x in per],
                               **({"system_share": round(statistics.median(sys_share), 2)} if sys_share else {}),
+                              **({"process_shares": shares} if len(shares) > 1 else {}),
                               "rate_via_zen": round(n / statistics.median(walls)), "rate_direct": round(n / direct),
                               "ratio": round(direct / statistics.median(walls), 3)}
         print(json.dumps({"at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **results}, indent=1))

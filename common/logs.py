@@ -256,14 +256,22 @@ def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
                                  exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
-def setup(level: str | int, program: str, *, capture_stderr: bool = True, grpc_handshakes: bool = False) -> None:
+def lines_fd() -> int | None:
+    """The descriptor this process's records are written to (its real stderr), once set up."""
+    return _sink.fd if _sink is not None else None
+
+
+def setup(level: str | int, program: str, *, capture_stderr: bool = True, grpc_handshakes: bool = False,
+          lines_fd: int | None = None) -> None:
     """JSON lines on stderr for this process (idempotent: a second call changes the level).
 
     ``program`` names the root logger's records. ``capture_stderr``: route fd 2 through the
     converting thread (off in a process whose fd 2 is already a keyward process's pipe, such as
     the ZEN's signers). ``grpc_handshakes``: a gRPC server's failed TLS handshakes become one line
     each with the peer and the reason; this turns gRPC's handshaker trace on, so it must be called
-    before grpc is imported.
+    before grpc is imported. ``lines_fd``: where this process's records go, when not fd 2 (a
+    keyward process's real stderr, :func:`lines_fd`, handed to a child whose fd 2 is its pipe: the
+    records skip the converting thread; each is one ``write``).
     """
     global _pump, _sink
     if grpc_handshakes:
@@ -271,7 +279,7 @@ def setup(level: str | int, program: str, *, capture_stderr: bool = True, grpc_h
         if HANDSHAKE_TRACE not in have and "all" not in have:
             os.environ["GRPC_TRACE"] = ",".join([*have, HANDSHAKE_TRACE])
     if _sink is None:
-        real = os.dup(2) if capture_stderr else 2
+        real = lines_fd if lines_fd is not None else os.dup(2) if capture_stderr else 2
         _sink = Sink(real)
         if capture_stderr:
             _pump = _Pump(_sink, StderrLines(handshakes=grpc_handshakes))

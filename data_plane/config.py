@@ -85,6 +85,11 @@ class ZenConfig:
         "port and name: a new origin connection (no idle one fits) resumes it instead of a full handshake, and "
         "the certificate the session holds is checked again for the name; never longer than the origin's ticket "
         "allows; 0 keeps none", default=600, unit="seconds")
+    workers: int = _setting(
+        "KEYWARD_ZEN_WORKERS", "processes that serve proxy connections, sharing the listening socket, so the ZEN "
+        "uses more than one core; 1: this process serves them itself. With more, this process supervises: the "
+        "org keys stay one signer process per org, here, which signs for every worker; each worker has its own "
+        "leaf cache, leaf keys and origin connections, and metrics are summed over all", default=1, unit="processes")
     event_loop: str = _setting(
         "KEYWARD_ZEN_EVENT_LOOP", "uvloop (libuv; its TLS layer in Cython: about a quarter less CPU per intercepted "
         "new connection and a third less per keep-alive request than asyncio's own loop, bench/zen_cpu.py) or "
@@ -134,6 +139,7 @@ _PARSE: dict[str, Callable[[str, str], Any]] = {
     "origin_session_seconds": integer_in(0, 86400),
     "require_mlock": boolean,
     "event_loop": _loop,
+    "workers": integer_in(1, 64),
     "log_level": log_level,
 }
 _EMPTY_MEANS_OFF = {"metrics_listen"}

@@ -41,6 +41,8 @@ class Pki:
     org_root: Path
     signer: Signer
     inter_pem: str
+    secret: list[bytes]
+    """The intermediate key's private scalar, as bytes in both orders (to look for in a process's memory)."""
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pki]:
     der = inter_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
                                   serialization.NoEncryption())
     signer = Signer.start(from_bytes(der, require_lock=False), inter_pem)
-    yield Pki(d / "web.crt", d / "site.crt", d / "site.key", d / "root.crt", signer, inter_pem)
+    scalar = inter_key.private_numbers().private_value.to_bytes(32, "big")  # type: ignore[union-attr]
+    yield Pki(d / "web.crt", d / "site.crt", d / "site.key", d / "root.crt", signer, inter_pem,
+              [scalar, scalar[::-1]])
     signer.stop()
 
 
@@ -120,6 +124,7 @@ class Keys:
         verifier = proxyauth.make(SECRET, iterations=proxyauth.MIN_ITERATIONS)
         self.policies = {o: OrgPolicy(o, proxy_verifiers=(verifier,)) for o in orgs}
         self.keys = {o: OrgKey(o, "k1", 1, pki.inter_pem, pki.org_root.read_text(), pki.signer) for o in orgs}
+        self.on_key_gone: list[Callable[[str], None]] = []
 
     async def signer_for(self, org_id: str) -> OrgKey | None:
         return self.keys.get(org_id)
@@ -128,14 +133,21 @@ class Keys:
         return self.policies.get(org_id)
 
 
-async def fetch(proxy_port: int, org: str, host: str, port: int, sni: str, trust: ssl.SSLContext,
-                method: str = "GET", body: bytes = b"") -> bytes:
-    """One request on a new intercepted connection; the response body."""
+async def connect(proxy_port: int, org: str, host: str, port: int
+                  ) -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:
+    """CONNECT through the proxy: the answer's head, and the connection."""
     r, w = await asyncio.open_connection("127.0.0.1", proxy_port)
     auth = base64.b64encode(f"{org}:{SECRET}".encode()).decode()
     w.write(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\nProxy-Authorization: Basic {auth}\r\n\r\n"
             .encode())
-    assert b" 200 " in await r.readuntil(b"\r\n\r\n")
+    return await r.readuntil(b"\r\n\r\n"), r, w
+
+
+async def fetch(proxy_port: int, org: str, host: str, port: int, sni: str, trust: ssl.SSLContext,
+                method: str = "GET", body: bytes = b"") -> bytes:
+    """One request on a new intercepted connection; the response body."""
+    head, r, w = await connect(proxy_port, org, host, port)
+    assert b" 200 " in head, head
     await w.start_tls(trust, server_hostname=sni)
     extra = f"Content-Length: {len(body)}\r\n" if body else ""
     w.write(f"{method} / HTTP/1.1\r\nHost: {sni}\r\n{extra}\r\n".encode() + body)
