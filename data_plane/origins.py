@@ -113,6 +113,8 @@ class OriginPool:
         self._max, self._per_key, self._idle_s = max_idle, per_key, idle_seconds
         self._idle: OrderedDict[Key, list[Idle]] = OrderedDict()
         self._count = 0
+        self._hosts: dict[tuple[str, str, int], int] = {}
+        """(org, host, port) -> idle connections under any name: ``has_host`` without a scan."""
 
     @property
     def enabled(self) -> bool:
@@ -123,14 +125,14 @@ class OriginPool:
 
     def has_host(self, org: str, host: str, port: int) -> bool:
         """Some connection of ``org`` to ``host:port`` is idle (under any name)."""
-        return any(k[0] == org and k[1] == host and k[2] == port for k in self._idle) if self._count else False
+        return (org, host, port) in self._hosts
 
     def take(self, key: Key) -> Idle | None:
         """An idle connection made for exactly ``key``, the most recently used first; None."""
         conns = self._idle.get(key)
         while conns:
             c = conns.pop()
-            self._count -= 1
+            self._gone(key)
             if c.timer is not None:
                 c.timer.cancel()
             if usable(c.reader, c.writer):
@@ -160,13 +162,23 @@ class OriginPool:
         idle.timer = asyncio.get_running_loop().call_later(self._idle_s, self._expire, key, idle)
         self._idle.setdefault(key, []).append(idle)
         self._count += 1
+        self._hosts[key[:3]] = self._hosts.get(key[:3], 0) + 1
         return True
+
+    def _gone(self, key: Key) -> None:
+        """One idle connection of ``key`` less (taken or dropped)."""
+        self._count -= 1
+        left = self._hosts.get(key[:3], 0) - 1
+        if left > 0:
+            self._hosts[key[:3]] = left
+        else:
+            self._hosts.pop(key[:3], None)
 
     def _drop(self, key: Key, c: Idle) -> None:
         conns = self._idle.get(key, [])
         if c in conns:
             conns.remove(c)
-            self._count -= 1
+            self._gone(key)
             if c.timer is not None:
                 c.timer.cancel()
             c.writer.close()

@@ -243,8 +243,10 @@ class Proxy:
         okey: Key = (org, host, port, name, "h2" in hello.alpn)
         pooled = self.dialer.take(okey)
         if pooled is not None:  # made for this org, host:port and name, verified then, at a message boundary
-            self.dialer.release(origin, reusable=False)
-            origin = pooled
+            self.dialer.release(origin, reusable=False)  # a TCP connection opened meanwhile, if any
+            # Into the caller's Origin: whatever happens next, its ``finally`` releases this one.
+            origin.key, origin.reader, origin.writer = pooled.key, pooled.reader, pooled.writer
+            origin.proto, origin.sans, origin.reused = pooled.proto, pooled.sans, True
             await self._intercept(reader, writer, origin, org, name, host, port, key, hello.alpn)
             return
         origin.key = okey
@@ -349,8 +351,8 @@ class Proxy:
         upstream: Upstream
         if origin_proto == "h2":
             ep = H2Endpoint(origin.reader, origin.writer, client_side=True)
-            origin.reader = origin.writer = None  # the endpoint's now: H2Upstream closes it
             await ep.start()
+            origin.reader = origin.writer = None  # the endpoint's now: H2Upstream closes it
             upstream = H2Upstream(ep, open_h2)
         else:
             first = (origin.reader, origin.writer)

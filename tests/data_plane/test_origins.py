@@ -257,10 +257,13 @@ def test_the_pool_is_bounded_and_expires(pki: Pki) -> None:
         for k in (keys[0], keys[0], keys[0], keys[1], keys[1]):
             assert pool.put(k, *await conn(), "http/1.1", ("a.test",))
         assert len(pool) == 3  # per key 2, in all 3: the oldest went first
+        assert pool.has_host("o", "a.test", origin.port) and pool.has_host("o", "b.test", origin.port)
+        assert not pool.has_host("p", "a.test", origin.port) and not pool.has_host("o", "a.test", 1)
         assert pool.take(keys[1]) is not None and len(pool) == 2
         assert pool.take(("p", *keys[0][1:]), ) is None  # type: ignore[arg-type]
         await asyncio.sleep(0.4)
         assert len(pool) == 0 and pool.take(keys[0]) is None  # idle too long: closed
+        assert not pool.has_host("o", "a.test", origin.port) and not pool.has_host("o", "b.test", origin.port)
         # Bytes nobody asked for (an origin's 408 before it closes): never handed out.
         r, w = await conn()
         r.feed_data(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
