@@ -312,3 +312,19 @@ def test_a_resumed_certificate_must_still_prove_the_name() -> None:
     assert not check_resumed(cert, "c.test", now) and not check_resumed(cert, "b.test", now)
     assert not check_resumed(cert, "a.test", 1_900_000_000.0)  # expired since
     assert not check_resumed(None, "a.test", now) and not check_resumed({}, "a.test", now)
+
+
+def test_a_pooled_connection_goes_with_a_client_whose_handshake_fails(pki: Pki) -> None:
+    async def test(proxy: Proxy, port: int, origins: list[Origin], trust: ssl.SSLContext) -> None:
+        one = origins[0]
+        assert await fetch(port, "org-a", "a.test", one.port, "a.test", trust) == b"conn 1 host a.test"
+        await _until(lambda: len(proxy.dialer.pool) == 1 and len(one.open) == 1)
+        head, r, w = await connect(port, "org-a", "a.test", one.port)
+        assert b" 200 " in head
+        with pytest.raises(ssl.SSLError):  # the client trusts another root: it refuses the leaf
+            await w.start_tls(ssl.create_default_context(), server_hostname="a.test")
+        w.close()
+        # The pooled connection it took is closed with it, not leaked (nor put back unused).
+        await _until(lambda: len(one.open) == 0)
+        assert len(proxy.dialer.pool) == 0
+    run(pki, test)
