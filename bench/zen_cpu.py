@@ -12,6 +12,7 @@ as in bench/zen_vs_mitmproxy.py (no ALPN, no TLS session resumption toward the Z
         [--profile DIR]     # also: cProfile of the ZEN over each shape, in DIR/{new,keepalive}.prof
         [--workers N]       # KEYWARD_ZEN_WORKERS for the ZEN (when it has them)
         [--loop asyncio]    # KEYWARD_ZEN_EVENT_LOOP (the ZEN's default when unset)
+        [--mitmdump PATH]   # also mitmdump's CPU per connection / request, same shapes and client
         ZEN settings KEYWARD_ZEN_ORIGIN_* and KEYWARD_ZEN_EVENT_LOOP are taken from the environment.
 
 Prints, per shape, the ZEN's CPU ms per connection / request (median of the rounds) and the
@@ -268,6 +269,36 @@ def requests(port: int, trust: str, n: int, keepalive: bool, via_proxy: bool, or
     return time.perf_counter() - t0
 
 
+def _peer(a: argparse.Namespace, d: Path, oport: int) -> dict[str, float]:
+    """mitmdump's CPU per new connection and per keep-alive request, the same shapes and client."""
+    mport = free_port()
+    conf = d / "mitm"
+    mitm = subprocess.Popen([a.mitmdump, "-q", "--listen-host", "127.0.0.1", "--listen-port", str(mport),
+                             "--set", f"confdir={conf}", "--set", f"ssl_verify_upstream_trusted_ca={d / 'web.crt'}",
+                             "-s", str(ROOT / "bench" / "mitm_resolve.py")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(mport)
+        for _ in range(100):
+            if (conf / "mitmproxy-ca-cert.pem").exists():
+                break
+            time.sleep(0.1)
+        trust = str(conf / "mitmproxy-ca-cert.pem")
+        out: dict[str, float] = {}
+        for shape, n, keep in (("new", a.new, False), ("keepalive", a.keepalive, True)):
+            requests(mport, trust, 50, keep, True, oport)
+            per = []
+            for _ in range(a.rounds):
+                c0 = cpu_seconds(mitm.pid)
+                requests(mport, trust, n, keep, True, oport)
+                per.append((cpu_seconds(mitm.pid) - c0) / n * 1000)
+            out[shape] = round(statistics.median(per), 4)
+        return out
+    finally:
+        mitm.terminate()
+        mitm.wait(10)
+
+
 def _cg(pid: int, *args: str) -> None:
     subprocess.run(["callgrind_control", *args, str(pid)], check=True, stdout=subprocess.DEVNULL)
 
@@ -287,6 +318,8 @@ def main() -> None:
     ap.add_argument("--profile")
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--loop", choices=("uvloop", "asyncio"), help="KEYWARD_ZEN_EVENT_LOOP for the ZEN")
+    ap.add_argument("--mitmdump", help="also mitmdump's CPU, same shapes (bench/zen_vs_mitmproxy.py says how to "
+                    "install it)")
     ap.add_argument("--callgrind", help="run the ZEN under callgrind, dumps in this directory; reports "
                     "instructions (user space only, deterministic) per connection / request")
     ap.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
@@ -359,6 +392,13 @@ def main() -> None:
                               **({"process_shares": shares} if len(shares) > 1 else {}),
                               "rate_via_zen": round(n / statistics.median(walls)), "rate_direct": round(n / direct),
                               "ratio": round(direct / statistics.median(walls), 3)}
+        if a.mitmdump:
+            results["mitmproxy"] = _peer(a, d, oport)
+            for shape in ("new", "keepalive"):
+                results[shape]["mitmproxy_cpu_ms"] = results["mitmproxy"][shape]
+                if "zen_cpu_ms" in results[shape]:
+                    results[shape]["mitmproxy_over_zen"] = round(results["mitmproxy"][shape]
+                                                                 / results[shape]["zen_cpu_ms"], 2)
         print(json.dumps({"at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **results}, indent=1))
     finally:
         zen.send_signal(signal.SIGTERM)

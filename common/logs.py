@@ -77,8 +77,39 @@ def log_fields(logger: logging.Logger, fields: dict[str, Any], level: int = logg
     """``logger.log(level, json.dumps(fields))``, for lines written per request (the ZEN's access
     lines): the same record, the same line, without the caller's frame looked up (no format here
     shows it) nor the JSON parsed again."""
-    if logger.isEnabledFor(level):
-        logger.handle(logger.makeRecord(logger.name, level, "", 0, JsonLine(fields), (), None))
+    if not logger.isEnabledFor(level):
+        return
+    handler = _only_json_handler(logger, level)
+    if handler is not None:  # what the record would come to, without the record: the same line
+        assert isinstance(handler.formatter, JsonFormatter)
+        out = dict(fields)
+        out["time"] = _rfc3339(time.time())
+        out["level"] = logging.getLevelName(level).lower()
+        out["logger"] = handler.formatter.program if logger.name == "root" and handler.formatter.program \
+            else logger.name
+        handler.sink.write_line(json.dumps(out, default=str))
+        return
+    logger.handle(logger.makeRecord(logger.name, level, "", 0, JsonLine(fields), (), None))
+
+
+def _only_json_handler(logger: logging.Logger, level: int) -> JsonHandler | None:
+    """The one handler a record of ``logger`` at ``level`` would reach, when that is a
+    :class:`JsonHandler` with its own formatter and nothing on the way filters (setup's case);
+    else None (a test's capture, a filter: the record goes the usual way)."""
+    found: JsonHandler | None = None
+    c: logging.Logger | None = logger
+    while c is not None:
+        if c.filters:
+            return None
+        for h in c.handlers:
+            if found is not None or type(h) is not JsonHandler or h.filters or level < h.level \
+                    or type(h.formatter) is not JsonFormatter:
+                return None
+            found = h
+        c = c.parent if c.propagate else None
+    if found is None or logging.root.manager.disable >= level:
+        return None
+    return found
 
 
 _second: tuple[int, str] = (0, "")

@@ -22,7 +22,16 @@ from common.logs import log_fields
 from data_plane import metrics
 from data_plane.h2conn import H2Endpoint, Inbound, StreamReset, code_name
 from data_plane.http1 import BodyReader, HttpError, bodiless, check_framing, copy_body, read_head, splice
-from data_plane.messages import Header, MessageError, Request, Response, page_response, request_from_h1, request_from_h2
+from data_plane.messages import (
+    Header,
+    MessageError,
+    Request,
+    Response,
+    page_response,
+    request_from_h1,
+    request_from_h2,
+    request_line,
+)
 from data_plane.policy import OrgPolicy, Verdict, request_verdict
 from data_plane.upstream import Upstream, UpstreamError
 
@@ -209,7 +218,7 @@ class Session:
         verified) connection ``redial`` opens."""
         while (head := await read_head(c_reader)) is not None:
             check_framing(head, is_request=True)
-            req = request_from_h1(head, self.name)
+            req = request_line(head, self.name)
             verdict = self.verdict(req)
             if verdict is not Verdict.FORWARD:
                 resp, page = self.refusal(verdict, req)

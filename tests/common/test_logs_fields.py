@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from typing import Any
 
-from common.logs import JsonFormatter, JsonLine, log_fields
+import pytest
+
+from common import logs
+from common.logs import JsonFormatter, JsonHandler, JsonLine, Sink, log_fields
 
 
 class _Keep(logging.Handler):
@@ -39,3 +44,33 @@ def test_the_same_line_as_json_dumps_through_info() -> None:
         assert len(keep.records) == 2
     finally:
         log.removeHandler(keep)
+
+
+def test_with_only_the_json_handler_the_line_is_written_directly_and_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    r, w = os.pipe()
+    log = logging.getLogger("test.log_fields.fast")
+    log.propagate = False
+    log.handlers = [JsonHandler(Sink(w), JsonFormatter("zen"))]
+    log.setLevel(logging.INFO)
+    fields = {"org": "acme", "connect": "a.test:443", "sni": None, "status": 502, "reason": "caf\u00e9"}
+    made: list[logging.LogRecord] = []
+    real = logging.Logger.makeRecord
+
+    def spy(self: logging.Logger, *a: Any, **k: Any) -> logging.LogRecord:
+        made.append(real(self, *a, **k))
+        return made[-1]
+    monkeypatch.setattr(logging.Logger, "makeRecord", spy)
+    monkeypatch.setattr(logs.time, "time", lambda: 1_700_000_000.123)
+    try:
+        log_fields(log, fields)
+        line = os.read(r, 65536).decode()
+        assert made == []  # no record made
+        rec = real(log, log.name, logging.INFO, "", 0, json.dumps(fields), (), None)
+        rec.created = 1_700_000_000.123
+        assert line == JsonFormatter("zen").format(rec) + "\n"
+        log.addFilter(lambda rec: True)  # anything on the way: the usual path
+        log_fields(log, fields)
+        assert len(made) == 1 and os.read(r, 65536).decode() == line
+    finally:
+        os.close(r)
+        os.close(w)
