@@ -349,16 +349,22 @@ class Proxy:
             return await self.dialer.open((*origin.key[:4], True))
 
         upstream: Upstream
-        if origin_proto == "h2":
+        if origin_proto == "h2":  # not pooled (yet): its TLS session is kept
             ep = H2Endpoint(origin.reader, origin.writer, client_side=True)
             await ep.start()
+            sslobj = origin.writer.get_extra_info("ssl_object")
             origin.reader = origin.writer = None  # the endpoint's now: H2Upstream closes it
             upstream = H2Upstream(ep, open_h2)
-        else:
-            first = (origin.reader, origin.writer)
-            origin.reader = origin.writer = None  # the upstream's now: it gives back what is idle at its end
-            upstream = H1Upstream(first, open_h1, lambda r, w: self.dialer.give_back(
-                origin.key if w is first[1] else h1_key, r, w), reused={first[1]} if origin.reused else None)
+            try:
+                await (session.serve_h2 if client_proto == "h2" else session.serve_h1)(reader, writer, upstream)
+            finally:  # its ticket came after the handshake: the session is resumable now
+                with contextlib.suppress(Exception):
+                    self.dialer.sessions.save(origin.key, sslobj)
+            return
+        first = (origin.reader, origin.writer)
+        origin.reader = origin.writer = None  # the upstream's now: it gives back what is idle at its end
+        upstream = H1Upstream(first, open_h1, lambda r, w: self.dialer.give_back(
+            origin.key if w is first[1] else h1_key, r, w), reused={first[1]} if origin.reused else None)
         if client_proto == "h2":
             await session.serve_h2(reader, writer, upstream)
         else:

@@ -176,7 +176,8 @@ def run(pki: Pki, test: Callable[[Proxy, int, list[Origin], ssl.SSLContext], Awa
         roots = str(pki.web_root)
         proxy = Proxy(Keys(pki, list(orgs)), Minter(), origin_context(roots),  # type: ignore[arg-type]
                       origin_h1_ctx=origin_context(roots, ("http/1.1",)),
-                      resolve={"a.test": "127.0.0.1", "b.test": "127.0.0.1"}, pool=OriginPool())
+                      resolve={"a.test": "127.0.0.1", "b.test": "127.0.0.1"}, pool=OriginPool(),
+                      sessions=Sessions(seconds=600))
         server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
         trust = ssl.create_default_context(cafile=str(pki.org_root))
         try:
@@ -327,4 +328,28 @@ def test_a_pooled_connection_goes_with_a_client_whose_handshake_fails(pki: Pki) 
         # The pooled connection it took is closed with it, not leaked (nor put back unused).
         await _until(lambda: len(one.open) == 0)
         assert len(proxy.dialer.pool) == 0
+    run(pki, test)
+
+
+def test_an_http2_origins_session_is_resumed_by_the_next_client_connection(pki: Pki) -> None:
+    """Browsers speak h2 to h2 origins: that origin connection is not pooled, but its TLS
+    session (whose ticket comes after the handshake) is kept when the client leaves."""
+    from data_plane import metrics
+    from tests.origins import H2Origin
+
+    def count(how: str) -> float:
+        return metrics.ORIGIN_CONNECTIONS.labels(how)._value.get()  # type: ignore[attr-defined, no-any-return]
+
+    async def test(proxy: Proxy, port: int, origins: list[Origin], trust: ssl.SSLContext) -> None:
+        with H2Origin(pki.site_crt, pki.site_key) as h2o:
+            new, resumed = count("new"), count("resumed")
+            for _ in range(2):
+                p = await asyncio.create_subprocess_exec(
+                    "curl", "-sS", "--http2", "--max-time", "20", "--proxy", f"http://127.0.0.1:{port}",
+                    "--proxy-user", f"org-a:{SECRET}", "--cacert", str(pki.org_root),
+                    "--resolve", f"a.test:{h2o.port}:127.0.0.1", f"https://a.test:{h2o.port}/hello",
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                out, err = await p.communicate()
+                assert p.returncode == 0 and out.endswith(b"over h2\n"), err
+            assert (count("new") - new, count("resumed") - resumed) == (1, 1)
     run(pki, test)
