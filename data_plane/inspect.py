@@ -56,6 +56,8 @@ class Session:
         self.org, self.name, self.names = org, name, names
         self._policy = policy
         self.client_proto, self.origin_proto = client_proto, origin_proto
+        self._inflight: set[asyncio.Task[Any]] = set()
+        """HTTP/2 requests being served (their tasks)."""
 
     def verdict(self, req: Request) -> Verdict:
         policy = self._policy()
@@ -93,10 +95,22 @@ class Session:
         finally:
             if ep.error:
                 self.log(None, 0, 0, None, error=f"HTTP/2 connection error: {ep.error}")
+            if self._inflight:  # cancelled with the connection: their origin streams are released as they end
+                await asyncio.wait(list(self._inflight), timeout=1.0)
             await upstream.close()
 
     async def _h2_request(self, ep: H2Endpoint, sid: int, headers: list[Header], inbound: Inbound,
                           upstream: Upstream) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._inflight.add(task)
+        try:
+            await self._h2_exchange(ep, sid, headers, inbound, upstream)
+        finally:
+            self._inflight.discard(task)
+
+    async def _h2_exchange(self, ep: H2Endpoint, sid: int, headers: list[Header], inbound: Inbound,
+                           upstream: Upstream) -> None:
         try:
             req = request_from_h2(headers)
         except MessageError as e:

@@ -100,6 +100,20 @@ class Idle:
     proto: str
     sans: tuple[str, ...]
     timer: asyncio.TimerHandle | None = None
+    ep: Any = None
+    """An HTTP/2 connection's endpoint (h2conn.H2Endpoint), its frames still read by ``task``."""
+    task: asyncio.Task[None] | None = None
+
+    def usable(self) -> bool:
+        if self.ep is not None:  # HTTP/2: open, no GOAWAY, its reader still running
+            return not (self.ep.closed or self.ep.goaway or self.writer.is_closing()
+                        or self.task is None or self.task.done())
+        return usable(self.reader, self.writer)
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        self.writer.close()
 
 
 def usable(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
@@ -135,20 +149,22 @@ class OriginPool:
             self._gone(key)
             if c.timer is not None:
                 c.timer.cancel()
-            if usable(c.reader, c.writer):
+            if c.usable():
                 if not conns:
                     del self._idle[key]
                 metrics.child(metrics.ORIGIN_CONNECTIONS, "reused").inc()
                 return c
-            c.writer.close()
+            c.close()
         self._idle.pop(key, None)
         return None
 
     def put(self, key: Key, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, proto: str,
-            sans: tuple[str, ...]) -> bool:
-        """Keep a connection at a message boundary for ``key``; False (and closed) when it is not kept."""
-        if not self.enabled or not usable(reader, writer):
-            writer.close()
+            sans: tuple[str, ...], ep: Any = None, task: asyncio.Task[None] | None = None) -> bool:
+        """Keep a connection at a message boundary (HTTP/2: with no stream open, ``ep`` and the
+        ``task`` reading it) for ``key``; False (and closed) when it is not kept."""
+        idle = Idle(reader, writer, proto, sans, None, ep, task)
+        if not self.enabled or not idle.usable():
+            idle.close()
             return False
         conns = self._idle.setdefault(key, [])
         self._idle.move_to_end(key)
@@ -158,7 +174,6 @@ class OriginPool:
         while self._count >= self._max:
             oldest_key, oldest = next(iter(self._idle.items()))
             self._drop(oldest_key, oldest[0])
-        idle = Idle(reader, writer, proto, sans)
         idle.timer = asyncio.get_running_loop().call_later(self._idle_s, self._expire, key, idle)
         self._idle.setdefault(key, []).append(idle)
         self._count += 1
@@ -181,7 +196,7 @@ class OriginPool:
             self._gone(key)
             if c.timer is not None:
                 c.timer.cancel()
-            c.writer.close()
+            c.close()
         if not conns:
             self._idle.pop(key, None)
 
@@ -264,6 +279,9 @@ class Origin:
     """The names the origin's certificate proved (the leaf carries those that fit)."""
     reused: bool = False
     """Taken from the pool: it may turn out closed before its first response (then redialled)."""
+    ep: Any = None
+    """A pooled HTTP/2 connection's endpoint (reader and writer are then None), read by ``task``."""
+    task: asyncio.Task[None] | None = None
 
 
 class Dialer:
@@ -292,6 +310,8 @@ class Dialer:
         idle = self.pool.take(key)
         if idle is None:
             return None
+        if idle.ep is not None:
+            return Origin(key, None, None, idle.proto, idle.sans, reused=True, ep=idle.ep, task=idle.task)
         return Origin(key, idle.reader, idle.writer, idle.proto, idle.sans, reused=True)
 
     async def handshake(self, o: Origin) -> None:
@@ -336,6 +356,11 @@ class Dialer:
     def release(self, o: Origin, reusable: bool) -> None:
         """``o``'s connection leaves its client connection: kept in the pool when ``reusable``
         (at a message boundary), else closed."""
+        if o.ep is not None:  # a pooled HTTP/2 connection its client never used
+            if o.task is not None:
+                o.task.cancel()
+            o.ep.writer.close()
+            o.ep = o.task = None
         if o.writer is None or o.reader is None:
             return
         reader, writer, o.reader, o.writer = o.reader, o.writer, None, None
@@ -344,6 +369,12 @@ class Dialer:
             self.pool.put(o.key, reader, writer, o.proto, o.sans)
         else:
             writer.close()
+
+    def give_back_h2(self, key: Key, ep: Any, task: asyncio.Task[None]) -> None:
+        """An HTTP/2 connection with no stream open, its endpoint still read by ``task``."""
+        sslobj = ep.writer.get_extra_info("ssl_object")
+        self.sessions.save(key, sslobj)
+        self.pool.put(key, ep.reader, ep.writer, "h2", names_of(sslobj.getpeercert() if sslobj else None), ep, task)
 
     def give_back(self, key: Key, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """A connection at a message boundary made by :meth:`open` (the upstreams' extra ones)."""

@@ -247,6 +247,7 @@ class Proxy:
             # Into the caller's Origin: whatever happens next, its ``finally`` releases this one.
             origin.key, origin.reader, origin.writer = pooled.key, pooled.reader, pooled.writer
             origin.proto, origin.sans, origin.reused = pooled.proto, pooled.sans, True
+            origin.ep, origin.task = pooled.ep, pooled.task
             await self._intercept(reader, writer, origin, org, name, host, port, key, hello.alpn)
             return
         origin.key = okey
@@ -316,7 +317,7 @@ class Proxy:
         """Both handshakes done: every request is inspected (``inspect.Session``), in the protocol
         each side chose; HTTP/2 is offered to a client that offers it, whatever the origin speaks.
         An origin connection left at a message boundary goes back to the pool (``origin.key``)."""
-        assert origin.reader is not None and origin.writer is not None
+        assert origin.ep is not None or (origin.reader is not None and origin.writer is not None)
         sans = list(origin.sans)
         origin_proto = origin.proto
         alpn = ("h2", "http/1.1") if "h2" in client_alpn else ("http/1.1",)
@@ -329,6 +330,8 @@ class Proxy:
         client_proto = (c_ssl.selected_alpn_protocol() if c_ssl else None) or "http/1.1"
         session = Session(org, name, tuple(sans), lambda: self.km.policies.get(org), client_proto, origin_proto)
         if client_proto != "h2" and origin_proto != "h2":
+            assert origin.reader is not None and origin.writer is not None
+
             async def redial() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
                 # The pooled connection was closed by its origin before it answered: a new one, verified.
                 self.dialer.release(origin, reusable=False)
@@ -349,18 +352,23 @@ class Proxy:
             return await self.dialer.open((*origin.key[:4], True))
 
         upstream: Upstream
-        if origin_proto == "h2":  # not pooled (yet): its TLS session is kept
-            ep = H2Endpoint(origin.reader, origin.writer, client_side=True)
-            await ep.start()
-            sslobj = origin.writer.get_extra_info("ssl_object")
-            origin.reader = origin.writer = None  # the endpoint's now: H2Upstream closes it
-            upstream = H2Upstream(ep, open_h2)
+        if origin_proto == "h2":
+            if origin.ep is not None:  # pooled: its endpoint is read by its task already
+                ep, running, origin.ep, origin.task = origin.ep, origin.task, None, None
+            else:
+                assert origin.reader is not None and origin.writer is not None
+                ep, running = H2Endpoint(origin.reader, origin.writer, client_side=True), None
+                await ep.start()
+            sslobj = ep.writer.get_extra_info("ssl_object")
+            origin.reader = origin.writer = None  # the endpoint's now: H2Upstream closes it, or gives it back
+            upstream = H2Upstream(ep, open_h2, running, lambda e, t: self.dialer.give_back_h2(origin.key, e, t))
             try:
                 await (session.serve_h2 if client_proto == "h2" else session.serve_h1)(reader, writer, upstream)
             finally:  # its ticket came after the handshake: the session is resumable now
                 with contextlib.suppress(Exception):
                     self.dialer.sessions.save(origin.key, sslobj)
             return
+        assert origin.reader is not None and origin.writer is not None
         first = (origin.reader, origin.writer)
         origin.reader = origin.writer = None  # the upstream's now: it gives back what is idle at its end
         upstream = H1Upstream(first, open_h1, lambda r, w: self.dialer.give_back(

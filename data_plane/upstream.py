@@ -6,7 +6,8 @@ The caller reads the body to its end inside the block; leaving the block early a
 the exchange (an HTTP/2 stream is reset with CANCEL, an HTTP/1.1 connection closed).
 
 - ``H2Upstream``: every request a stream of one HTTP/2 connection; after the origin's
-  GOAWAY, new requests go over a new connection (verified as the first was).
+  GOAWAY, new requests go over a new connection (verified as the first was); at ``close`` a
+  connection with no stream open goes to ``release`` (the origin pool), if given.
 - ``H1Upstream``: one request at a time per HTTP/1.1 connection; up to ``H1_CONNECTIONS``
   connections per intercepted client connection (as browsers do per host), reused when an
   exchange ends cleanly; at ``close`` those idle go to ``release`` (the origin pool), if given.
@@ -61,15 +62,21 @@ class Upstream(Protocol):
 
 
 class H2Upstream:
-    def __init__(self, first: H2Endpoint, connect: Connect) -> None:
+    def __init__(self, first: H2Endpoint, connect: Connect, running: asyncio.Task[None] | None = None,
+                 release: Callable[[H2Endpoint, asyncio.Task[None]], None] | None = None) -> None:
+        """``running``: the task already reading ``first`` (a pooled connection); ``release``:
+        takes the connection at ``close`` when no stream is open on it (the origin pool)."""
         self._ep = first
         self._connect = connect
+        self._release = release
         self._runs: set[asyncio.Task[None]] = set()
-        self._keep(first)
+        self._run_of: dict[int, asyncio.Task[None]] = {}
+        self._keep(first, running)
 
-    def _keep(self, ep: H2Endpoint) -> None:
-        task = asyncio.create_task(ep.run())
+    def _keep(self, ep: H2Endpoint, task: asyncio.Task[None] | None = None) -> None:
+        task = task or asyncio.create_task(ep.run())
         self._runs.add(task)
+        self._run_of[id(ep)] = task
         task.add_done_callback(self._runs.discard)
 
     async def _endpoint(self) -> H2Endpoint:
@@ -125,7 +132,13 @@ class H2Upstream:
             ep.reset(sid, ErrorCodes.CANCEL)  # the client's body broke off: the request is incomplete
 
     async def close(self) -> None:
-        await self._ep.close()
+        ep, task = self._ep, self._run_of.get(id(self._ep))
+        if (self._release is not None and task is not None and not task.done() and not ep.closed and not ep.goaway
+                and not ep.inbound and not ep.responses and ep.conn.open_outbound_streams == 0):
+            self._runs.discard(task)  # it goes on reading the idle connection, in the pool
+            self._release(ep, task)
+        else:
+            await ep.close()
         for task in list(self._runs):
             task.cancel()
 

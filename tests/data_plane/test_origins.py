@@ -168,7 +168,7 @@ async def _until(cond: Callable[[], bool]) -> None:
 
 
 def run(pki: Pki, test: Callable[[Proxy, int, list[Origin], ssl.SSLContext], Awaitable[None]],
-        orgs: tuple[str, ...] = ("org-a", "org-b")) -> None:
+        orgs: tuple[str, ...] = ("org-a", "org-b"), pool: int = 256) -> None:
     async def main() -> None:
         origins = [Origin(), Origin()]
         for o in origins:
@@ -176,7 +176,7 @@ def run(pki: Pki, test: Callable[[Proxy, int, list[Origin], ssl.SSLContext], Awa
         roots = str(pki.web_root)
         proxy = Proxy(Keys(pki, list(orgs)), Minter(), origin_context(roots),  # type: ignore[arg-type]
                       origin_h1_ctx=origin_context(roots, ("http/1.1",)),
-                      resolve={"a.test": "127.0.0.1", "b.test": "127.0.0.1"}, pool=OriginPool(),
+                      resolve={"a.test": "127.0.0.1", "b.test": "127.0.0.1"}, pool=OriginPool(max_idle=pool),
                       sessions=Sessions(seconds=600))
         server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
         trust = ssl.create_default_context(cafile=str(pki.org_root))
@@ -331,9 +331,11 @@ def test_a_pooled_connection_goes_with_a_client_whose_handshake_fails(pki: Pki) 
     run(pki, test)
 
 
-def test_an_http2_origins_session_is_resumed_by_the_next_client_connection(pki: Pki) -> None:
-    """Browsers speak h2 to h2 origins: that origin connection is not pooled, but its TLS
-    session (whose ticket comes after the handshake) is kept when the client leaves."""
+@pytest.mark.parametrize("pool", [256, 0], ids=["pooled", "no-pool"])
+def test_an_http2_origin_connection_is_reused_or_its_session_resumed(pki: Pki, pool: int) -> None:
+    """Browsers speak h2 to h2 origins: the origin connection, with no stream open when its
+    client leaves, serves the next client connection of the same key (its endpoint still read);
+    without the pool, its TLS session (whose ticket comes after the handshake) is resumed."""
     from data_plane import metrics
     from tests.origins import H2Origin
 
@@ -342,14 +344,18 @@ def test_an_http2_origins_session_is_resumed_by_the_next_client_connection(pki: 
 
     async def test(proxy: Proxy, port: int, origins: list[Origin], trust: ssl.SSLContext) -> None:
         with H2Origin(pki.site_crt, pki.site_key) as h2o:
-            new, resumed = count("new"), count("resumed")
-            for _ in range(2):
+            before = {how: count(how) for how in ("new", "resumed", "reused")}
+            for i in range(3):
                 p = await asyncio.create_subprocess_exec(
                     "curl", "-sS", "--http2", "--max-time", "20", "--proxy", f"http://127.0.0.1:{port}",
                     "--proxy-user", f"org-a:{SECRET}", "--cacert", str(pki.org_root),
                     "--resolve", f"a.test:{h2o.port}:127.0.0.1", f"https://a.test:{h2o.port}/hello",
-                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                    f"https://a.test:{h2o.port}/hello?{i}", stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE)
                 out, err = await p.communicate()
-                assert p.returncode == 0 and out.endswith(b"over h2\n"), err
-            assert (count("new") - new, count("resumed") - resumed) == (1, 1)
-    run(pki, test)
+                assert p.returncode == 0 and out.endswith(f"/hello?{i} over h2\n".encode()), err
+                if pool:
+                    await _until(lambda: len(proxy.dialer.pool) == 1)
+            got = {how: count(how) - before[how] for how in before}
+            assert got == ({"new": 1, "resumed": 0, "reused": 2} if pool else {"new": 1, "resumed": 2, "reused": 0})
+    run(pki, test, pool=pool)
