@@ -13,6 +13,7 @@ as in bench/zen_vs_mitmproxy.py (no ALPN, no TLS session resumption toward the Z
         [--workers N]       # KEYWARD_ZEN_WORKERS for the ZEN (when it has them)
         [--loop asyncio]    # KEYWARD_ZEN_EVENT_LOOP (the ZEN's default when unset)
         [--mitmdump PATH]   # also mitmdump's CPU per connection / request, same shapes and client
+        [--h2]              # the client is curl over HTTP/2 instead (with --mitmdump: not the peer's)
         ZEN settings KEYWARD_ZEN_ORIGIN_* and KEYWARD_ZEN_EVENT_LOOP are taken from the environment.
 
 Prints, per shape, the ZEN's CPU ms per connection / request (median of the rounds) and the
@@ -310,6 +311,22 @@ def _instructions(dump: Path) -> int:
     raise SystemExit(f"no totals in {dump}")
 
 
+def requests_h2(port: int, trust: str, n: int, keepalive: bool, via_proxy: bool, origin_port: int) -> float:
+    """As :func:`requests`, by curl over HTTP/2 (a browser's protocol): each request a curl of its
+    own (a new connection), or one curl for all (one connection)."""
+    base = ["curl", "-sS", "--http2", "--fail", "--cacert", trust, "--resolve", f"bench.test:{origin_port}:127.0.0.1"]
+    if via_proxy:
+        base += ["--proxy", f"http://127.0.0.1:{port}", "--proxy-user", f"{ORG}:{SECRET}"]
+    url = f"https://bench.test:{origin_port}{PATH}"
+    t0 = time.perf_counter()
+    if keepalive:
+        subprocess.run([*base, *(["-o", "/dev/null", url] * n)], check=True, stdout=subprocess.DEVNULL)
+    else:
+        for _ in range(n):
+            subprocess.run([*base, "-o", "/dev/null", url], check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new", type=int, default=1000)
@@ -318,6 +335,7 @@ def main() -> None:
     ap.add_argument("--profile")
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--loop", choices=("uvloop", "asyncio"), help="KEYWARD_ZEN_EVENT_LOOP for the ZEN")
+    ap.add_argument("--h2", action="store_true", help="the client is curl over HTTP/2 (a browser's protocol)")
     ap.add_argument("--mitmdump", help="also mitmdump's CPU, same shapes (bench/zen_vs_mitmproxy.py says how to "
                     "install it)")
     ap.add_argument("--callgrind", help="run the ZEN under callgrind, dumps in this directory; reports "
@@ -327,6 +345,9 @@ def main() -> None:
     if a.serve:
         serve(Path(a.serve[0]), int(a.serve[1]), a.profile)
         return
+    global requests
+    if a.h2:
+        requests = requests_h2  # noqa: F811
     d = Path(tempfile.mkdtemp(prefix="keyward-zencpu-"))
     _pki(d)
     (d / "nginx-tmp").mkdir()
