@@ -40,11 +40,64 @@ class Head:
                                 and "keep-alive" not in c)
 
 
-async def read_head(reader: asyncio.StreamReader, timeout: float = 60) -> Head | None:
-    """The next message head, or None on a clean EOF before any byte."""
+class Deadline:
+    """A time limit on each wait for a message head of one connection (``read_head``), with one
+    timer for the connection instead of one per head: the timer, when it fires, compares the
+    time with the deadline last set; past it, the waiting task is cancelled, and ``read_head``
+    raises TimeoutError as ``asyncio.timeout`` would. For a task that reads heads one after the
+    other (a keep-alive connection: two heads a request); ``close`` at its end."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self._at: float | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self.expired = False
+
+    def start(self, seconds: float) -> None:
+        self._at = self._loop.time() + seconds
+        if self._handle is None:
+            self._handle = self._loop.call_at(self._at, self._fire)
+
+    def stop(self) -> None:
+        self._at = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        if self._at is None:
+            return
+        if self._loop.time() < self._at:  # pushed back since: wait for that
+            self._handle = self._loop.call_at(self._at, self._fire)
+            return
+        self.expired = True
+        self.task.cancel()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
+async def read_head(reader: asyncio.StreamReader, timeout: float = 60, deadline: Deadline | None = None
+                    ) -> Head | None:
+    """The next message head, or None on a clean EOF before any byte; TimeoutError after
+    ``timeout`` seconds (kept by ``deadline``, if given: the same connection's)."""
     try:
-        async with asyncio.timeout(timeout):  # a timer, not a task per head as wait_for makes
-            raw = await reader.readuntil(b"\r\n\r\n")
+        if deadline is None:
+            async with asyncio.timeout(timeout):  # a timer, not a task per head as wait_for makes
+                raw = await reader.readuntil(b"\r\n\r\n")
+        else:
+            deadline.start(timeout)
+            try:
+                raw = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.CancelledError:
+                if deadline.expired and deadline.task.uncancel() == 0:
+                    raise TimeoutError from None  # ours (another cancellation goes on as it is)
+                raise
+            finally:
+                deadline.stop()
     except asyncio.IncompleteReadError as e:
         if not e.partial:
             return None

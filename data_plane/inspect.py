@@ -21,7 +21,7 @@ from h2.errors import ErrorCodes
 from common.logs import log_fields
 from data_plane import metrics
 from data_plane.h2conn import H2Endpoint, Inbound, StreamReset, code_name
-from data_plane.http1 import BodyReader, HttpError, bodiless, check_framing, copy_body, read_head, splice
+from data_plane.http1 import BodyReader, Deadline, HttpError, bodiless, check_framing, copy_body, read_head, splice
 from data_plane.messages import (
     Header,
     MessageError,
@@ -230,7 +230,16 @@ class Session:
         ``redial``: the origin connection was used before (pooled). If its origin closed it before
         the first response began, a first request without a body goes again over the (new,
         verified) connection ``redial`` opens."""
-        while (head := await read_head(c_reader)) is not None:
+        deadline = Deadline()  # the connection's: its heads are read one after the other
+        try:
+            return await self._relay_h1(c_reader, c_writer, o_reader, o_writer, redial, deadline)
+        finally:
+            deadline.close()
+
+    async def _relay_h1(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter,
+                        o_reader: asyncio.StreamReader, o_writer: asyncio.StreamWriter, redial: Redial | None,
+                        deadline: Deadline) -> bool:
+        while (head := await read_head(c_reader, deadline=deadline)) is not None:
             check_framing(head, is_request=True)
             req = request_line(head, self.name)
             verdict = self.verdict(req)
@@ -248,7 +257,7 @@ class Session:
             try:
                 while True:  # informational responses (100 Continue, 103 Early Hints) first, as they come
                     try:
-                        resp_head = await read_head(o_reader)
+                        resp_head = await read_head(o_reader, deadline=deadline)
                     except ConnectionError:
                         if redial is None or upload is not None:
                             raise
