@@ -59,6 +59,71 @@ def _as_object(msg: str) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
+class JsonLine:
+    """A message that is a JSON object, kept as the object: the formatter takes it as it is, and
+    its text (``str()``, which ``LogRecord.getMessage`` and any other handler use) is made only
+    if asked for. What the formatter writes is the same as for the text."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.fields = fields
+
+    def __str__(self) -> str:
+        return json.dumps(self.fields)
+
+
+def log_fields(logger: logging.Logger, fields: dict[str, Any], level: int = logging.INFO) -> None:
+    """``logger.log(level, json.dumps(fields))``, for lines written per request (the ZEN's access
+    lines): the same record, the same line, without the caller's frame looked up (no format here
+    shows it) nor the JSON parsed again."""
+    if not logger.isEnabledFor(level):
+        return
+    handler = _only_json_handler(logger, level)
+    if handler is not None:  # what the record would come to, without the record: the same line
+        assert isinstance(handler.formatter, JsonFormatter)
+        out = dict(fields)
+        out["time"] = _rfc3339(time.time())
+        out["level"] = logging.getLevelName(level).lower()
+        out["logger"] = handler.formatter.program if logger.name == "root" and handler.formatter.program \
+            else logger.name
+        handler.sink.write_line(json.dumps(out, default=str))
+        return
+    logger.handle(logger.makeRecord(logger.name, level, "", 0, JsonLine(fields), (), None))
+
+
+def _only_json_handler(logger: logging.Logger, level: int) -> JsonHandler | None:
+    """The one handler a record of ``logger`` at ``level`` would reach, when that is a
+    :class:`JsonHandler` with its own formatter and nothing on the way filters (setup's case);
+    else None (a test's capture, a filter: the record goes the usual way)."""
+    found: JsonHandler | None = None
+    c: logging.Logger | None = logger
+    while c is not None:
+        if c.filters:
+            return None
+        for h in c.handlers:
+            if found is not None or type(h) is not JsonHandler or h.filters or level < h.level \
+                    or type(h.formatter) is not JsonFormatter:
+                return None
+            found = h
+        c = c.parent if c.propagate else None
+    if found is None or logging.root.manager.disable >= level:
+        return None
+    return found
+
+
+_second: tuple[int, str] = (0, "")
+
+
+def _rfc3339(t: float) -> str:
+    """:func:`rfc3339`, the formatted second kept (lines come many a second)."""
+    global _second
+    s = int(t)
+    if _second[0] != s:
+        _second = (s, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s)))
+    return _second[1] + f".{int(t * 1000) % 1000:03d}Z"
+
+
 class JsonFormatter(logging.Formatter):
     """A record as one JSON line (see the module)."""
 
@@ -67,11 +132,15 @@ class JsonFormatter(logging.Formatter):
         self.program = program
 
     def fields(self, record: logging.LogRecord) -> dict[str, Any]:
-        msg = record.getMessage()
-        out = _as_object(msg)
-        if out is None:
-            out = {"msg": msg}
-        out["time"] = rfc3339(record.created)
+        if isinstance(record.msg, JsonLine) and not record.args:
+            out: dict[str, Any] | None = dict(record.msg.fields)
+        else:
+            msg = record.getMessage()
+            out = _as_object(msg)
+            if out is None:
+                out = {"msg": msg}
+        assert out is not None
+        out["time"] = _rfc3339(record.created)
         out["level"] = record.levelname.lower()
         out["logger"] = self.program if record.name == "root" and self.program else record.name
         for f in SAFE_FIELDS:
@@ -218,14 +287,22 @@ def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
                                  exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
-def setup(level: str | int, program: str, *, capture_stderr: bool = True, grpc_handshakes: bool = False) -> None:
+def lines_fd() -> int | None:
+    """The descriptor this process's records are written to (its real stderr), once set up."""
+    return _sink.fd if _sink is not None else None
+
+
+def setup(level: str | int, program: str, *, capture_stderr: bool = True, grpc_handshakes: bool = False,
+          lines_fd: int | None = None) -> None:
     """JSON lines on stderr for this process (idempotent: a second call changes the level).
 
     ``program`` names the root logger's records. ``capture_stderr``: route fd 2 through the
     converting thread (off in a process whose fd 2 is already a keyward process's pipe, such as
     the ZEN's signers). ``grpc_handshakes``: a gRPC server's failed TLS handshakes become one line
     each with the peer and the reason; this turns gRPC's handshaker trace on, so it must be called
-    before grpc is imported.
+    before grpc is imported. ``lines_fd``: where this process's records go, when not fd 2 (a
+    keyward process's real stderr, :func:`lines_fd`, handed to a child whose fd 2 is its pipe: the
+    records skip the converting thread; each is one ``write``).
     """
     global _pump, _sink
     if grpc_handshakes:
@@ -233,7 +310,7 @@ def setup(level: str | int, program: str, *, capture_stderr: bool = True, grpc_h
         if HANDSHAKE_TRACE not in have and "all" not in have:
             os.environ["GRPC_TRACE"] = ",".join([*have, HANDSHAKE_TRACE])
     if _sink is None:
-        real = os.dup(2) if capture_stderr else 2
+        real = lines_fd if lines_fd is not None else os.dup(2) if capture_stderr else 2
         _sink = Sink(real)
         if capture_stderr:
             _pump = _Pump(_sink, StderrLines(handshakes=grpc_handshakes))
@@ -241,6 +318,9 @@ def setup(level: str | int, program: str, *, capture_stderr: bool = True, grpc_h
         sys.excepthook = _excepthook
         threading.excepthook = _thread_excepthook
         logging.captureWarnings(True)
+    # No format here shows a record's thread or process: not collected (logging's documented
+    # optimisations), as the caller's frame is not looked up for log_fields' lines.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [JsonHandler(_sink, JsonFormatter(program))]
     root.setLevel(level)

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import logging
+import os
+import shutil
 import signal
 import ssl
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 
 from common.env import read_file, split_hostport, why
@@ -95,25 +99,41 @@ async def _serve(cfg: config.ZenConfig, master: MasterSecret, trust: bytes, cert
     from data_plane.ca_client import CAClient
     from data_plane.keys import KeyManager
     from data_plane.mint import Minter
+    from data_plane.origins import OriginPool, Sessions
     from data_plane.proxy import Proxy
 
     client = CAClient(cfg.ca_addr, trust_pem=trust, cert_pem=cert, key_pem=key)
     km = KeyManager(client, master, require_lock=cfg.require_mlock, max_keys=cfg.max_keys)
     minter = Minter(leaf_hours=cfg.leaf_hours, cache_size=cfg.leaf_cache_size)
     km.on_key_gone.append(minter.forget)  # leaves minted under a key that is gone are forgotten with it
+    pool = OriginPool(max_idle=cfg.origin_pool, idle_seconds=cfg.origin_idle)
     proxy = Proxy(km, minter, roots[0], origin_h1_ctx=roots[1], resolve=dict(cfg.resolve),
-                  pac_proxies=list(cfg.pac_proxies))
+                  pac_proxies=list(cfg.pac_proxies), pool=pool, sessions=Sessions(seconds=cfg.origin_session_seconds))
+    km.on_key_gone.append(proxy.dialer.forget)  # an org whose key is gone keeps no origin connection nor session
     server = await _listen("KEYWARD_ZEN_LISTEN", cfg.listen, proxy.handle)
     host = split_hostport(cfg.listen)[0]
     bound = server.sockets[0].getsockname()[1]
     proxy.pac_proxies = list(cfg.pac_proxies) or [f"{host}:{bound}"]
+    sup = None
+    health = km.health
+    if cfg.workers > 1:  # the workers serve the socket; this process keeps the keys (data_plane/workers.py)
+        from data_plane.workers import Supervisor
+
+        sup = Supervisor(km, cfg.workers, [s.fileno() for s in server.sockets], proxy.pac_proxies)
+
+        def health() -> tuple[bool, dict[str, object]]:
+            assert sup is not None
+            ok, report = km.health()
+            w = sup.health()
+            report["workers"] = w
+            return ok and w["running"] == w["configured"], report
     if await km.check_master() is False:
         server.close()
         await client.close()
         raise StartupError(km.master_problem)
     if cfg.metrics_listen:
         try:
-            mport = metrics.serve(cfg.metrics_listen, km.health)
+            mport = metrics.serve(cfg.metrics_listen, health)
         except OSError as e:
             raise StartupError(f"KEYWARD_ZEN_METRICS_LISTEN={cfg.metrics_listen}: {why(e)}") from None
         log.info("metrics listening", extra={"port": mport})
@@ -121,7 +141,10 @@ async def _serve(cfg: config.ZenConfig, master: MasterSecret, trust: bytes, cert
         log.warning("the CA could not be reached at start: held keys and fail modes apply; the master secret "
                     "is compared with the CA's at first contact", extra={"master_check": km.master_check})
     km.start()
-    await server.start_serving()
+    if sup is not None:
+        await sup.start()
+    else:
+        await server.start_serving()
     # The check value is not secret: compare it with the CA's start line.
     log.info("ZEN listening", extra={"port": bound, "master_check": km.master_check})
     stop = asyncio.Event()
@@ -130,7 +153,10 @@ async def _serve(cfg: config.ZenConfig, master: MasterSecret, trust: bytes, cert
         loop.add_signal_handler(sig, stop.set)
     async with server:
         await stop.wait()
+    if sup is not None:
+        await sup.stop()
     await km.stop()
+    pool.close()
     await client.close()
 
 def _parser() -> argparse.ArgumentParser:
@@ -148,7 +174,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.from_env()
         logging.getLogger().setLevel(cfg.log_level)
         no_core_dumps()
-        asyncio.run(run(cfg))
+        if cfg.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # Before prometheus_client is imported, here and in the workers (which inherit it).
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="keyward-zen-metrics-")
+            atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], True)
+        if cfg.event_loop == "uvloop":
+            import uvloop
+
+            uvloop.run(run(cfg))
+        else:
+            asyncio.run(run(cfg))
     except (config.ZenConfigError, StartupError) as e:
         log.error("%s", e)
         return 2

@@ -73,6 +73,29 @@ class ZenConfig:
         "KEYWARD_ZEN_MAX_KEYS", "org keys open at once, each in its own signer process with locked memory (about "
         "40 MB); the least recently used is dropped to open another, so a flood of orgs cannot pin this ZEN's RAM",
         default=16, unit="keys")
+    origin_pool: int = _setting(
+        "KEYWARD_ZEN_ORIGIN_POOL", "idle origin connections kept for reuse, in all: a client connection to a site "
+        "this org's clients just used skips the origin's TCP connect and TLS handshake (most of the ZEN's CPU per "
+        "new connection); only under the same org, host, port and verified name; 0 keeps none",
+        default=256, unit="connections")
+    origin_idle: int = _setting(
+        "KEYWARD_ZEN_ORIGIN_IDLE", "how long an idle origin connection is kept (below most servers' keep-alive "
+        "timeouts; a pooled connection its origin closed first is replaced, for a request without a body)",
+        default=30, unit="seconds")
+    origin_session_seconds: int = _setting(
+        "KEYWARD_ZEN_ORIGIN_SESSIONS", "how long an origin's TLS session is kept for resumption, per org, host, "
+        "port and name: a new origin connection (no idle one fits) resumes it instead of a full handshake, and "
+        "the certificate the session holds is checked again for the name; never longer than the origin's ticket "
+        "allows; 0 keeps none", default=600, unit="seconds")
+    workers: int = _setting(
+        "KEYWARD_ZEN_WORKERS", "processes that serve proxy connections, sharing the listening socket, so the ZEN "
+        "uses more than one core; 1: this process serves them itself. With more, this process supervises: the "
+        "org keys stay one signer process per org, here, which signs for every worker; each worker has its own "
+        "leaf cache, leaf keys and origin connections, and metrics are summed over all", default=1, unit="processes")
+    event_loop: str = _setting(
+        "KEYWARD_ZEN_EVENT_LOOP", "uvloop (libuv; its TLS layer in Cython: about a quarter less CPU per intercepted "
+        "new connection and a third less per keep-alive request than asyncio's own loop, bench/zen_cpu.py) or "
+        "asyncio", default="uvloop", unit="uvloop/asyncio")
     require_mlock: bool = _setting(
         "KEYWARD_REQUIRE_MLOCK", "a key whose memory cannot be locked is not opened (its org's fail mode applies; "
         "/healthz says why)", default=True, unit="true/false")
@@ -105,6 +128,12 @@ def resolved(table: Mapping[str, str], names: PatternSet, host: str) -> str | No
     return table[hit] if hit is not None else None
 
 
+def _loop(name: str, raw: str) -> str:
+    if raw.strip().lower() not in ("uvloop", "asyncio"):
+        raise ZenConfigError(f"{name}={raw}: uvloop or asyncio")
+    return raw.strip().lower()
+
+
 def _list(name: str, raw: str) -> tuple[str, ...]:
     return tuple(address(name, x) for x in raw.split(",") if x.strip())
 
@@ -118,7 +147,12 @@ _PARSE: dict[str, Callable[[str, str], Any]] = {
     "leaf_cache_size": integer_in(1, 1_000_000),
     "leaf_hours": integer_in(1, 24 * 30),
     "max_keys": integer_in(1, 10000),
+    "origin_pool": integer_in(0, 100_000),
+    "origin_idle": integer_in(1, 3600),
+    "origin_session_seconds": integer_in(0, 86400),
     "require_mlock": boolean,
+    "event_loop": _loop,
+    "workers": integer_in(1, 64),
     "log_level": log_level,
 }
 _EMPTY_MEANS_OFF = {"metrics_listen"}

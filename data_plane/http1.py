@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MAX_HEAD = 64 * 1024
 
@@ -23,13 +23,16 @@ class Head:
     start: list[str]  # request: method, target, version; response: version, status, reason
     headers: list[tuple[str, str]]
     raw: bytes
+    _index: dict[str, str] | None = field(default=None, repr=False, compare=False)
 
     def get(self, name: str) -> str | None:
-        n = name.lower()
-        for k, v in self.headers:
-            if k.lower() == n:
-                return v
-        return None
+        """The first value of header ``name`` (any case)."""
+        if self._index is None:
+            index: dict[str, str] = {}
+            for k, v in self.headers:
+                index.setdefault(k.lower(), v)
+            self._index = index
+        return self._index.get(name.lower())
 
     def wants_close(self) -> bool:
         c = (self.get("connection") or "").lower()
@@ -37,10 +40,64 @@ class Head:
                                 and "keep-alive" not in c)
 
 
-async def read_head(reader: asyncio.StreamReader, timeout: float = 60) -> Head | None:
-    """The next message head, or None on a clean EOF before any byte."""
+class Deadline:
+    """A time limit on each wait for a message head of one connection (``read_head``), with one
+    timer for the connection instead of one per head: the timer, when it fires, compares the
+    time with the deadline last set; past it, the waiting task is cancelled, and ``read_head``
+    raises TimeoutError as ``asyncio.timeout`` would. For a task that reads heads one after the
+    other (a keep-alive connection: two heads a request); ``close`` at its end."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self._at: float | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self.expired = False
+
+    def start(self, seconds: float) -> None:
+        self._at = self._loop.time() + seconds
+        if self._handle is None:
+            self._handle = self._loop.call_at(self._at, self._fire)
+
+    def stop(self) -> None:
+        self._at = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        if self._at is None:
+            return
+        if self._loop.time() < self._at:  # pushed back since: wait for that
+            self._handle = self._loop.call_at(self._at, self._fire)
+            return
+        self.expired = True
+        self.task.cancel()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
+async def read_head(reader: asyncio.StreamReader, timeout: float = 60, deadline: Deadline | None = None
+                    ) -> Head | None:
+    """The next message head, or None on a clean EOF before any byte; TimeoutError after
+    ``timeout`` seconds (kept by ``deadline``, if given: the same connection's)."""
     try:
-        raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+        if deadline is None:
+            async with asyncio.timeout(timeout):  # a timer, not a task per head as wait_for makes
+                raw = await reader.readuntil(b"\r\n\r\n")
+        else:
+            deadline.start(timeout)
+            try:
+                raw = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.CancelledError:
+                if deadline.expired and deadline.task.uncancel() == 0:
+                    raise TimeoutError from None  # ours (another cancellation goes on as it is)
+                raise
+            finally:
+                deadline.stop()
     except asyncio.IncompleteReadError as e:
         if not e.partial:
             return None
@@ -89,13 +146,31 @@ def chunk_size(line: bytes) -> int:
     return int(size, 16)
 
 
+def bodiless(head: Head) -> bool:
+    """A request head that says no body follows."""
+    return head.get("transfer-encoding") is None and (head.get("content-length") or "0") == "0"
+
+
 async def copy_body(head: Head, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                    is_response: bool, request_method: str = "") -> tuple[int, bool]:
-    """Copy the body that follows ``head``. Returns (bytes, read_until_close)."""
+                    is_response: bool, request_method: str = "", before: bytes = b"") -> tuple[int, bool]:
+    """Copy the body that follows ``head``. Returns (bytes, read_until_close). ``before``
+    (the head itself) is written first, in the same write as the body's first bytes when
+    they are already here (one TLS record and one send, not two)."""
     if is_response:
         status = int(head.start[1]) if head.start[1].isdigit() else 0
         if request_method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+            if before:
+                writer.write(before)
             return 0, False
+    if before:
+        cl = head.get("content-length")
+        if cl is not None and cl.isdigit() and head.get("transfer-encoding") is None \
+                and 0 < int(cl) <= len(getattr(reader, "_buffer", b"")):
+            n = int(cl)  # the whole body is here already: head and body in one write
+            writer.write(before + await reader.readexactly(n))
+            await writer.drain()
+            return n, False
+        writer.write(before)
     te = (head.get("transfer-encoding") or "").lower()
     if "chunked" in te:
         n = 0

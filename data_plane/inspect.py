@@ -12,21 +12,32 @@ gets its 403 while the connection's other streams go on.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from h2.errors import ErrorCodes
 
+from common.logs import log_fields
 from data_plane import metrics
 from data_plane.h2conn import H2Endpoint, Inbound, StreamReset, code_name
-from data_plane.http1 import BodyReader, HttpError, check_framing, copy_body, read_head, splice
-from data_plane.messages import Header, MessageError, Request, Response, page_response, request_from_h1, request_from_h2
+from data_plane.http1 import BodyReader, Deadline, HttpError, bodiless, check_framing, copy_body, read_head, splice
+from data_plane.messages import (
+    Header,
+    MessageError,
+    Request,
+    Response,
+    page_response,
+    request_from_h1,
+    request_from_h2,
+    request_line,
+)
 from data_plane.policy import OrgPolicy, Verdict, request_verdict
 from data_plane.upstream import Upstream, UpstreamError
 
 access = logging.getLogger("keyward.zen.access")
+
+Redial = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
 _PAGES = {Verdict.BLOCK: (403, "{url} is blocked by your organization's policy."),
           Verdict.MISDIRECTED: (421, "{host} needs a connection of its own; your browser retries it.")}
@@ -45,6 +56,8 @@ class Session:
         self.org, self.name, self.names = org, name, names
         self._policy = policy
         self.client_proto, self.origin_proto = client_proto, origin_proto
+        self._inflight: set[asyncio.Task[Any]] = set()
+        """HTTP/2 requests being served (their tasks)."""
 
     def verdict(self, req: Request) -> Verdict:
         policy = self._policy()
@@ -52,12 +65,13 @@ class Session:
             return Verdict.BLOCK
         return request_verdict(policy, self.name, self.names, req.host, req.path)
 
+
     def refusal(self, verdict: Verdict, req: Request) -> tuple[Response, bytes]:
         status, text = _PAGES[verdict]
         return page_response(status, text.format(url=_html(req.host + req.path), host=_html(req.host)))
 
     def log(self, req: Request | None, status: int, nbytes: int, stream: int | None, **extra: Any) -> None:
-        metrics.REQUESTS.labels(self.org, str(status)).inc()
+        metrics.child(metrics.REQUESTS, self.org, str(status)).inc()
         line: dict[str, Any] = {"org": self.org, "method": req.method if req else None,
                                 "host": req.host if req else self.name, "path": req.path if req else None,
                                 "status": status, "bytes": nbytes, "protocol": self.client_proto}
@@ -66,7 +80,7 @@ class Session:
         if stream is not None:
             line["stream"] = stream
         line.update(extra)
-        access.info(json.dumps(line))
+        log_fields(access, line)
 
     # -- HTTP/2 clients
 
@@ -81,10 +95,22 @@ class Session:
         finally:
             if ep.error:
                 self.log(None, 0, 0, None, error=f"HTTP/2 connection error: {ep.error}")
+            if self._inflight:  # cancelled with the connection: their origin streams are released as they end
+                await asyncio.wait(list(self._inflight), timeout=1.0)
             await upstream.close()
 
     async def _h2_request(self, ep: H2Endpoint, sid: int, headers: list[Header], inbound: Inbound,
                           upstream: Upstream) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._inflight.add(task)
+        try:
+            await self._h2_exchange(ep, sid, headers, inbound, upstream)
+        finally:
+            self._inflight.discard(task)
+
+    async def _h2_exchange(self, ep: H2Endpoint, sid: int, headers: list[Header], inbound: Inbound,
+                           upstream: Upstream) -> None:
         try:
             req = request_from_h2(headers)
         except MessageError as e:
@@ -195,45 +221,77 @@ class Session:
         return True
 
     async def serve_h1_raw(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter,
-                           o_reader: asyncio.StreamReader, o_writer: asyncio.StreamWriter) -> None:
-        """HTTP/1.1 on both sides: heads parsed and decided, bytes copied as they are."""
-        while (head := await read_head(c_reader)) is not None:
+                           o_reader: asyncio.StreamReader, o_writer: asyncio.StreamWriter,
+                           redial: Redial | None = None) -> bool:
+        """HTTP/1.1 on both sides: heads parsed and decided, bytes copied as they are. True when
+        the client left with the origin connection at a message boundary (every exchange complete,
+        neither side asked to close): it may serve another client connection of the same key.
+
+        ``redial``: the origin connection was used before (pooled). If its origin closed it before
+        the first response began, a first request without a body goes again over the (new,
+        verified) connection ``redial`` opens."""
+        deadline = Deadline()  # the connection's: its heads are read one after the other
+        try:
+            return await self._relay_h1(c_reader, c_writer, o_reader, o_writer, redial, deadline)
+        finally:
+            deadline.close()
+
+    async def _relay_h1(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter,
+                        o_reader: asyncio.StreamReader, o_writer: asyncio.StreamWriter, redial: Redial | None,
+                        deadline: Deadline) -> bool:
+        while (head := await read_head(c_reader, deadline=deadline)) is not None:
             check_framing(head, is_request=True)
-            req = request_from_h1(head, self.name)
+            req = request_line(head, self.name)
             verdict = self.verdict(req)
             if verdict is not Verdict.FORWARD:
                 resp, page = self.refusal(verdict, req)
                 c_writer.write(resp.to_h1(chunked=False) + page)
                 await c_writer.drain()
                 self.log(req, resp.status, 0, None, **_REFUSED[verdict])
-                return
+                return False
             o_writer.write(head.raw)
             # The request body goes up while the answer is awaited: a client sending
-            # "Expect: 100-continue" waits for the 100 before its body.
-            upload = asyncio.create_task(copy_body(head, c_reader, o_writer, is_response=False))
+            # "Expect: 100-continue" waits for the 100 before its body. None to send: no task.
+            upload = None if bodiless(head) else asyncio.create_task(
+                copy_body(head, c_reader, o_writer, is_response=False))
             try:
                 while True:  # informational responses (100 Continue, 103 Early Hints) first, as they come
-                    resp_head = await read_head(o_reader)
+                    try:
+                        resp_head = await read_head(o_reader, deadline=deadline)
+                    except ConnectionError:
+                        if redial is None or upload is not None:
+                            raise
+                        resp_head = None
+                    if resp_head is None and redial is not None and upload is None:
+                        o_reader, o_writer = await redial()
+                        redial = None
+                        o_writer.write(head.raw)
+                        continue
+                    redial = None
                     if resp_head is None:
-                        return
-                    c_writer.write(resp_head.raw)
+                        return False
                     if not resp_head.start[1].startswith("1") or resp_head.start[1] == "101":
                         break
+                    c_writer.write(resp_head.raw)
                 status = resp_head.start[1]
                 if status == "101":  # an upgrade (WebSocket) the request's decision allowed: relayed as is
+                    c_writer.write(resp_head.raw)
                     self.log(req, 101, 0, None, upgraded=resp_head.get("upgrade") or "")
                     await splice(c_reader, c_writer, o_reader, o_writer)
-                    return
+                    return False
                 n, closed = await copy_body(resp_head, o_reader, c_writer, is_response=True,
-                                            request_method=req.method)
+                                            request_method=req.method, before=resp_head.raw)
                 self.log(req, int(status) if status.isdigit() else 0, n, None)
-                if not upload.done():
-                    return  # answered before the request body ended: this connection cannot go on
-                upload.result()
+                if upload is not None:
+                    if not upload.done():
+                        return False  # answered before the request body ended: this connection cannot go on
+                    upload.result()
             finally:
-                upload.cancel()
+                if upload is not None:
+                    upload.cancel()
             if closed or head.wants_close() or resp_head.wants_close():
-                return
+                return False
+        return True
 
 
 async def serve_page_h2(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int, text: str) -> None:

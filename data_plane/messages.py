@@ -140,6 +140,13 @@ def request_from_h1(head: Head, default_authority: str) -> Request:
     return Request(head.start[0], authority, path, _end_to_end(headers))
 
 
+def request_line(head: Head, default_authority: str) -> Request:
+    """:func:`request_from_h1` without the headers (empty): what is decided and logged of a
+    request relayed as it is (HTTP/1.1 on both sides: its bytes go as they came)."""
+    target_authority, path = split_target(head.start[1])
+    return Request(head.start[0], target_authority or head.get("host") or default_authority, path, ())
+
+
 def response_from_h2(headers: list[Header]) -> Response:
     status = dict(headers).get(b":status", b"")
     if not status.isdigit():

@@ -99,6 +99,17 @@ class Minter:
             self._keys[org_id] = k
         return k.key
 
+    def cached(self, org_id: str, key_id: str, host: str, alpn: tuple[str, ...]) -> ssl.SSLContext | None:
+        """The context :meth:`context_for` would return from its cache, or None (then call it, in a
+        thread): a cached leaf needs no thread."""
+        with self._lock:
+            hit = self._cache.get((org_id, key_id, host, alpn))
+            if hit and hit[1] > time.monotonic():
+                self._cache.move_to_end((org_id, key_id, host, alpn))
+                metrics.child(metrics.CERT_CACHE, "hit").inc()
+                return hit[0]
+        return None
+
     def context_for(self, org_id: str, key_id: str, signer: Signer, intermediate_pem: str, host: str,
                     origin_sans: list[str], alpn: tuple[str, ...] = ("http/1.1",), chain_pem: str = ""
                     ) -> ssl.SSLContext:
@@ -110,9 +121,9 @@ class Minter:
             hit = self._cache.get(ck)
             if hit and hit[1] > time.monotonic():
                 self._cache.move_to_end(ck)
-                metrics.CERT_CACHE.labels("hit").inc()
+                metrics.child(metrics.CERT_CACHE, "hit").inc()
                 return hit[0]
-            metrics.CERT_CACHE.labels("miss").inc()
+            metrics.child(metrics.CERT_CACHE, "miss").inc()
             leaf = self._leaf_key(org_id)
             self._serial += 1
             serial = self._serial

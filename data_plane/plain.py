@@ -8,11 +8,11 @@ one access-log line per request. The I/O shell around ``policy``.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
+from common.logs import log_fields
 from data_plane import metrics
 from data_plane.http1 import Head, check_framing, copy_body, read_head
 from data_plane.messages import page_response
@@ -42,8 +42,8 @@ async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, or
         writer.write(_page(403, f"{_html(host + path)} is blocked by your organization's policy."))
         await writer.drain()
         metrics.REQUESTS.labels(org, "403").inc()
-        access.info(json.dumps({"org": org, "method": head.start[0], "host": host, "path": path, "status": 403,
-                                "bytes": 0, "blocked": True}))
+        log_fields(access, {"org": org, "method": head.start[0], "host": host, "path": path, "status": 403,
+                                "bytes": 0, "blocked": True})
         return False
     try:
         o_reader, o_writer = await asyncio.wait_for(
@@ -65,8 +65,8 @@ async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, or
         writer.write(resp.raw)
         n, closed = await copy_body(resp, o_reader, writer, is_response=True, request_method=head.start[0])
         metrics.REQUESTS.labels(org, resp.start[1]).inc()
-        access.info(json.dumps({"org": org, "method": head.start[0], "host": host, "path": path,
-                                "status": int(resp.start[1]) if resp.start[1].isdigit() else 0, "bytes": n}))
+        log_fields(access, {"org": org, "method": head.start[0], "host": host, "path": path,
+                                "status": int(resp.start[1]) if resp.start[1].isdigit() else 0, "bytes": n})
         return not (closed or head.wants_close() or resp.wants_close())
     finally:
         o_writer.close()

@@ -97,6 +97,8 @@ def normalize_path(path: str) -> str:
     dot segments removed (``/public/../private``), empty segments kept; letter case kept (paths
     are case-sensitive). The query stays as it is. Used only to match, never to forward."""
     path, q, query = path.partition("?")
+    if "%" not in path and "/." not in path and not path.startswith("."):
+        return path + q + query  # nothing to decode, no dot segment: as it is
     out, i = [], 0
     while i < len(path):
         c = path[i]

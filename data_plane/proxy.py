@@ -14,23 +14,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
-import json
 import logging
-import os
-import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from typing import cast
 
 from common.ids import is_id
-from common.policy import PatternSet
+from common.logs import log_fields
 from data_plane import metrics, plain
-from data_plane.clienthello import MAX_HELLO, ClientHello, NotTls, decide, needed, parse
-from data_plane.config import resolved
+from data_plane.clienthello import NotTls, decide
 from data_plane.h2conn import H2Endpoint
 from data_plane.http1 import HttpError, read_head, splice
 from data_plane.inspect import Session, serve_page_h2
 from data_plane.keys import KeyManager, OrgKey
 from data_plane.mint import Minter
+from data_plane.origins import Dialer, Key, Origin, OriginContext, OriginPool, Sessions
+from data_plane.peek import peek_client_hello
 from data_plane.policy import Action, connect_action, org_for
 from data_plane.proxyauth import ProxyAuth, Verdict, basic_credentials
 from data_plane.upstream import H1Upstream, H2Upstream, Upstream
@@ -56,18 +54,18 @@ class Proxy:
     def __init__(self, km: KeyManager, minter: Minter, origin_ctx: ssl.SSLContext, *,
                  origin_h1_ctx: ssl.SSLContext | None = None,
                  resolve: dict[str, str] | None = None, pac_proxies: list[str] | None = None,
-                 auth: ProxyAuth | None = None) -> None:
+                 auth: ProxyAuth | None = None, pool: OriginPool | None = None,
+                 sessions: Sessions | None = None) -> None:
         self.km = km
         self.minter = minter
         self.origin_ctx = origin_ctx
         self.origin_h1_ctx = origin_h1_ctx or origin_ctx
-        self.resolve = resolve or {}
-        self._resolve_names = PatternSet(tuple(self.resolve))
+        self.dialer = Dialer(self.origin_ctx, self.origin_h1_ctx, resolve or {}, pool, sessions)
         self.pac_proxies = pac_proxies or []
         self.auth = auth or ProxyAuth()
 
     def _addr(self, host: str) -> str:
-        return resolved(self.resolve, self._resolve_names, host) or host
+        return self.dialer.addr(host)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("?", 0)
@@ -113,7 +111,7 @@ class Proxy:
                             policy = await self.km.learn(creds[0])
                     if verdict is not Verdict.THROTTLED:
                         verdict = await self.auth.check(policy, creds[1], ip)
-                    metrics.PROXY_AUTH.labels(verdict.value).inc()
+                    metrics.child(metrics.PROXY_AUTH, verdict.value).inc()
                 if verdict is Verdict.OK and creds is not None:
                     org = creds[0]
                 elif verdict is Verdict.THROTTLED:
@@ -130,7 +128,7 @@ class Proxy:
                                       'Proxy-Authenticate: Basic realm="keyward"\r\n'))
                     await writer.drain()
                     return
-            metrics.CONNECTIONS.labels(org).inc()
+            metrics.child(metrics.CONNECTIONS, org).inc()
             if method == "CONNECT":
                 await self._connect(reader, writer, org, target)
                 return
@@ -175,52 +173,55 @@ class Proxy:
                                   "fail-closed."))
             await writer.drain()
             return
-        try:  # TCP to the CONNECT host's address; TLS comes once the name is known
-            o_reader, o_writer = await asyncio.wait_for(asyncio.open_connection(self._addr(host), port),
-                                                        CONNECT_TIMEOUT)
-        except (TimeoutError, OSError) as e:
-            self._failed(org, f"{host}:{port}", 502, f"cannot reach {host}: {str(e) or type(e).__name__}")
-            writer.write(page(502, "Bad Gateway", f"cannot reach {_html(host)}: {_html(str(e))}"))
-            await writer.drain()
-            return
+        origin = Origin((org, host, port, host, False))
+        # TCP to the CONNECT host's address; TLS comes once the name is known. When a connection of
+        # this org to that host:port is idle, TCP waits for the name: the pooled one may do.
+        if not (first is Action.INTERCEPT and self.dialer.pool.has_host(org, host, port)):
+            try:
+                origin.reader, origin.writer = await self.dialer.tcp(host, port)
+            except (TimeoutError, OSError) as e:
+                self._failed(org, f"{host}:{port}", 502, f"cannot reach {host}: {str(e) or type(e).__name__}")
+                writer.write(page(502, "Bad Gateway", f"cannot reach {_html(host)}: {_html(str(e))}"))
+                await writer.drain()
+                return
         try:
-            await self._after_connect(reader, writer, o_reader, o_writer, org, host, port, first, key)
+            await self._after_connect(reader, writer, origin, org, host, port, first, key)
         finally:
             # Whatever happens from here on (a client that never completes its handshake, sends
-            # no TLS at all, or hangs up), the origin connection goes with the client's.
+            # no TLS at all, or hangs up), the origin connection goes with the client's, unless it
+            # was given back at a message boundary (then it is in the pool, and origin has none).
             with contextlib.suppress(Exception):
-                o_writer.close()
+                self.dialer.release(origin, reusable=False)
 
     def _decided(self, org: str, host: str, port: int, sni: str | None, action: Action, name: str, why: str,
                  **answer: object) -> None:
-        metrics.DECISIONS.labels(org, {Action.INTERCEPT: "intercepted", Action.TUNNEL: "tunnelled",
+        metrics.child(metrics.DECISIONS, org, {Action.INTERCEPT: "intercepted", Action.TUNNEL: "tunnelled",
                                        Action.BLOCK: "blocked", Action.REFUSE: "refused"}[action]).inc()
-        access.info(json.dumps({"org": org, "connect": f"{host}:{port}", "sni": sni, "name": name,
-                                "action": action.value, "why": why, **answer}))
+        log_fields(access, {"org": org, "connect": f"{host}:{port}", "sni": sni, "name": name,
+                                "action": action.value, "why": why, **answer})
 
     @staticmethod
     def _failed(org: str, target: str, status: int, reason: str) -> None:
         """The access line of a 502/503 page: the status and its reason."""
-        access.info(json.dumps({"org": org, "connect": target, "status": status, "reason": reason}))
+        log_fields(access, {"org": org, "connect": target, "status": status, "reason": reason})
 
-    async def _after_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                             o_reader: asyncio.StreamReader, o_writer: asyncio.StreamWriter, org: str, host: str,
-                             port: int, first: Action, key: OrgKey | None) -> None:
+    async def _after_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, origin: Origin,
+                             org: str, host: str, port: int, first: Action, key: OrgKey | None) -> None:
         # Keep the ClientHello in the socket, for the TLS layer, while it is read for the decision.
-        transport = writer.transport
-        assert isinstance(transport, asyncio.Transport)  # a TCP connection's: it reads too
+        # A TCP connection's: it reads too (uvloop's transports have asyncio.Transport's methods, not its class).
+        transport = cast(asyncio.Transport, writer.transport)
         transport.pause_reading()
         writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         await writer.drain()
         try:
             if getattr(reader, "_buffer", b""):  # bytes sent before our 200: not a TLS client we can serve
                 raise NotTls("data before the tunnel was established")
-            hello = await self._client_hello(writer)
+            hello = await peek_client_hello(writer, CONNECT_TIMEOUT)
         except (NotTls, TimeoutError, OSError) as e:
-            if first is Action.TUNNEL:  # a do-not-inspect host: whatever it speaks, tunnelled as before
+            if first is Action.TUNNEL and origin.reader and origin.writer:  # do-not-inspect: tunnelled as before
                 self._decided(org, host, port, None, first, host, f"policy for {host}; not TLS ({e})")
                 transport.resume_reading()
-                await self._splice(reader, writer, o_reader, o_writer)
+                await self._splice(reader, writer, origin.reader, origin.writer)
             return
         policy = self.km.policies[org]
         verdicts = {host: first}
@@ -232,17 +233,34 @@ class Proxy:
                         hello.sni: connect_action(policy, hello.sni, have_key=key is not None)}
         action, name, why = decide(host, hello.sni, verdicts)
         self._decided(org, host, port, hello.sni, action, name, why)
-        if action is Action.TUNNEL:
+        if action is Action.TUNNEL and origin.reader and origin.writer:  # (first was TUNNEL: TCP is open)
             transport.resume_reading()
-            await self._splice(reader, writer, o_reader, o_writer)
+            await self._splice(reader, writer, origin.reader, origin.writer)
             return
         if action is not Action.INTERCEPT or key is None:
             return  # after the 200 there is no page to send in plaintext: the connection is closed
-        # The origin, over the same TCP connection, must prove the name the leaf will carry. A client
-        # that offered no h2 gets an HTTP/1.1 origin at once (no reconnect).
-        origin_ctx = self.origin_ctx if "h2" in hello.alpn else self.origin_h1_ctx
+        # A client that offered no h2 gets an HTTP/1.1 origin at once (no reconnect).
+        okey: Key = (org, host, port, name, "h2" in hello.alpn)
+        pooled = self.dialer.take(okey)
+        if pooled is not None:  # made for this org, host:port and name, verified then, at a message boundary
+            self.dialer.release(origin, reusable=False)  # a TCP connection opened meanwhile, if any
+            # Into the caller's Origin: whatever happens next, its ``finally`` releases this one.
+            origin.key, origin.reader, origin.writer = pooled.key, pooled.reader, pooled.writer
+            origin.proto, origin.sans, origin.reused = pooled.proto, pooled.sans, True
+            origin.ep, origin.task = pooled.ep, pooled.task
+            await self._intercept(reader, writer, origin, org, name, host, port, key, hello.alpn)
+            return
+        origin.key = okey
+        if origin.writer is None:  # TCP waited for the name, and no pooled connection fits it
+            try:
+                origin.reader, origin.writer = await self.dialer.tcp(host, port)
+            except (TimeoutError, OSError) as e:
+                await self._tls_page(reader, writer, org, key, name, 502, "Bad Gateway",
+                                     f"cannot reach {_html(host)}: {_html(str(e))}", hello.alpn)
+                return
+        # The origin, over the same TCP connection, must prove the name the leaf will carry.
         try:
-            await asyncio.wait_for(o_writer.start_tls(origin_ctx, server_hostname=name), CONNECT_TIMEOUT)
+            await self.dialer.handshake(origin)
         except ssl.SSLCertVerificationError as e:
             await self._tls_page(reader, writer, org, key, name, 502, "Bad Gateway",
                                  f"The certificate of {_html(name)} is not trusted "
@@ -250,7 +268,7 @@ class Proxy:
                                  hello.alpn)
             return
         except (TimeoutError, OSError, ssl.SSLError) as e:
-            if origin_ctx is self.origin_h1_ctx and "no application protocol" in str(e).lower().replace("_", " "):
+            if not okey[4] and "no application protocol" in str(e).lower().replace("_", " "):
                 # An HTTP/2-only origin refused the HTTP/1.1 client's protocol: reach it over HTTP/2
                 # on a new connection, and translate (inspect.Session.serve_h1).
                 await self._intercept_again(reader, writer, org, name, host, port, key, hello.alpn)
@@ -259,57 +277,24 @@ class Proxy:
                                  f"cannot reach {_html(name)}: {_html(str(e))}",
                                  hello.alpn)
             return
-        await self._intercept(reader, writer, o_reader, o_writer, org, name, host, port, key, hello.alpn)
+        await self._intercept(reader, writer, origin, org, name, host, port, key, hello.alpn)
 
     async def _intercept_again(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, org: str,
                                name: str, host: str, port: int, key: OrgKey, client_alpn: tuple[str, ...]) -> None:
+        origin = Origin((org, host, port, name, True))
         try:
-            o_reader, o_writer = await asyncio.wait_for(asyncio.open_connection(
-                self._addr(host), port, ssl=self.origin_ctx, server_hostname=name, limit=64 * 1024), CONNECT_TIMEOUT)
+            origin.reader, origin.writer = await self.dialer.tcp(host, port)
+            await self.dialer.handshake(origin)
         except (TimeoutError, OSError, ssl.SSLError) as e:
+            self.dialer.release(origin, reusable=False)
             await self._tls_page(reader, writer, org, key, name, 502, "Bad Gateway",
                                  f"cannot reach {_html(name)}: {_html(str(e))}",
                                  client_alpn)
             return
         try:
-            await self._intercept(reader, writer, o_reader, o_writer, org, name, host, port, key, client_alpn)
+            await self._intercept(reader, writer, origin, org, name, host, port, key, client_alpn)
         finally:
-            o_writer.close()
-
-    async def _client_hello(self, writer: asyncio.StreamWriter) -> ClientHello:
-        """Peek at the client's ClientHello (MSG_PEEK: it stays for the TLS layer), waiting with
-        SO_RCVLOWAT for as many bytes as its record headers announce (no polling)."""
-        loop = asyncio.get_running_loop()
-        sock = writer.get_extra_info("socket")
-        # A duplicate descriptor of the same socket: the transport owns the original in the loop.
-        dup = socket.socket(fileno=os.dup(sock.fileno()))
-        dup.setblocking(False)
-        try:
-            async with asyncio.timeout(CONNECT_TIMEOUT):
-                want = 5
-                while True:
-                    dup.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, min(want, MAX_HELLO))
-                    ready: asyncio.Future[None] = loop.create_future()
-
-                    def wake(f: asyncio.Future[None] = ready) -> None:
-                        if not f.done():
-                            f.set_result(None)
-                    loop.add_reader(dup.fileno(), wake)
-                    try:
-                        await ready
-                    finally:
-                        loop.remove_reader(dup.fileno())
-                    buf = dup.recv(MAX_HELLO, socket.MSG_PEEK)
-                    if not buf:
-                        raise NotTls("the client closed the connection")
-                    hello = parse(buf)
-                    if hello is not None:
-                        return hello
-                    want = needed(buf)
-        finally:
-            with contextlib.suppress(OSError):
-                dup.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-            dup.close()
+            self.dialer.release(origin, reusable=False)
 
     async def _tls_page(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, org: str, key: OrgKey,
                         name: str, status: int, reason: str, text: str, client_alpn: tuple[str, ...]) -> None:
@@ -327,39 +312,67 @@ class Proxy:
         writer.write(page(status, reason, text))
         await writer.drain()
 
-    async def _intercept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                         o_reader: asyncio.StreamReader, o_writer: asyncio.StreamWriter, org: str, name: str,
-                         host: str, port: int, key: OrgKey, client_alpn: tuple[str, ...]) -> None:
+    async def _intercept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, origin: Origin,
+                         org: str, name: str, host: str, port: int, key: OrgKey, client_alpn: tuple[str, ...]) -> None:
         """Both handshakes done: every request is inspected (``inspect.Session``), in the protocol
-        each side chose; HTTP/2 is offered to a client that offers it, whatever the origin speaks."""
-        sslobj = o_writer.get_extra_info("ssl_object")
-        peer = sslobj.getpeercert() if sslobj else None
-        sans = [v for k, v in (peer or {}).get("subjectAltName", ()) if k in ("DNS", "IP Address")]
-        origin_proto = (sslobj.selected_alpn_protocol() if sslobj else None) or "http/1.1"
+        each side chose; HTTP/2 is offered to a client that offers it, whatever the origin speaks.
+        An origin connection left at a message boundary goes back to the pool (``origin.key``)."""
+        assert origin.ep is not None or (origin.reader is not None and origin.writer is not None)
+        sans = list(origin.sans)
+        origin_proto = origin.proto
         alpn = ("h2", "http/1.1") if "h2" in client_alpn else ("http/1.1",)
-        ctx = await asyncio.to_thread(self.minter.context_for, org, key.key_id, key.signer, key.certificate_pem,
-                                      name, sans, alpn, key.chain_pem)
+        ctx = self.minter.cached(org, key.key_id, name, alpn)  # a cached leaf needs no thread
+        if ctx is None:
+            ctx = await asyncio.to_thread(self.minter.context_for, org, key.key_id, key.signer, key.certificate_pem,
+                                          name, sans, alpn, key.chain_pem)
         await writer.start_tls(ctx)
         c_ssl = writer.get_extra_info("ssl_object")
         client_proto = (c_ssl.selected_alpn_protocol() if c_ssl else None) or "http/1.1"
         session = Session(org, name, tuple(sans), lambda: self.km.policies.get(org), client_proto, origin_proto)
         if client_proto != "h2" and origin_proto != "h2":
-            await session.serve_h1_raw(reader, writer, o_reader, o_writer)
-            return
+            assert origin.reader is not None and origin.writer is not None
 
-        def connect(ctx: ssl.SSLContext) -> Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]:
-            async def open_() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-                return await asyncio.wait_for(asyncio.open_connection(
-                    self._addr(host), port, ssl=ctx, server_hostname=name, limit=64 * 1024), CONNECT_TIMEOUT)
-            return open_
+            async def redial() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+                # The pooled connection was closed by its origin before it answered: a new one, verified.
+                self.dialer.release(origin, reusable=False)
+                origin.reader, origin.writer = await self.dialer.open(origin.key)
+                origin.reused = False
+                return origin.reader, origin.writer
+            kept = await session.serve_h1_raw(reader, writer, origin.reader, origin.writer,
+                                              redial if origin.reused else None)
+            self.dialer.release(origin, reusable=kept)
+            return
+        h1_key: Key = (*origin.key[:4], False)
+
+        async def open_h1() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            o = self.dialer.take(h1_key)
+            return (o.reader, o.writer) if o and o.reader and o.writer else await self.dialer.open(h1_key)
+
+        async def open_h2() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            return await self.dialer.open((*origin.key[:4], True))
 
         upstream: Upstream
         if origin_proto == "h2":
-            ep = H2Endpoint(o_reader, o_writer, client_side=True)
-            await ep.start()
-            upstream = H2Upstream(ep, connect(self.origin_ctx))
-        else:
-            upstream = H1Upstream((o_reader, o_writer), connect(self.origin_h1_ctx))
+            if origin.ep is not None:  # pooled: its endpoint is read by its task already
+                ep, running, origin.ep, origin.task = origin.ep, origin.task, None, None
+            else:
+                assert origin.reader is not None and origin.writer is not None
+                ep, running = H2Endpoint(origin.reader, origin.writer, client_side=True), None
+                await ep.start()
+            sslobj = ep.writer.get_extra_info("ssl_object")
+            origin.reader = origin.writer = None  # the endpoint's now: H2Upstream closes it, or gives it back
+            upstream = H2Upstream(ep, open_h2, running, lambda e, t: self.dialer.give_back_h2(origin.key, e, t))
+            try:
+                await (session.serve_h2 if client_proto == "h2" else session.serve_h1)(reader, writer, upstream)
+            finally:  # its ticket came after the handshake: the session is resumable now
+                with contextlib.suppress(Exception):
+                    self.dialer.sessions.save(origin.key, sslobj)
+            return
+        assert origin.reader is not None and origin.writer is not None
+        first = (origin.reader, origin.writer)
+        origin.reader = origin.writer = None  # the upstream's now: it gives back what is idle at its end
+        upstream = H1Upstream(first, open_h1, lambda r, w: self.dialer.give_back(
+            origin.key if w is first[1] else h1_key, r, w), reused={first[1]} if origin.reused else None)
         if client_proto == "h2":
             await session.serve_h2(reader, writer, upstream)
         else:
@@ -372,10 +385,11 @@ class Proxy:
 
 
 def origin_context(extra_roots_file: str, alpn: tuple[str, ...] = ("h2", "http/1.1")) -> ssl.SSLContext:
-    """Verifies origins against the system store plus the extra roots."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    """Verifies origins against the system store plus the extra roots (as ssl.create_default_context
+    does), and offers the session ``origins.offering`` names for resumption."""
+    ctx = OriginContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname, as the default context
+    ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     if extra_roots_file:
         ctx.load_verify_locations(cafile=extra_roots_file)
     ctx.set_alpn_protocols(list(alpn))
     return ctx
-

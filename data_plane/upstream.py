@@ -6,10 +6,13 @@ The caller reads the body to its end inside the block; leaving the block early a
 the exchange (an HTTP/2 stream is reset with CANCEL, an HTTP/1.1 connection closed).
 
 - ``H2Upstream``: every request a stream of one HTTP/2 connection; after the origin's
-  GOAWAY, new requests go over a new connection (verified as the first was).
+  GOAWAY, new requests go over a new connection (verified as the first was); at ``close`` a
+  connection with no stream open goes to ``release`` (the origin pool), if given.
 - ``H1Upstream``: one request at a time per HTTP/1.1 connection; up to ``H1_CONNECTIONS``
   connections per intercepted client connection (as browsers do per host), reused when an
-  exchange ends cleanly.
+  exchange ends cleanly; at ``close`` those idle go to ``release`` (the origin pool), if given.
+  A connection that was used before (``reused``: pooled) and turns out closed before its first
+  response begins is replaced once for a request without a body.
 
 Failures before a response are ``UpstreamError`` (the client gets a 502 with the reason), or
 ``StreamReset`` from the origin's RST_STREAM (passed on to the client).
@@ -59,15 +62,21 @@ class Upstream(Protocol):
 
 
 class H2Upstream:
-    def __init__(self, first: H2Endpoint, connect: Connect) -> None:
+    def __init__(self, first: H2Endpoint, connect: Connect, running: asyncio.Task[None] | None = None,
+                 release: Callable[[H2Endpoint, asyncio.Task[None]], None] | None = None) -> None:
+        """``running``: the task already reading ``first`` (a pooled connection); ``release``:
+        takes the connection at ``close`` when no stream is open on it (the origin pool)."""
         self._ep = first
         self._connect = connect
+        self._release = release
         self._runs: set[asyncio.Task[None]] = set()
-        self._keep(first)
+        self._run_of: dict[int, asyncio.Task[None]] = {}
+        self._keep(first, running)
 
-    def _keep(self, ep: H2Endpoint) -> None:
-        task = asyncio.create_task(ep.run())
+    def _keep(self, ep: H2Endpoint, task: asyncio.Task[None] | None = None) -> None:
+        task = task or asyncio.create_task(ep.run())
         self._runs.add(task)
+        self._run_of[id(ep)] = task
         task.add_done_callback(self._runs.discard)
 
     async def _endpoint(self) -> H2Endpoint:
@@ -123,29 +132,42 @@ class H2Upstream:
             ep.reset(sid, ErrorCodes.CANCEL)  # the client's body broke off: the request is incomplete
 
     async def close(self) -> None:
-        await self._ep.close()
+        ep, task = self._ep, self._run_of.get(id(self._ep))
+        if (self._release is not None and task is not None and not task.done() and not ep.closed and not ep.goaway
+                and not ep.inbound and not ep.responses and ep.conn.open_outbound_streams == 0):
+            self._runs.discard(task)  # it goes on reading the idle connection, in the pool
+            self._release(ep, task)
+        else:
+            await ep.close()
         for task in list(self._runs):
             task.cancel()
 
 
+Release = Callable[[asyncio.StreamReader, asyncio.StreamWriter], None]
+
+
 class H1Upstream:
-    def __init__(self, first: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None, connect: Connect) -> None:
+    def __init__(self, first: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None, connect: Connect,
+                 release: Release | None = None, reused: set[asyncio.StreamWriter] | None = None) -> None:
         self._idle = [first] if first else []
         self._connect = connect
+        self._release = release
+        self._reused = reused or set()
         self._slots = asyncio.Semaphore(H1_CONNECTIONS)
         self._open: set[asyncio.StreamWriter] = {first[1]} if first else set()
+
+    async def _new(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        try:
+            reader, writer = await self._connect()
+        except (TimeoutError, OSError) as e:
+            raise UpstreamError(f"cannot open another connection to the origin: {e}") from None
+        self._open.add(writer)
+        return reader, writer
 
     @contextlib.asynccontextmanager
     async def exchange(self, req: Request, body: Body, on_info: OnInfo) -> AsyncIterator[tuple[Response, Body]]:
         async with self._slots:
-            if self._idle:
-                reader, writer = self._idle.pop()
-            else:
-                try:
-                    reader, writer = await self._connect()
-                except (TimeoutError, OSError) as e:
-                    raise UpstreamError(f"cannot open another connection to the origin: {e}") from None
-                self._open.add(writer)
+            reader, writer = self._idle.pop() if self._idle else await self._new()
             reusable = False
             pump: asyncio.Task[None] | None = None
             try:
@@ -155,9 +177,23 @@ class H1Upstream:
                 writer.write(req.to_h1(chunked=chunked))
                 pump = None if body.empty else asyncio.create_task(self._pump(writer, body, chunked))
                 while True:
-                    head = await read_head(reader)
+                    try:
+                        head = await read_head(reader)
+                    except ConnectionError:
+                        if writer not in self._reused or not body.empty:
+                            raise
+                        head = None
+                    if head is None and writer in self._reused and body.empty:
+                        # Pooled, and closed by its origin meanwhile: the request again, on a new connection.
+                        self._reused.discard(writer)
+                        self._open.discard(writer)
+                        writer.close()
+                        reader, writer = await self._new()
+                        writer.write(req.to_h1(chunked=chunked))
+                        continue
                     if head is None:
                         raise UpstreamError("the origin closed the connection without a response")
+                    self._reused.discard(writer)
                     try:
                         resp = response_from_h1(head)
                     except MessageError as e:
@@ -193,7 +229,11 @@ class H1Upstream:
             await writer.drain()
 
     async def close(self) -> None:
+        idle = {w: r for r, w in self._idle} if self._release else {}
         for writer in self._open:
-            writer.close()
+            if writer in idle and self._release is not None:
+                self._release(idle[writer], writer)
+            else:
+                writer.close()
         self._open.clear()
         self._idle.clear()

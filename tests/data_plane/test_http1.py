@@ -290,3 +290,39 @@ def test_framing_two_parsers_could_read_differently_is_refused(
                                      [("Transfer-Encoding", "gzip, chunked")]])
 def test_framing_that_can_only_be_read_one_way_passes(headers: list[tuple[str, str]]) -> None:
     check_framing(Head(["POST", "/", "HTTP/1.1"], headers, b""), is_request=True)
+
+
+def test_a_deadline_times_out_each_head_and_nothing_else() -> None:
+    """http1.Deadline: one timer per connection, each wait for a head limited as asyncio.timeout
+    limits it; the time between heads (a body being copied) is not limited; another
+    cancellation stays a cancellation."""
+    import asyncio
+
+    from data_plane.http1 import Deadline, read_head
+
+    async def main() -> None:
+        reader = asyncio.StreamReader()
+        deadline = Deadline()
+        reader.feed_data(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await read_head(reader, 0.2, deadline)
+        assert head is not None and head.start[1] == "/a"
+        await asyncio.sleep(0.3)  # not waiting for a head: no limit
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.1, reader.feed_data, b"GET /b HTTP/1.1\r\n\r\n")
+        head = await read_head(reader, 0.2, deadline)  # in time, though the first deadline has passed
+        assert head is not None and head.start[1] == "/b"
+        t0 = loop.time()
+        with pytest.raises(TimeoutError):
+            await read_head(reader, 0.2, deadline)
+        assert 0.15 < loop.time() - t0 < 1.0
+        deadline.close()
+
+        async def cancelled() -> None:
+            d = Deadline()
+            await read_head(asyncio.StreamReader(), 5, d)
+        t = asyncio.create_task(cancelled())
+        await asyncio.sleep(0.05)
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+    asyncio.run(main())
