@@ -424,6 +424,12 @@ def main() -> None:
         stack.close()
     label = a.label or f"GetKeyPair, open-loop, {a.seconds:g} s per rate, {a.procs} client processes"
     md = table(r, label)
+    top = r["load"].get("1000")
+    storm = r["storm"]
+    if top is not None:
+        met = (not top["errors"] and top["latency"].get("p99_ms", 1e9) < 5.0) and not storm["errors"]
+        md += ("\nissue 13 target (1,000/s: p99 < 5 ms, no failure; the storm: no failure): "
+               f"{'met' if met else 'NOT met'}\n")
     print(json.dumps(r, indent=2))
     print(md)
     if a.out:

@@ -30,7 +30,7 @@ import contextlib
 import contextvars
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -62,14 +62,10 @@ class Stats:
     failed: int = 0
     withdrawn: int = 0
     largest: int = 0
-    sizes: list[int] = field(default_factory=list, repr=False)
-    """The sizes of the last :data:`GroupCommit.KEEP_SIZES` batches (for tests and the bench)."""
 
 
 class GroupCommit(Generic[T]):
     """Batches of items for one ``flush(items)`` coroutine at a time (see the module's contract)."""
-
-    KEEP_SIZES = 1000
 
     def __init__(self, flush: Callable[[Sequence[T]], Awaitable[None]], *, max_batch: int = 256,
                  on_batch: Callable[[int, BaseException | None], None] | None = None) -> None:
@@ -165,9 +161,6 @@ class GroupCommit(Generic[T]):
         s.items += n
         s.failed += error is not None
         s.largest = max(s.largest, n)
-        s.sizes.append(n)
-        if len(s.sizes) > self.KEEP_SIZES:
-            del s.sizes[: len(s.sizes) - self.KEEP_SIZES]
         if self._on_batch is not None:
             self._on_batch(n, error)
 
