@@ -78,7 +78,7 @@ class CAConfig:
     """KEYWARD_MAX_CONCURRENT_STREAMS per HTTP/2 connection (default 100)."""
 
     db_pool_size: int = 8
-    """KEYWARD_DB_POOL_SIZE, connections (default 8)."""
+    """KEYWARD_DB_POOL_SIZE, connections of each pool: the read-write one and each server's (default 8)."""
 
     require_mlock: bool = True
     """KEYWARD_REQUIRE_MLOCK (default true): refuse to start when the master

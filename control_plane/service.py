@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from control_plane import authz, certs, metrics
+from control_plane import authz, certs, metrics, spool
 from control_plane.calls import Servicer, rpc
 from control_plane.convert import (
     PolicyCache,
@@ -34,6 +34,7 @@ from control_plane.convert import (
     snapshot_to_pb,
 )
 from control_plane.custody import PendingKey, new_pending_key
+from control_plane.deadline import keep, remaining
 from control_plane.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -249,12 +250,11 @@ class KeyDistributionService(Servicer, pb_grpc.KeyDistributionServicer):
         name = authz.require_zen(ident)
         org_id = check_id(request.org_id, "org_id")
         floor = max(request.min_version, self._sent.get(org_id, 0))
-        # Pool, org and key from one snapshot: no key goes out on a binding just removed.
-        pool, org, key = await self.store.distribution_view(name, org_id)
-        if org is not None and (key.version if key else 0) < floor:
-            # A lagging standby answered: ask the primary, or fail rather
-            # than hand out a key older than one already sent.
-            pool, org, key = await self.store.distribution_view(name, org_id, replica_ok=False)
+        # Pool, org and key from one snapshot (no key goes out on a binding just removed), of any
+        # server not behind a key already sent (a lagging standby's is not taken), read in time for
+        # the audit that must precede the key (half the call at most: a short one still reads).
+        with keep(min(spool.RESERVE, remaining(0.0) / 2)):
+            pool, org, key = await self.store.distribution_view(name, org_id, floor=floor)
         if pool is None:
             raise PermissionDenied(f"ZEN pool {name!r} is not registered with the CA (RegisterZenPool)")
         if org is None or not pool.serves(org_id, org.policy.private_zen_only):

@@ -15,6 +15,11 @@ its row is not committed within DIRECT_TIMEOUT, or its batch failed for want
 of a database (the whole batch then does). Spool lines hold ids only, never
 key material. Without a spool file configured, a key whose sending cannot
 be audited is not sent.
+
+An event is in the log at least once: a transaction given up on (no answer
+within DIRECT_TIMEOUT) may still commit, and its spooled copies follow
+("spooled at ..."). Appending never waits for the flush, which writes to a
+primary that may be as stuck as the one the append stands in for.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from control_plane import metrics
-from control_plane.deadline import CALL_DEADLINE
+from control_plane.deadline import CALL_DEADLINE, remaining
 from control_plane.errors import DeadlineExceeded, KeywardError, Unavailable
 from control_plane.groupcommit import Closed, GroupCommit
 from control_plane.store import Actor, AuditEntry, Store
@@ -39,10 +44,14 @@ log = logging.getLogger("keyward.ca.audit")
 
 DIRECT_TIMEOUT = 1.0
 """How long a call waits for its KeySent row to commit before spooling it (with a spool)."""
-UNSPOOLED_TIMEOUT = 30.0
-"""How long it waits without a spool (bounded by the call's deadline too)."""
-REPLY_MARGIN = 0.5
-"""Of a call's deadline, kept for answering it (as :meth:`control_plane.store.tx.Database._tx` does)."""
+RESERVE = DIRECT_TIMEOUT + 0.5
+"""What :meth:`KeySentAuditor.key_sent` may take of a call's time: the direct write, then the
+spool's fsync and the reply. The key's read leaves it (:func:`control_plane.deadline.keep`)."""
+REPLY_MARGIN = 0.3
+"""Of a call's deadline, kept for the spool's fsync (or the caller's refusal) after the wait."""
+TX_RESERVE = 0.5
+"""What the store keeps back of a deadline (:meth:`control_plane.store.tx.Database._tx`): a batch's
+deadline is its most patient caller's end plus this, so its transaction ends by then."""
 MAX_BATCH = 256
 """KeySent rows in one transaction at most (spooled lines in one fsync: the same)."""
 FLUSH_SECONDS = 2.0
@@ -69,7 +78,10 @@ class KeySentAuditor:
     def __init__(self, store: Store, spool_path: str, *, max_batch: int = MAX_BATCH) -> None:
         self._store = store
         self._path = spool_path
-        self._lock = asyncio.Lock()  # the spool file: appends vs the replay that rewrites it
+        self._lock = asyncio.Lock()
+        """Held to append lines, and to read or rewrite the file; never while the flush writes to
+        the database (:attr:`_flushing`, one flush at a time)."""
+        self._flushing = asyncio.Lock()
         self.batches = GroupCommit(self._write, max_batch=max_batch, on_batch=_count)
         self._spool = GroupCommit(self._append_lines, max_batch=max_batch)
         metrics.AUDIT_ROWS_WAITING.set_function(lambda: self.batches.pending)
@@ -78,14 +90,14 @@ class KeySentAuditor:
     async def key_sent(self, actor: Actor, org_id: str, key_id: str, detail: str) -> None:
         """Return once the KeySent event is durable: its row committed, or its line in the spool
         file (raises :class:`Unavailable` when it is neither: the key must not be sent)."""
-        now = time.monotonic()
-        call_deadline = CALL_DEADLINE.get()
-        until = now + (DIRECT_TIMEOUT if self._path else UNSPOOLED_TIMEOUT)
-        if call_deadline is not None:
-            until = min(until, call_deadline - REPLY_MARGIN)
+        # Within the call's deadline, leaving the spool its fsync (or the caller its refusal).
+        wait = remaining(30.0) - REPLY_MARGIN
+        wait = min(DIRECT_TIMEOUT, wait) if self._path else wait
+        until = time.monotonic() + wait
         sent = _Sent(AuditEntry(actor, "KeySent", org_id=org_id, key_id=key_id, detail=detail), until)
         try:
-            async with asyncio.timeout(max(0.0, until - now)):
+            # Giving up only stops the waiting: the batch is everyone's (its row, once taken, may commit).
+            async with asyncio.timeout(max(0.0, wait)):
                 await self.batches.submit(sent)
             return
         except (Unavailable, DeadlineExceeded, Closed, TimeoutError):
@@ -98,11 +110,12 @@ class KeySentAuditor:
 
     async def _write(self, batch: Sequence[_Sent]) -> None:
         """One transaction for the batch's rows, bounded by its most patient caller: nobody
-        waits for it after that (the worker's own context: the deadline is the batch's)."""
+        waits for it after that (the worker's own context: the deadline is the batch's). Given up
+        on then, it is abandoned (:meth:`Store.bounded`), not waited out: the next batch goes on."""
         until = max(s.until for s in batch)
-        CALL_DEADLINE.set(until + REPLY_MARGIN)  # the store keeps REPLY_MARGIN back: it ends by `until`
-        async with asyncio.timeout(max(0.0, until - time.monotonic()) + 2.0):  # a backstop only
-            await self._store.audit_many([s.entry for s in batch])
+        CALL_DEADLINE.set(until + TX_RESERVE)  # the store keeps TX_RESERVE back: it ends by `until`
+        await self._store.bounded(self._store.audit_many([s.entry for s in batch]),
+                                  until + TX_RESERVE - time.monotonic())
 
     async def _append_lines(self, lines: Sequence[str]) -> None:
         async with self._lock:
@@ -116,16 +129,30 @@ class KeySentAuditor:
         finally:
             os.close(fd)
 
+    def _lines(self) -> list[str]:
+        try:
+            with open(self._path) as f:
+                return [ln for ln in f.read().splitlines() if ln.strip()]
+        except FileNotFoundError:
+            return []
+
+    def _drop(self, done: int) -> None:
+        """Remove the first ``done`` lines (written to the log), keeping any appended since."""
+        rest = self._lines()[done:]
+        tmp = self._path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write("".join(x + "\n" for x in rest))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._path)
+
     async def flush(self) -> int:
         """Write spooled events to the audit log (REPLAY_BATCH per transaction); return how many."""
         if not self._path:
             return 0
-        async with self._lock:
-            try:
-                with open(self._path) as f:
-                    lines = [ln for ln in f.read().splitlines() if ln.strip()]
-            except FileNotFoundError:
-                return 0
+        async with self._flushing:
+            async with self._lock:
+                lines = self._lines()
             done = 0
             try:
                 while done < len(lines):
@@ -135,13 +162,9 @@ class KeySentAuditor:
                                    detail=f"{e['detail']} (spooled at {e['at']})") for e in chunk])
                     done += len(chunk)
             finally:
-                rest = lines[done:]
-                tmp = self._path + ".tmp"
-                with open(tmp, "w") as f:
-                    f.write("".join(x + "\n" for x in rest))
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self._path)
+                if done:  # lines are only appended meanwhile: the first ``done`` are those written
+                    async with self._lock:
+                        await asyncio.to_thread(self._drop, done)
             if done:
                 log.info("wrote %d spooled KeySent audit events", done)
             return done

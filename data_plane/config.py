@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from common.env import SettingError, address, boolean, hostport, integer_in, log_level, text
+from common.policy import PatternSet, host_pattern, normalize_host
 
 ZenConfigError = SettingError
 """The ZEN's configuration is wrong; it refuses to start. The message names the setting."""
@@ -58,8 +59,9 @@ class ZenConfig:
     extra_roots_file: str = _setting(
         "KEYWARD_ZEN_EXTRA_ROOTS_FILE", "roots trusted for origins besides the system store", unit="PEM file")
     resolve: Mapping[str, str] = _setting(
-        "KEYWARD_ZEN_RESOLVE", "fixed name resolution of origins (labs, tests), like curl --resolve",
-        unit="host=ip,...", factory=dict, shown="(DNS)")
+        "KEYWARD_ZEN_RESOLVE", "fixed name resolution of origins (labs, tests), like curl --resolve; a host "
+        "*.example.test stands for example.test and every name below it (an exact entry wins, then the longest "
+        "domain)", unit="host=ip,...", factory=dict, shown="(DNS)")
     pac_proxies: tuple[str, ...] = _setting(
         "KEYWARD_ZEN_PAC_PROXIES", "the ZENs /proxy.pac lists", unit="host:port,...", default=(),
         shown="(this ZEN)")
@@ -84,12 +86,23 @@ def _resolve(name: str, raw: str) -> dict[str, str]:
         host, sep, ip = item.partition("=")
         if not sep or not host.strip():
             raise ZenConfigError(f"{name}: entry {item!r} is not host=ip")
+        if "*" in host and host_pattern(host) is None:
+            raise ZenConfigError(f"{name}: entry {item!r}: a wildcard is a first label *. before a domain "
+                                 "(*.example.test)")
         try:
             ipaddress.ip_address(ip.strip())
         except ValueError:
             raise ZenConfigError(f"{name}: entry {item!r}: {ip.strip()!r} is not an IP address") from None
-        out[host.strip().lower()] = ip.strip()
+        out[normalize_host(host)] = ip.strip()
     return out
+
+
+def resolved(table: Mapping[str, str], names: PatternSet, host: str) -> str | None:
+    """The address ``KEYWARD_ZEN_RESOLVE`` gives ``host`` (``names``: the table's keys, indexed), if
+    any: its exact entry, else the wildcard of the nearest domain (the policy's pattern rule,
+    ``common.policy``: ``*.example.test`` covers example.test and every name below it)."""
+    hit = names.match(host)
+    return table[hit] if hit is not None else None
 
 
 def _list(name: str, raw: str) -> tuple[str, ...]:

@@ -22,8 +22,10 @@ import ssl
 from collections.abc import Awaitable, Callable
 
 from common.ids import is_id
+from common.policy import PatternSet
 from data_plane import metrics, plain
 from data_plane.clienthello import MAX_HELLO, ClientHello, NotTls, decide, needed, parse
+from data_plane.config import resolved
 from data_plane.h2conn import H2Endpoint
 from data_plane.http1 import HttpError, read_head, splice
 from data_plane.inspect import Session, serve_page_h2
@@ -60,11 +62,12 @@ class Proxy:
         self.origin_ctx = origin_ctx
         self.origin_h1_ctx = origin_h1_ctx or origin_ctx
         self.resolve = resolve or {}
+        self._resolve_names = PatternSet(tuple(self.resolve))
         self.pac_proxies = pac_proxies or []
         self.auth = auth or ProxyAuth()
 
     def _addr(self, host: str) -> str:
-        return self.resolve.get(host.lower(), host)
+        return resolved(self.resolve, self._resolve_names, host) or host
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("?", 0)

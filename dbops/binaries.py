@@ -39,13 +39,13 @@ def chown_server(path: Path) -> None:
 
 
 def run(tool: str, *args: str, timeout: float = 300, env: dict[str, str] | None = None,
-        check: bool = True, netns: str = "") -> subprocess.CompletedProcess[str]:
+        check: bool = True, netns: str = "", pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess[str]:
     """Run a server binary; in network namespace ``netns`` when given (a postmaster started
     there listens, and is reached, only there)."""
     cmd = (["ip", "netns", "exec", netns] if netns else []) + as_server_user() + [str(bindir() / tool), *args]
     # From "/": the postgres user may not be allowed into the caller's folder (a clone in /root).
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd="/",
-                       env={**os.environ, **(env or {})})
+                       env={**os.environ, **(env or {})}, pass_fds=pass_fds)
     if check and p.returncode != 0:
         raise PgError(f"{tool} failed ({p.returncode}): {(p.stderr or p.stdout).strip()[-1500:]}")
     return p

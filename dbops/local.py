@@ -8,11 +8,13 @@ nodes (no ``datadir`` in the spec) are fenced by their orchestrator instead.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from dbops.binaries import PgError, chown_server, run, write_as_server
@@ -31,12 +33,23 @@ def logfile(node: Node) -> Path:
 
 
 def postmaster_pid(node: Node) -> int | None:
+    """The running postmaster of the node's data directory, or None. The pid file outlives a
+    killed server, and pids come round again (32768 here): a pid counts only if that process
+    works in this very directory (a postmaster's cwd is its data directory)."""
+    d = _datadir(node)
     try:
-        pid = int((_datadir(node) / "postmaster.pid").read_text().splitlines()[0])
+        pid = int((d / "postmaster.pid").read_text().splitlines()[0])
         os.kill(pid, 0)
-        return pid
     except (FileNotFoundError, ValueError, IndexError, ProcessLookupError):
         return None
+    try:
+        if os.readlink(f"/proc/{pid}/cwd") != str(d.resolve()):
+            return None  # another process now has that pid
+    except PermissionError:
+        pass  # not ours to inspect: trust the pid file, as pg_ctl does
+    except OSError:
+        return None  # gone meanwhile
+    return pid
 
 
 def _gone(pid: int) -> bool:
@@ -83,9 +96,10 @@ def node_conf(node: Node) -> str:
             f"cluster_name = '{node.name}'\n")
 
 
-def point_at(spec: ClusterSpec, node: Node, upstream: Node) -> None:
-    """Write standby.signal and the replication settings into the data directory."""
-    d = _datadir(node)
+def point_at(spec: ClusterSpec, node: Node, upstream: Node, *, datadir: Path | None = None) -> None:
+    """Write standby.signal and the replication settings into the data directory (``datadir``:
+    the node's, unless it is elsewhere for the moment)."""
+    d = datadir or _datadir(node)
     write_as_server(d / "standby.signal", "")
     write_as_server(
         d / "postgresql.auto.conf",
@@ -119,25 +133,123 @@ def stop(node: Node, mode: str = "fast") -> None:
 
 
 def rejoin(spec: ClusterSpec, node: Node, primary: Node) -> str:
-    """Bring ``node`` back as a standby of ``primary``. Returns how: 'rewind' or 'clone'."""
+    """Bring ``node`` back as a standby of ``primary``. Returns how: 'rewind' or 'clone'.
+
+    The data directory is renamed aside while it is rewound or replaced: a supervisor restarting
+    the server meanwhile (systemd, the fault campaign's harness) finds no data directory and
+    fails cleanly, instead of starting a server over files being rewritten (seen: a clone
+    removing the files of a server just started, which then replayed garbage WAL forever). An
+    interrupted rejoin (the watcher killed) is carried on from the renamed directory."""
     d = _datadir(node)
-    kill_node(node)
-    # pg_rewind first completes crash recovery itself (single-user mode) when needed.
+    with _rejoin_lock(node, d) as lock:
+        return _rejoin(spec, node, primary, d, lock)
+
+
+@contextlib.contextmanager
+def _rejoin_lock(node: Node, d: Path) -> Iterator[int]:
+    """One rejoin of a server at a time. The lock's descriptor is handed to pg_rewind and
+    pg_basebackup, so it is held for as long as one of them runs: they outlive a watcher killed
+    mid-rejoin, and a second rejoin over a directory still being rewritten corrupted its WAL
+    ("record with incorrect prev-link", never streaming again)."""
+    fd = os.open(d.parent / f"{d.name}.rejoin.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PgError(f"{node.name}: a rejoin is still running (a pg_rewind or pg_basebackup of a killed "
+                          "watcher, say); it is retried once that ends") from None
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _rejoin(spec: ClusterSpec, node: Node, primary: Node, d: Path, lock: int) -> str:
+    work = d.with_name(d.name + ".rejoining")
+    if d.exists() or not work.exists():
+        kill_node(node)
+        shutil.rmtree(work, ignore_errors=True)  # a leftover beside a live directory: the live one wins
+        os.rename(d, work)  # from here on nobody can start this server
+    _kill_working_in(work)  # a server started between the kill and the rename
     src = spec.conninfo(primary, dbname="postgres")
     how = "rewind"
-    # A node that never diverged rewinds trivially; one that did is rewound to the fork point.
-    for f in ("standby.signal",):
-        (d / f).unlink(missing_ok=True)
-    p = run("pg_rewind", "-D", str(d), f"--source-server={src}", timeout=600, check=False,
-            env={"PGPASSFILE": spec.passfile})
-    if p.returncode != 0:
+    if control_state(work) == "in archive recovery":
+        # A standby that crashed. pg_rewind would finish its crash recovery as a primary does,
+        # writing a checkpoint record of its own at the end of its WAL, where the new primary has
+        # other records on the same timeline: "no rewind required", then the restarted standby
+        # met its own record ("record with incorrect prev-link") and never streamed again. It
+        # recovers as a standby instead (no record written) and stops cleanly, then is rewound.
+        if not _recover_as_standby(work, node):
+            how = "clone; it could not recover as a standby"
+    else:  # a primary that crashed: pg_rewind completes its crash recovery itself (single-user mode)
+        (work / "standby.signal").unlink(missing_ok=True)
+    p = run("pg_rewind", "-D", str(work), f"--source-server={src}", timeout=600, check=False,
+            env={"PGPASSFILE": spec.passfile}, pass_fds=(lock,))
+    if how.startswith("clone") or p.returncode != 0:
         lines = (p.stderr or p.stdout).strip().splitlines()
-        how = f"clone; pg_rewind: {lines[-1][:160] if lines else p.returncode}"
-        shutil.rmtree(d, ignore_errors=True)
-        d.mkdir(mode=0o700)
-        chown_server(d)
-        run("pg_basebackup", "-h", primary.host, "-p", str(primary.port), "-U", spec.repl_user, "-D", str(d),
-            "-X", "stream", "-c", "fast", timeout=900, env={"PGPASSFILE": spec.passfile})
-    point_at(spec, node, primary)
-    start(node)
+        how = how if how.startswith("clone") else f"clone; pg_rewind: {lines[-1][:160] if lines else p.returncode}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(mode=0o700)
+        chown_server(work)
+        run("pg_basebackup", "-h", primary.host, "-p", str(primary.port), "-U", spec.repl_user, "-D", str(work),
+            "-X", "stream", "-c", "fast", timeout=900, env={"PGPASSFILE": spec.passfile}, pass_fds=(lock,))
+    point_at(spec, node, primary, datadir=work)
+    os.rename(work, d)
+    try:
+        start(node)
+    except PgError:
+        # A supervisor may start it first, now that the directory is back: running is what counts.
+        deadline = time.monotonic() + 15
+        while postmaster_pid(node) is None:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)  # poll interval of a bounded wait
     return how
+
+
+def control_state(d: Path) -> str:
+    """pg_controldata's "Database cluster state" (in production, in archive recovery, shut down,
+    shut down in recovery, ...); "" if it cannot be read."""
+    p = run("pg_controldata", "-D", str(d), check=False)
+    for line in p.stdout.splitlines():
+        if line.startswith("Database cluster state:"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def _recover_as_standby(d: Path, node: Node, timeout: int = 60) -> bool:
+    """Start the server in ``d`` as a standby with no upstream until it is consistent (its own
+    WAL replayed, nothing written), then stop it cleanly ("shut down in recovery", which
+    pg_rewind accepts). False if it could not (then it is cloned afresh)."""
+    write_as_server(d / "standby.signal", "")
+    write_as_server(d / "postgresql.auto.conf", "primary_conninfo = ''\nprimary_slot_name = ''\n", append=True)
+    log = str(d.parent / "server.log")
+    ok = run("pg_ctl", "start", "-D", str(d), "-l", log, "-w", "-t", str(timeout), check=False,
+             netns=node.netns).returncode == 0
+    if ok:
+        ok = run("pg_ctl", "stop", "-D", str(d), "-m", "fast", "-w", "-t", str(timeout), check=False).returncode == 0
+    if not ok:
+        _kill_working_in(d)
+    return ok and control_state(d) == "shut down in recovery"
+
+
+def _kill_working_in(d: Path, timeout: float = 15) -> None:
+    """SIGKILL every process whose working directory is ``d``: a postmaster (and each of its
+    children) works in its data directory. One started just before ``d`` was renamed has
+    followed it there, maybe before writing its pid file; one that had not yet changed into it
+    fails to (the old name is gone). So after the rename this finds every server that could
+    write into ``d``."""
+    target = str(d.resolve())
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.readlink(proc / "cwd") == target:
+                    pids.append(int(proc.name))
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while not all(_gone(p) for p in pids):
+        if time.monotonic() > deadline:
+            raise PgError(f"processes {pids} working in {d} survived SIGKILL for {timeout}s")
+        time.sleep(0.02)  # poll interval of a bounded wait

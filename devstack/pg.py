@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dbops.binaries import PgError, chown_server, run, write_as_server
+from dbops.local import postmaster_pid
 from dbops.spec import ClusterSpec, Node
 
 __all__ = ["PgError", "PgServer", "PgCluster", "free_port"]
@@ -158,12 +159,7 @@ class PgServer:
         )
 
     def pid(self) -> int | None:
-        try:
-            pid = int((self.datadir / "postmaster.pid").read_text().splitlines()[0])
-            os.kill(pid, 0)
-            return pid
-        except (FileNotFoundError, ValueError, IndexError, ProcessLookupError):
-            return None
+        return postmaster_pid(Node(self.name, self.host, self.port, str(self.datadir), self.netns))
 
     def running(self) -> bool:
         return self.pid() is not None

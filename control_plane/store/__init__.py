@@ -49,9 +49,9 @@ __all__ = [
 class Store(Orgs, Pools, Keys, Audit, Events, Wal):
     """The CA's database. Create with :meth:`open`, release with :meth:`close`.
 
-    Two pools over the same multi-host DSN: ``rw`` (target_session_attrs=
-    read-write) for every write and for the reads that decide one; ``ro``
-    (prefer-standby) for key-distribution reads, which fall back to ``rw``
-    when no standby answers in time, so ZENs keep getting keys while the
-    primary is down and admin writes never land on a standby.
+    A ``rw`` pool over the multi-host DSN (target_session_attrs=read-write)
+    for every write and for the reads that decide one; a pool per server for
+    key-distribution reads, standbys first, the next server asked too when one
+    is late (:mod:`.tx`), so ZENs keep getting keys while any server that holds
+    them answers and admin writes never land on a standby.
     """

@@ -8,13 +8,13 @@ Contract
   only a metadata tombstone (fingerprint, serial, dates) is kept in
   ``intermediate_history``. It calls ``on_retire``: the CA then removes the
   WAL that carried the key from every server's pg_wal in the background.
-* Distribution reads (:meth:`Keys.active_key`, :meth:`Keys.distribution_view`)
-  are replica-ok; the caller guards against a lagging standby by key version.
+* The distribution read (:meth:`Keys.distribution_view`) is replica-ok: it takes no
+  standby's answer behind the key version the caller has seen (its ``floor``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from control_plane.certs import CertInfo, KeyAlgorithm
@@ -174,42 +174,37 @@ class Keys(Writes):
                 " WHERE org_id = %s ORDER BY created_at DESC", (org_id, org_id))
             return [intermediate_row(r) for r in await cur.fetchall()]
 
-    async def distribution_view(self, pool_name: str, org_id: str, *, replica_ok: bool = True
+    async def distribution_view(self, pool_name: str, org_id: str, *, floor: int = 0
                                 ) -> tuple[PoolRow | None, OrgRow | None, ActiveKey | None]:
         """The pool, the org and its active key from ONE snapshot, so a key is
         never sent on the strength of a pool binding that a concurrent change
-        has just removed."""
-        box: dict[str, PoolRow | None] = {}
-
-        async def pool_q(conn: Conn) -> None:
+        has just removed. Replica-ok: from the first server whose snapshot holds
+        a key of version ``floor`` or newer (a standby may lag behind a key
+        already sent), else from the primary (no server holds a newer one)."""
+        async def q(conn: Conn) -> tuple[PoolRow | None, dict[str, Any] | None, dict[str, Any] | None]:
             await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            box["pool"] = await pool_row(conn, pool_name)
-
-        org, key = await self.active_key(org_id, replica_ok=replica_ok, before=pool_q)
-        return box.get("pool"), org, key
-
-    async def active_key(self, org_id: str, *, replica_ok: bool = True,
-                         before: Callable[[Conn], Awaitable[None]] | None = None,
-                         ) -> tuple[OrgRow | None, ActiveKey | None]:
-        """The org and its active key. Replica-ok by default (distribution);
-        the caller guards against a lagging standby by key version."""
-        async def q(conn: Conn) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-            if before is not None:
-                await before(conn)
+            pool = await pool_row(conn, pool_name)
             cur = await conn.execute(ORG_SELECT, (org_id,))
             o = await cur.fetchone()
             if o is None:
-                return None, None
+                return pool, None, None
             cur = await conn.execute(
                 "SELECT * FROM intermediate_keys WHERE org_id = %s AND state = 'active'", (org_id,))
-            return o, await cur.fetchone()
-        o, k = await self._read(q, replica_ok=replica_ok)
+            return pool, o, await cur.fetchone()
+
+        def recent(view: tuple[PoolRow | None, dict[str, Any] | None, dict[str, Any] | None]) -> bool:
+            _, o, k = view
+            if o is None:  # an org is never deleted: one a key was sent of exists
+                return floor == 0
+            return (k["version"] if k else 0) >= floor
+
+        pool, o, k = await self._replica_read(q, accept=recent)
         if o is None:
-            return None, None
+            return pool, None, None
         org = org_row(o)
         if k is None:
-            return org, None
-        return org, ActiveKey(
+            return pool, org, None
+        return pool, org, ActiveKey(
             org=org, key_id=str(k["key_id"]), version=k["version"], algorithm=KeyAlgorithm(k["algorithm"]),
             keylib_format=k["keylib_format"], spki_sha256=bytes(k["spki_sha256"]),
             sealed_key=bytes(k["sealed_key"]), certificate_pem=k["certificate_pem"],

@@ -2,12 +2,19 @@
 
 Contract
 --------
-* Two pools over the same multi-host DSN: ``rw`` (target_session_attrs=
-  read-write) for every write and for the reads that decide one; ``ro``
-  (prefer-standby) for key-distribution reads (:meth:`Database._replica_read`),
-  which fall back to ``rw`` when no standby answers within READ_TIMEOUT, so
-  ZENs keep getting keys while the primary is down and admin writes never land
-  on a standby.
+* A ``rw`` pool over the multi-host DSN (target_session_attrs=read-write) for
+  every write and for the reads that decide one, and one pool per server the
+  DSN lists (:class:`Server`, any role) for key-distribution reads
+  (:meth:`Database._replica_read`): standbys first, then the primary, so ZENs
+  keep getting keys while the primary is down and admin writes never land on
+  a standby.
+* A replica read is answered by the first server that answers within the
+  call's deadline: a server with no answer within :data:`HEDGE_SECONDS` gets
+  company (the next server is asked too), a server that failed or was late
+  goes last for :data:`SLOW_SECONDS`, and an attempt no longer waited for is
+  abandoned (:meth:`Database._abandon`), never waited out: psycopg ends a
+  cancelled query only once the server confirms it, seconds after the
+  deadline when the server is frozen or cut off.
 * A write transaction (:meth:`Database._tx` with ``write=True``) first takes one
   advisory lock, :data:`WRITE_LOCK`. Admin writes are rare; serializing them
   makes the audit chain and the key-event sequence strictly ordered by commit,
@@ -27,9 +34,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Self, TypeAlias, TypeVar
 
@@ -54,6 +63,13 @@ T = TypeVar("T")
 Conn: TypeAlias = AsyncConnection[dict[str, Any]]
 
 WRITE_LOCK = 0x6B657977  # "keyw": one advisory lock serializes CA writes
+
+HEDGE_SECONDS = 0.5
+"""A replica read a server has not answered within this (a healthy one answers in milliseconds) is
+asked of the next server too; the first answer wins."""
+SLOW_SECONDS = 10.0
+"""A server that failed a read, or did not answer it within HEDGE_SECONDS, is asked last for this
+long (or until it answers again): the reads that follow do not each wait for a frozen server."""
 
 # Answers only where the whole schema exists (its last table): what "ready" needs.
 SCHEMA_PROBE = "SELECT 1 FROM audit_events LIMIT 0"
@@ -82,16 +98,40 @@ def db_errors() -> Iterator[None]:
         raise Unavailable(f"database error ({type(e).__name__}); the request was not applied") from e
 
 
+@dataclass(eq=False)
+class Server:
+    """One server of the cluster, as replica reads see it: a pool of its own and what its
+    connections last told of it."""
+
+    name: str
+    """host:port, as the DSN lists it."""
+    pool: AsyncConnectionPool[Any] = field(init=False)
+    standby: bool | None = None
+    """As the server last reported it (``in_hot_standby``, which Postgres reports again on the first
+    query after a promotion); None until a connection was made."""
+    slow_until: float = 0.0
+    """time.monotonic() until which the server is asked last (SLOW_SECONDS)."""
+
+    def saw(self, conn: AsyncConnection[Any]) -> None:
+        hot = conn.info.parameter_status("in_hot_standby")
+        if hot is not None:
+            self.standby = hot == "on"
+
+    def rank(self, now: float) -> tuple[bool, bool]:
+        """Sort key: servers not slow first, then standbys (or not known yet) before the primary;
+        the DSN's order within each."""
+        return self.slow_until > now, self.standby is False
+
+
 class Database:
     """The connection pools and the transactions over them. Create with
     :meth:`open`, release with :meth:`close`."""
 
-    READ_TIMEOUT = 2.0
-
-    def __init__(self, dsn: str, rw: AsyncConnectionPool[Any], ro: AsyncConnectionPool[Any]) -> None:
+    def __init__(self, dsn: str, rw: AsyncConnectionPool[Any], servers: list[Server]) -> None:
         self._dsn = dsn
         self._rw = rw
-        self._ro = ro
+        self._servers = servers
+        self._abandoned: set[asyncio.Task[Any]] = set()
         self._notices: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
         self._pool_timeout = 5.0
         self._password: str | None = None
@@ -100,8 +140,8 @@ class Database:
         the CA wires it to its background WAL clean-up (:meth:`forget_retired_wal`)."""
 
     @staticmethod
-    def derive_dsns(dsn: str) -> tuple[str, str]:
-        """(read-write DSN, replica-ok DSN) from the configured DSN."""
+    def derive_dsns(dsn: str) -> tuple[str, list[tuple[str, str]]]:
+        """(read-write DSN, [(name, DSN) of each server it lists]) from the configured DSN."""
         try:
             params = conninfo_to_dict(dsn)
         except psycopg.ProgrammingError as e:
@@ -115,41 +155,49 @@ class Database:
                      ("keepalives_count", "2"), ("tcp_user_timeout", "5000")):
             params.setdefault(k, v)
         rw = make_conninfo("", **{**params, "target_session_attrs": "read-write"})
-        ro = make_conninfo("", **{**params, "target_session_attrs": "prefer-standby"})
-        return rw, ro
+        return rw, [(name, make_conninfo("", **one)) for name, one in _each_server(params)]
 
     @classmethod
     async def open(cls, dsn: str, *, max_size: int = 8, timeout: float = 5.0, wait: bool = True,
                    password: str | None = None) -> Self:
         """``password``, when given, goes to libpq beside the DSN (never into it): read from a file
         of any mode, where a libpq passfile must be 0600 (a Secret volume with fsGroup is 0440)."""
-        rw_dsn, ro_dsn = cls.derive_dsns(dsn)
+        rw_dsn, server_dsns = cls.derive_dsns(dsn)
         notices: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
 
-        async def configure(conn: AsyncConnection[Any]) -> None:
-            box: list[str] = []
-            notices[conn] = box
-            conn.add_notice_handler(lambda d: box.append(d.message_primary or ""))
+        def pool(conninfo: str, name: str, server: Server | None = None) -> AsyncConnectionPool[Any]:
+            async def configure(conn: AsyncConnection[Any]) -> None:
+                box: list[str] = []
+                notices[conn] = box
+                conn.add_notice_handler(lambda d: box.append(d.message_primary or ""))
+                if server is not None:
+                    server.saw(conn)
 
-        def pool(conninfo: str, name: str) -> AsyncConnectionPool[Any]:
             return AsyncConnectionPool(
                 conninfo, min_size=1, max_size=max_size, timeout=timeout, open=False,
                 kwargs={"row_factory": dict_row, "autocommit": False,
                         **({"password": password} if password is not None else {})}, configure=configure,
                 check=AsyncConnectionPool.check_connection, name=name)
 
-        rw, ro = pool(rw_dsn, "keyward-ca-rw"), pool(ro_dsn, "keyward-ca-ro")
+        rw = pool(rw_dsn, "keyward-ca-rw")
+        servers = []
+        for i, (name, server_dsn) in enumerate(server_dsns):
+            srv = Server(name)
+            srv.pool = pool(server_dsn, f"keyward-ca-read-{i}", srv)
+            servers.append(srv)
         with db_errors():
             await rw.open(wait=wait, timeout=timeout)
-            await ro.open(wait=False)
-        store = cls(rw_dsn, rw, ro)
+            for srv in servers:
+                await srv.pool.open(wait=False)
+        store = cls(rw_dsn, rw, servers)
         store._notices = notices
         store._pool_timeout = timeout
         store._password = password
         return store
 
     async def close(self) -> None:
-        await self._ro.close()
+        for srv in self._servers:
+            await srv.pool.close()
         await self._rw.close()
 
     async def migrate(self) -> None:
@@ -157,13 +205,13 @@ class Database:
             await conn.execute(SCHEMA.encode())
 
     @asynccontextmanager
-    async def _tx(self, *, write: bool, replica_ok: bool = False) -> AsyncIterator[Conn]:
-        """One transaction. Writes take the write lock, are bounded by the
-        call's deadline (statement_timeout covers the wait for the standbys),
-        and raise :class:`CommitUnknown` when Postgres committed locally but
-        the standbys' confirmation was cancelled, or the server went away
-        during COMMIT: such a write is NOT acknowledged."""
-        pool = self._ro if replica_ok else self._rw
+    async def _tx(self, *, write: bool, pool: AsyncConnectionPool[Any] | None = None) -> AsyncIterator[Conn]:
+        """One transaction, on the primary or on ``pool`` (a :class:`Server`'s). Writes take the
+        write lock, are bounded by the call's deadline (statement_timeout covers the wait for the
+        standbys), and raise :class:`CommitUnknown` when Postgres committed locally but the
+        standbys' confirmation was cancelled, or the server went away during COMMIT: such a write
+        is NOT acknowledged."""
+        pool = pool or self._rw
         # Waiting for a connection is bounded by the call's deadline too, so a
         # missing primary is answered UNAVAILABLE in time, not by the client's timeout.
         wait = max(0.1, min(self._pool_timeout, remaining(self._pool_timeout) - 0.3))
@@ -226,16 +274,99 @@ class Database:
                         "synchronous standbys before the deadline; it is not acknowledged and may be "
                         "lost on failover; retry with the same request_id")
 
-    async def _replica_read(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
-        """Run a read on any server (standby first), then on the primary if
-        no standby answers within READ_TIMEOUT (a standby may be frozen)."""
+    def _abandon(self, task: asyncio.Task[Any]) -> None:
+        """Cancel ``task`` and let it end by itself. psycopg ends a cancelled query only once the
+        server has answered its cancel request (or 5 s later) and the query has ended (or 5 s
+        later), then closes the connection, which its pool replaces: waiting for that is what
+        made key reads outlive the ZEN's deadline with a frozen or cut-off server."""
+        task.cancel()
+        self._abandoned.add(task)
+        task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[Any]) -> None:
+        self._abandoned.discard(task)
+        if not task.cancelled():
+            task.exception()  # nobody waits for an abandoned task: its failure is expected
+
+    async def bounded(self, aw: Coroutine[Any, Any, T], seconds: float) -> T:
+        """``aw`` (a call of this store) given at most ``seconds``, then abandoned
+        (:meth:`_abandon`: not waited for, where ``asyncio.timeout`` would wait for the cancelled
+        query to end): TimeoutError. What it was doing may still happen (a write may commit)."""
+        if seconds <= 0:
+            aw.close()
+            raise TimeoutError
+        task = asyncio.create_task(aw)
         try:
-            async with asyncio.timeout(min(self.READ_TIMEOUT, max(0.1, remaining(30.0)))):
-                async with self._tx(write=False, replica_ok=True) as conn:
-                    return await fn(conn)
-        except (TimeoutError, Unavailable):
-            async with self._tx(write=False) as conn:
-                return await fn(conn)
+            done, _ = await asyncio.wait({task}, timeout=seconds)
+        finally:
+            if not task.done():  # late, or our caller was cancelled
+                self._abandon(task)
+        if not done:
+            raise TimeoutError
+        return task.result()
+
+    async def _attempt(self, srv: Server, fn: Callable[[Conn], Awaitable[T]]) -> tuple[T, bool]:
+        """``fn`` on ``srv``: (its answer, whether the server answered as the primary)."""
+        async with self._tx(write=False, pool=srv.pool) as conn:
+            value = await fn(conn)
+            srv.saw(conn)
+        srv.slow_until = 0.0
+        return value, srv.standby is False
+
+    async def _replica_read(self, fn: Callable[[Conn], Awaitable[T]],
+                            accept: Callable[[T], bool] | None = None) -> T:
+        """``fn`` on the servers, standbys first, each asked once (see the module's contract):
+        the first answer ``accept`` takes (any, without it), else the primary's (no server holds a
+        newer one). Bounded by the call's deadline: Unavailable when no server answered in time,
+        or only standbys behind what ``accept`` needs."""
+        ends = time.monotonic() + remaining(30.0)
+        if ends - time.monotonic() < 0.05:
+            raise DeadlineExceeded("no time left in the call's deadline to read")
+        order = sorted(self._servers, key=lambda s: s.rank(time.monotonic()))
+        running: dict[asyncio.Task[tuple[T, bool]], tuple[Server, float]] = {}
+        behind = 0
+        failure: KeywardError | None = None
+        try:
+            while order or running:
+                now = time.monotonic()
+                if order:  # the next server: the first, or company for late ones, or a stand-in
+                    srv = order.pop(0)
+                    running[asyncio.create_task(self._attempt(srv, fn))] = (srv, now)
+                left = ends - now
+                if left <= 0:
+                    break
+                done, _ = await asyncio.wait(running, timeout=min(HEDGE_SECONDS, left) if order else left,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                now = time.monotonic()
+                for task, (srv, _) in [(t, running.pop(t)) for t in done]:
+                    err = task.exception()
+                    if err is None:
+                        value, primary = task.result()
+                        if primary or accept is None or accept(value):
+                            return value
+                        behind += 1  # a standby behind: the next server, at once
+                    elif isinstance(err, KeywardError):
+                        srv.slow_until = now + SLOW_SECONDS
+                        failure = err
+                    else:
+                        raise err
+                self._late(running, now)
+        finally:
+            self._late(running, time.monotonic())
+            for task in running:
+                self._abandon(task)
+        if behind:
+            raise Unavailable("database unavailable: the standbys that answered are behind what was already "
+                              "read, and no primary answered in time; retry later")
+        if failure is not None and not running:
+            raise failure
+        raise Unavailable("database unavailable: no server answered within the call's deadline; retry later")
+
+    @staticmethod
+    def _late(running: dict[asyncio.Task[Any], tuple[Server, float]], now: float) -> None:
+        for srv, started in running.values():
+            if now - started >= HEDGE_SECONDS:
+                srv.slow_until = now + SLOW_SECONDS
 
     async def _read(self, fn: Callable[[Conn], Awaitable[T]], *, replica_ok: bool) -> T:
         """``fn`` on a standby (:meth:`_replica_read`) or, when not ``replica_ok``, on the primary."""
@@ -252,3 +383,20 @@ class Database:
     async def ping_any(self) -> None:
         """Some server answers and holds the schema."""
         await self._replica_read(lambda conn: conn.execute(SCHEMA_PROBE))
+
+
+def _each_server(params: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(host:port, connection parameters) of each server a multi-host DSN lists, by libpq's rules
+    (``host`` and ``hostaddr`` name one server an entry, ``port`` gives one for all or one each),
+    each to be taken in any role."""
+    lists = {k: str(params[k]).split(",") for k in ("host", "hostaddr", "port") if params.get(k)}
+    n = max((len(v) for k, v in lists.items() if k != "port"), default=1)
+    out = []
+    for i in range(n):
+        one = {k: v for k, v in params.items() if k not in ("target_session_attrs", "load_balance_hosts")}
+        for k, v in lists.items():
+            if len(v) not in (1, n):
+                raise ConfigError(f"KEYWARD_DB_DSN lists {n} servers but {len(v)} {k} values")
+            one[k] = v[i] if len(v) == n else v[0]
+        out.append((f"{one.get('host') or one.get('hostaddr') or 'localhost'}:{one.get('port') or 5432}", one))
+    return out

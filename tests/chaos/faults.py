@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dbops import local
-from devstack.pg import PgCluster, PgServer
+from devstack.pg import PgCluster, PgError, PgServer
 from tests.chaos.places import Places
 from tests.helpers import ROOT, CAProcess, start_ca, stopped_at_failpoint, wait_for
 
@@ -182,6 +182,22 @@ def plan(rng: random.Random, kinds: list[str], cluster: PgCluster, stall: tuple[
     return out
 
 
+def supervise(node: PgServer, timeout: float = 60) -> str:
+    """Restart a stopped server as a supervisor would (systemd's Restart=always, every second):
+    until it runs, whoever started it (the watcher may be rejoining it: then a start fails)."""
+    tries = 0
+    deadline = time.monotonic() + timeout
+    while not node.running():
+        if time.monotonic() > deadline:
+            raise PgError(f"{node.name} not running {timeout:g}s after the supervisor's first restart ({tries} tries)")
+        tries += 1
+        try:
+            node.start()
+        except PgError:
+            time.sleep(1.0)  # a supervisor's restart interval
+    return f"{node.name} running after {tries} start(s)"
+
+
 def _node(cluster: PgCluster, name: str) -> PgServer:
     return next(n for n in cluster.nodes if n.name == name)
 
@@ -207,7 +223,7 @@ def run(f: Fault, cluster: PgCluster, ca: CA, watcher: Watcher, places: Places,
             for i, name in enumerate(names):
                 if i == len(names) - 1:  # from here on every standby may confirm again (before pg_ctl returns)
                     f.quorum_lost.append((f.injected, time.monotonic()))
-                _node(cluster, name).start()
+                f.notes.append(supervise(_node(cluster, name)))
         elif f.kind in ("stall-primary", "stall-standby"):
             pid = _node(cluster, f.target).pid()
             assert pid is not None, f"{f.target} is not running"
@@ -281,7 +297,7 @@ def run(f: Fault, cluster: PgCluster, ca: CA, watcher: Watcher, places: Places,
             f.notes.append(f"{taken / 2**20:.0f} MiB taken; the server "
                            + ("ran on" if node.running() else "had stopped: restarted (a supervisor's restart)"))
             if not node.running():
-                node.start()
+                f.notes.append(supervise(node))
         elif f.kind == "kill-watch":
             local.kill_node(spec.node(f.target))
             f.injected = time.monotonic()

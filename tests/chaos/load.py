@@ -60,6 +60,8 @@ class ClientError:
     who: str  # writer | zen
     code: str
     detail: str
+    started: float = 0.0
+    """When the call began (ZEN reads)."""
 
 
 @dataclass
@@ -209,6 +211,7 @@ class Load:
     def _reader(self) -> None:
         zen = clients(self.addr, self.pki_dir, "zen-public", options=CHANNEL_OPTIONS)
         while not self.stop.is_set():
+            t0 = time.monotonic()
             try:
                 kp = zen.keys.GetKeyPair(pb.GetKeyPairRequest(org_id=self.key_org), timeout=ZEN_TIMEOUT)
                 assert kp.encrypted_private_key
@@ -217,5 +220,5 @@ class Load:
             except grpc.RpcError as e:
                 with self.ledger.lock:
                     self.ledger.reads_failed.append(ClientError(time.monotonic(), "zen", e.code().name,
-                                                                (e.details() or "")[:200]))
+                                                                (e.details() or "")[:200], started=t0))
             self.stop.wait(self.read_interval)

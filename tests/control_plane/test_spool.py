@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -30,6 +30,11 @@ class FakeStore:
         self.deadlines: list[float | None] = []
         self.fail: Exception | None = None
         self.hang = False
+        self.bounds: list[float] = []
+
+    async def bounded(self, aw: Coroutine[Any, Any, None], seconds: float) -> None:
+        self.bounds.append(seconds)
+        await asyncio.wait_for(aw, max(0.0, seconds))
 
     async def audit_many(self, entries: Sequence[AuditEntry]) -> None:
         self.deadlines.append(CALL_DEADLINE.get())
@@ -127,5 +132,8 @@ async def test_a_batch_is_bounded_by_its_most_patient_caller_not_by_the_first(tm
 
     await asyncio.gather(call(0, now + 10), call(1, now + 20), call(2, now + 5))
     assert [len(b) for b in store.committed] == [3]  # one batch
-    # The store keeps REPLY_MARGIN of a deadline back: the batch may run until its latest caller's end.
-    assert store.deadlines == [pytest.approx(now + 20)]
+    # Its latest caller waits until REPLY_MARGIN before its deadline; the store keeps TX_RESERVE
+    # of the batch's deadline back: the transaction ends when that caller stops waiting.
+    until = now + 20 - spool.REPLY_MARGIN
+    assert store.deadlines == [pytest.approx(until + spool.TX_RESERVE)]
+    assert store.bounds[0] == pytest.approx(until + spool.TX_RESERVE - now, abs=0.5)  # then abandoned

@@ -19,8 +19,8 @@ from tests.helpers import CAProcess, Clients, OrgRoot
 from tests.integration.flow import PROXY_SECRET
 from tests.integration.test_zen import Web, Zen, org, start_zen, web  # noqa: F401 (fixtures)
 
-RESOLVE = ("good.test=127.0.0.1,www.good.test=127.0.0.1,dni.test=127.0.0.1,blocked.test=127.0.0.1,"
-           "bad.test=127.0.0.1,other.test=127.0.0.1")
+RESOLVE = "*.good.test=127.0.0.1,dni.test=127.0.0.1,blocked.test=127.0.0.1,bad.test=127.0.0.1,other.test=127.0.0.1"
+"""good.test and every name below it by one wildcard entry."""
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +52,16 @@ def test_an_origin_trusted_but_for_another_name_is_refused(
     assert r.returncode == 0, r.stderr
     assert r.stdout.endswith("502") and "is not trusted" in r.stdout, (r.stdout, r.stderr)
     assert "hello from" not in r.stdout and "other.test" in r.stdout
+
+
+def test_a_wildcard_resolve_entry_reaches_the_origin_under_every_name_below_its_domain(
+    zen: Zen, web: Web, org: tuple[str, OrgRoot, Clients],  # noqa: F811
+) -> None:
+    org_id, root, _ = org
+    for name in ("good.test", "www.good.test"):  # names the origin's certificate lists
+        r = _curl(zen, org_id, f"https://{name}:{web.port}/w", root.crt)
+        assert r.returncode == 0 and r.stdout.endswith("200") and f"hello from {name}" in r.stdout, (r.stdout, r.stderr)
+    # A name below it that the certificate does not list: reached (no DNS lookup failed), then
+    # refused under that name, as any origin that proves another name.
+    r = _curl(zen, org_id, f"https://a.b.good.test:{web.port}/w", root.crt)
+    assert r.returncode == 0 and r.stdout.endswith("502") and "is not trusted" in r.stdout, (r.stdout, r.stderr)
