@@ -52,6 +52,19 @@ def link(prev_hash: bytes, r: AuditRecord) -> bytes:
     return hashlib.sha256(prev_hash + canonical(r)).digest()
 
 
+def extend(prev_hash: bytes, records: Iterable[AuditRecord]) -> list[tuple[AuditRecord, bytes, bytes]]:
+    """(record, prev_hash, hash) for ``records`` appended in order after a row whose hash is
+    ``prev_hash`` (:data:`GENESIS` for the first row): each hashes the one before. The caller
+    numbers them (seq) consecutively after that row's."""
+    out: list[tuple[AuditRecord, bytes, bytes]] = []
+    prev = prev_hash
+    for r in records:
+        h = link(prev, r)
+        out.append((r, prev, h))
+        prev = h
+    return out
+
+
 @dataclass(frozen=True)
 class Verdict:
     ok: bool

@@ -27,6 +27,18 @@ DB_ERRORS = Counter("keyward_ca_db_errors_total", "Database operations that fail
                     registry=REGISTRY)
 AUDIT_SUPPRESSED = Counter("keyward_ca_audit_refusals_suppressed_total",
                            "Refused calls counted but not audited one by one (rate limit)", registry=REGISTRY)
+AUDIT_COMMITS = Counter("keyward_ca_audit_commits_total",
+                        "Transactions that committed KeySent audit rows (one per batch of concurrent calls)",
+                        registry=REGISTRY)
+AUDIT_BATCH_ROWS = Histogram("keyward_ca_audit_batch_rows", "KeySent audit rows per committed transaction",
+                             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=REGISTRY)
+AUDIT_BATCH_FAILURES = Counter("keyward_ca_audit_batch_failures_total",
+                               "Transactions of KeySent audit rows that failed (their calls spooled or refused)",
+                               registry=REGISTRY)
+AUDIT_ROWS_WAITING = Gauge("keyward_ca_audit_rows_waiting",
+                           "KeySent audit rows waiting for the transaction under way to end", registry=REGISTRY)
+AUDIT_ROWS_IN_FLIGHT = Gauge("keyward_ca_audit_rows_in_flight", "KeySent audit rows in the transaction under way",
+                             registry=REGISTRY)
 WATCHERS = Gauge("keyward_ca_watch_streams", "Open WatchKeys streams", registry=REGISTRY)
 DB_UP = Gauge("keyward_ca_db_up", "1 if the last database health check succeeded", registry=REGISTRY)
 

@@ -22,7 +22,7 @@ of work), and one module per kind of object: :mod:`.orgs`, :mod:`.pools`,
 
 from __future__ import annotations
 
-from control_plane.store.audit import Audit
+from control_plane.store.audit import Audit, AuditEntry
 from control_plane.store.events import NOTIFY_CHANNEL, Events
 from control_plane.store.keys import Keys
 from control_plane.store.orgs import Orgs
@@ -41,7 +41,7 @@ from control_plane.store.tx import SCHEMA, SCHEMA_PROBE, WRITE_LOCK
 from control_plane.store.wal import Wal
 
 __all__ = [
-    "NO_REQUEST", "NOTIFY_CHANNEL", "SCHEMA", "SCHEMA_PROBE", "WRITE_LOCK", "ActiveKey", "Actor",
+    "NO_REQUEST", "NOTIFY_CHANNEL", "SCHEMA", "SCHEMA_PROBE", "WRITE_LOCK", "ActiveKey", "Actor", "AuditEntry",
     "IntermediateRow", "KeyEventRow", "OrgRow", "PoolRow", "RequestKey", "Store",
 ]
 

@@ -217,6 +217,13 @@ class Database:
         wait = max(0.1, min(self._pool_timeout, remaining(self._pool_timeout) - 0.3))
         with db_errors():
             async with pool.connection(timeout=wait) as conn:
+                if conn.autocommit:
+                    # psycopg_pool's check (check_connection) turns autocommit on for its probe and
+                    # off again; a cancellation at the wrong moment returns the connection with it
+                    # on (set_autocommit may yield to the loop once it has set it). In autocommit
+                    # every statement is a transaction of its own: the write lock would be let go
+                    # at once and an action and its audit row no longer commit together.
+                    await conn.set_autocommit(False)
                 box = self._notices.get(conn)
                 if box is not None:
                     box.clear()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 
-from control_plane.auditchain import GENESIS, AuditRecord, link, verify
+from control_plane.auditchain import GENESIS, AuditRecord, extend, link, verify
 
 
 def _chain(n: int) -> list[tuple[AuditRecord, bytes, bytes]]:
@@ -37,3 +37,13 @@ def test_deletion_is_detected() -> None:
     del rows[1]
     v = verify(rows)
     assert not v.ok and "deleted or inserted" in v.problem
+
+
+def test_extend_chains_records_after_a_given_head() -> None:
+    rows = _chain(6)
+    recs = [r for r, _, _ in rows]
+    assert extend(GENESIS, recs) == rows
+    # From the middle: rows 4..6 hashed after row 3's hash are the same rows.
+    assert extend(rows[2][2], recs[3:]) == rows[3:]
+    assert verify(rows[:3] + extend(rows[2][2], recs[3:])).ok
+    assert extend(GENESIS, []) == []
