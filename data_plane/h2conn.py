@@ -4,9 +4,11 @@
 streams' buffers. Its contract:
 
 - **Flow control both ways.** Received DATA is acknowledged (WINDOW_UPDATE) only when the other
-  side of the proxy has taken it, so a stream holds at most its window (``STREAM_WINDOW``) and
-  a connection at most ``MAX_STREAMS`` windows in each direction. The connection window is
-  the sum of the stream windows: a stream whose reader stalls never blocks the others.
+  side of the proxy has taken it, so a stream holds at most its window. A stream starts with
+  ``STREAM_WINDOW``; each read widens it by that much, up to ``STREAM_WINDOW_MAX``, while the
+  connection's streams' windows sum to at most ``CONN_WINDOW``, the connection window: a
+  connection holds at most ``CONN_WINDOW`` bytes in each direction, and a stream whose reader
+  stalls never blocks the others (the connection window covers every stream's window).
   Sending waits for the peer's windows and for its stream limit.
 - **Each request its own task** (server side): ``on_request(endpoint, stream_id, headers,
   inbound)``; a stream the client resets cancels its task.
@@ -23,7 +25,7 @@ import collections
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import h2.config
@@ -35,44 +37,28 @@ from h2.errors import ErrorCodes
 
 from data_plane import metrics
 from data_plane.floods import FloodGuard
+from data_plane.h2streams import StreamReset, closed_as_reset, code_name
+
+__all__ = ["H2Endpoint", "Inbound", "StreamReset", "code_name"]
 from data_plane.messages import Header
 
 log = logging.getLogger("keyward.zen")
 
 STREAM_WINDOW = 65535
-"""Bytes a stream may have in flight toward the ZEN (the protocol's default window)."""
+"""A new stream's window toward the ZEN (the protocol's default; SETTINGS_INITIAL_WINDOW_SIZE)."""
+STREAM_WINDOW_MAX = 16 * STREAM_WINDOW
+"""A stream whose reader keeps up has its window widened to at most this (~1 MiB)."""
 MAX_STREAMS = 100
 """Concurrent streams a client may open (RFC 9113 recommends no fewer than 100)."""
+CONN_WINDOW = 2 * MAX_STREAMS * STREAM_WINDOW
+"""The connection's window and its streams' windows' sum at most: bytes buffered per connection
+and direction (~12.5 MiB; all streams at ``STREAM_WINDOW`` take half)."""
+READ_MAX = 262144
+"""A read of a stream's body takes what has arrived up to this many bytes (more if one frame is)."""
 MAX_HEADER_LIST = 65536
 """Bytes of decoded headers per block; a larger block ends the connection (ENHANCE_YOUR_CALM)."""
 IDLE_SECONDS = 120.0
 """A connection with no open stream and no frame for this long is closed."""
-
-
-class StreamReset(Exception):
-    """The stream ended by RST_STREAM (or with its connection) before its message was complete."""
-
-    def __init__(self, code: int, why: str = "", side: str = "") -> None:
-        super().__init__(why or f"stream reset ({code_name(code)})")
-        self.code = code
-        self.side = side
-        """Whose stream ended: "client" or "origin" (the endpoint's side)."""
-
-
-def code_name(code: int) -> str:
-    try:
-        return ErrorCodes(code).name
-    except ValueError:
-        return str(code)
-
-
-@contextlib.contextmanager
-def _closed_as_reset(side: str) -> Iterator[None]:
-    """Writing to a stream the peer has reset (h2 says StreamClosedError) is that stream's end."""
-    try:
-        yield
-    except h2.exceptions.StreamClosedError as e:
-        raise StreamReset(int(getattr(e, "error_code", 0) or ErrorCodes.CANCEL), side=side) from None
 
 
 class Inbound:
@@ -108,9 +94,16 @@ class Inbound:
 
     async def read(self) -> bytes | None:
         while True:
-            if self._chunks:
+            if self._chunks:  # what has arrived, up to READ_MAX, as one piece: one send on the other side
                 data, flow = self._chunks.popleft()
-                self._ep.ack(self._sid, flow)
+                if self._chunks and len(data) < READ_MAX:
+                    parts, size = [data], len(data)
+                    while self._chunks and size < READ_MAX:
+                        more, n = self._chunks.popleft()
+                        parts.append(more)
+                        size, flow = size + len(more), flow + n
+                    data = b"".join(parts)
+                self._ep.ack(self._sid, flow, widen=not self.ended)
                 if data:
                     return data
                 continue
@@ -139,6 +132,8 @@ class H2Endpoint:
         self.inbound: dict[int, Inbound] = {}
         self.responses: dict[int, asyncio.Queue[tuple[str, list[Header]]]] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._windows: dict[int, int] = {}  # a read stream's window as widened
+        self._granted = MAX_STREAMS * STREAM_WINDOW  # every stream's first window, then widenings
         self._changed = asyncio.Event()
         self._written: asyncio.Future[None] | None = None
         self.closed = False
@@ -157,7 +152,7 @@ class H2Endpoint:
             settings[h2.settings.SettingCodes.ENABLE_PUSH] = 0  # a push would bypass the URL policy
         self.conn.local_settings = h2.settings.Settings(client=self.side == "origin", initial_values=settings)
         self.conn.initiate_connection()
-        self.conn.increment_flow_control_window(MAX_STREAMS * STREAM_WINDOW - 65535)
+        self.conn.increment_flow_control_window(CONN_WINDOW - 65535)
         await self.flush()
 
     async def run(self) -> None:
@@ -193,6 +188,7 @@ class H2Endpoint:
             sid = ev.stream_id
             assert sid is not None and ev.headers is not None
             new = self.inbound[sid] = Inbound(self, sid)
+            self._windows[sid] = STREAM_WINDOW
             new.empty = ev.stream_ended is not None
             task = asyncio.create_task(self._serve(sid, list(ev.headers), new))
             self._tasks[sid] = task
@@ -306,10 +302,14 @@ class H2Endpoint:
         if done is not None and not done.done():
             done.set_result(None)
 
-    def ack(self, sid: int, flow: int) -> None:
+    def ack(self, sid: int, flow: int, widen: bool = False) -> None:
         if flow and not self.closed:
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self.conn.acknowledge_received_data(flow, sid)
+                win = self._windows.get(sid) if widen else None
+                if win is not None and win < STREAM_WINDOW_MAX and self._granted + STREAM_WINDOW <= CONN_WINDOW:
+                    self.conn.increment_flow_control_window(STREAM_WINDOW, sid)  # it keeps up: widen
+                    self._windows[sid], self._granted = win + STREAM_WINDOW, self._granted + STREAM_WINDOW
             self._flush_nowait()
 
     def release(self, sid: int) -> None:
@@ -317,6 +317,7 @@ class H2Endpoint:
         sending a body it no longer needs is told to stop (RST_STREAM NO_ERROR, RFC 9113 8.1)."""
         inbound = self.inbound.pop(sid, None)
         self.responses.pop(sid, None)
+        self._granted -= self._windows.pop(sid, STREAM_WINDOW) - STREAM_WINDOW
         if inbound is not None:
             inbound.discard()
         stream = self.conn.streams.get(sid)
@@ -340,6 +341,7 @@ class H2Endpoint:
             raise StreamReset(ErrorCodes.REFUSED_STREAM, "the origin connection is closing", self.side)
         sid = self.conn.get_next_available_stream_id()
         self.inbound[sid] = Inbound(self, sid)
+        self._windows[sid] = STREAM_WINDOW
         self.responses[sid] = asyncio.Queue()
         self.conn.send_headers(sid, headers, end_stream=end_stream)
         await self.flush()
@@ -347,12 +349,12 @@ class H2Endpoint:
 
     async def send_headers(self, sid: int, headers: list[Header], end_stream: bool = False) -> None:
         self._check(sid)
-        with _closed_as_reset(self.side):
+        with closed_as_reset(self.side):
             self.conn.send_headers(sid, headers, end_stream=end_stream)
         await self.flush()
 
     async def send_data(self, sid: int, data: bytes, end_stream: bool = False) -> None:
-        with _closed_as_reset(self.side):
+        with closed_as_reset(self.side):
             await self._send_data(sid, data, end_stream)
 
     async def _send_data(self, sid: int, data: bytes, end_stream: bool) -> None:
@@ -376,7 +378,7 @@ class H2Endpoint:
 
     async def end_stream(self, sid: int, trailers: list[Header] | None = None) -> None:
         self._check(sid)
-        with _closed_as_reset(self.side):
+        with closed_as_reset(self.side):
             if trailers:
                 self.conn.send_headers(sid, trailers, end_stream=True)
             else:

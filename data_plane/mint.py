@@ -36,6 +36,16 @@ class OutsideConstraints(Exception):
 class _LeafKey:
     key: ec.EllipticCurvePrivateKey
     born: float
+    public_der: bytes  # serialized once per key, not per leaf
+    private_pem: bytes
+
+
+@dataclass
+class _Issuer:
+    """An org's intermediate as parsed once (per intermediate and chain, not per leaf)."""
+    not_after: dt.datetime
+    constraints: NameConstraints | None
+    tail_pem: bytes  # what follows the leaf: the intermediate, then issuers_to_send(chain_pem)
 
 
 def split_names(host: str, origin_sans: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -88,16 +98,33 @@ class Minter:
         self._hours = leaf_hours
         self._size = cache_size
         self._keys: dict[str, _LeafKey] = {}
+        self._issuers: dict[str, tuple[str, str, _Issuer]] = {}  # org: (intermediate, chain, parsed)
         self._cache: OrderedDict[tuple[str, str, str, tuple[str, ...]], tuple[ssl.SSLContext, float]] = OrderedDict()
         self._lock = threading.Lock()
         self._serial = int(time.time() * 1000) << 16
 
-    def _leaf_key(self, org_id: str) -> ec.EllipticCurvePrivateKey:
+    def _leaf_key(self, org_id: str) -> _LeafKey:
         k = self._keys.get(org_id)
         if k is None or time.monotonic() - k.born > self._hours * 3600:
-            k = _LeafKey(ec.generate_private_key(ec.SECP256R1()), time.monotonic())
+            key = ec.generate_private_key(ec.SECP256R1())
+            k = _LeafKey(key, time.monotonic(), key.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo),
+                key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
             self._keys[org_id] = k
-        return k.key
+        return k
+
+    def _issuer(self, org_id: str, intermediate_pem: str, chain_pem: str) -> _Issuer:
+        with self._lock:
+            hit = self._issuers.get(org_id)
+        if hit is not None and hit[0] == intermediate_pem and hit[1] == chain_pem:
+            return hit[2]
+        inter = x509.load_pem_x509_certificate(intermediate_pem.encode())
+        got = _Issuer(inter.not_valid_after_utc, NameConstraints.of_certificate(inter),
+                      intermediate_pem.encode() + issuers_to_send(chain_pem))
+        with self._lock:
+            self._issuers[org_id] = (intermediate_pem, chain_pem, got)
+        return got
 
     def cached(self, org_id: str, key_id: str, host: str, alpn: tuple[str, ...]) -> ssl.SSLContext | None:
         """The context :meth:`context_for` would return from its cache, or None (then call it, in a
@@ -127,24 +154,19 @@ class Minter:
             leaf = self._leaf_key(org_id)
             self._serial += 1
             serial = self._serial
-        inter = x509.load_pem_x509_certificate(intermediate_pem.encode())
+        issuer = self._issuer(org_id, intermediate_pem, chain_pem)
         # The intermediate's own constraints, whatever the policy says: never mint outside them
         # (a client would refuse the chain anyway; the key must not even be asked to sign).
-        nc = NameConstraints.of_certificate(inter)
+        nc = issuer.constraints
         if nc is not None and not nc.allows(host):
             raise OutsideConstraints(f"{host} is outside the name constraints of {org_id}'s intermediate")
         now = dt.datetime.now(dt.UTC)
-        not_after = min(now + dt.timedelta(hours=self._hours), inter.not_valid_after_utc)
+        not_after = min(now + dt.timedelta(hours=self._hours), issuer.not_after)
         dns, ips = split_names(host, [n for n in origin_sans if nc is None or nc.allows(n)])
         der = signer.sign(LeafRequest(common_name=host[:64], dns_names=dns, ip_addresses=ips,
-                                      public_key_der=leaf.public_key().public_bytes(
-                                          serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo),
+                                      public_key_der=leaf.public_der,
                                       not_before=now - dt.timedelta(hours=1), not_after=not_after, serial=serial))
-        pem = (x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
-               + intermediate_pem.encode()
-               + issuers_to_send(chain_pem)
-               + leaf.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption()))
+        pem = ssl.DER_cert_to_PEM_cert(der).encode() + issuer.tail_pem + leaf.private_pem
         ctx = _memfd_context(pem, alpn)
         ttl = max(60.0, (not_after - now).total_seconds() - 300)
         with self._lock:
@@ -159,3 +181,4 @@ class Minter:
             for k in [k for k in self._cache if k[0] == org_id]:
                 del self._cache[k]
             self._keys.pop(org_id, None)
+            self._issuers.pop(org_id, None)

@@ -24,7 +24,15 @@ from hyperframe.frame import Frame, GoAwayFrame
 
 from data_plane import metrics
 from data_plane.floods import BUDGETS, FloodGuard
-from data_plane.h2conn import MAX_HEADER_LIST, MAX_STREAMS, STREAM_WINDOW, H2Endpoint, Inbound
+from data_plane.h2conn import (
+    CONN_WINDOW,
+    MAX_HEADER_LIST,
+    MAX_STREAMS,
+    STREAM_WINDOW,
+    STREAM_WINDOW_MAX,
+    H2Endpoint,
+    Inbound,
+)
 from data_plane.messages import Header
 
 TIMEOUT = 10.0
@@ -211,8 +219,10 @@ async def test_a_stream_nobody_reads_holds_at_most_its_window_and_others_complet
         assert not c.got(h2.events.StreamEnded, a)
 
         go.set()  # now the handler reads: each chunk read is acknowledged, the upload goes on
+        widest = 0
         async with asyncio.timeout(TIMEOUT):
             while sent < total:
+                widest = max(widest, c.conn.local_flow_control_window(a))
                 w = min(c.conn.local_flow_control_window(a), c.conn.max_outbound_frame_size, total - sent)
                 if w <= 0:
                     await c.read_once()  # a WINDOW_UPDATE
@@ -222,6 +232,10 @@ async def test_a_stream_nobody_reads_holds_at_most_its_window_and_others_complet
                 await c.send()
         assert await c.response(a) == (200, b"%d bytes from /upload" % total)
         assert c.got(h2.events.WindowUpdated, a)
+        # Read as it arrived, the stream had its window widened (to at most STREAM_WINDOW_MAX); ended,
+        # it gives the widening back to the connection's budget.
+        assert STREAM_WINDOW < widest <= STREAM_WINDOW_MAX
+        assert z.ep._granted == MAX_STREAMS * STREAM_WINDOW <= CONN_WINDOW
 
 
 async def test_a_client_ignoring_the_stream_window_ends_the_connection() -> None:

@@ -103,3 +103,18 @@ def test_issuers_to_send() -> None:
     assert issuers_to_send(_pem(root)) == b""
     sub = _ca("s", ec.generate_private_key(ec.SECP256R1()), (root, k), 1)
     assert issuers_to_send(_pem(sub, root)) == _pem(sub).encode()  # the root is the client's, never sent
+
+
+def test_the_intermediate_is_parsed_once_per_org_and_a_new_one_replaces_it() -> None:
+    """Each leaf is still signed by the signer (the org key stays there); what the ZEN derives
+    from the org's intermediate and its leaf key's encodings are kept per org, not per leaf."""
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root = _ca("org root", root_key, None, None)
+    inters = [_ca("org intermediate", k, (root, root_key), 0) for k in
+              (ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1()))]
+    minter = Minter()
+    issuer = minter._issuer("acme", _pem(inters[0]), "")
+    assert minter._issuer("acme", _pem(inters[0]), "") is issuer
+    assert minter._issuer("acme", _pem(inters[1]), "") is not issuer  # a new intermediate: parsed anew
+    minter.forget("acme")
+    assert "acme" not in minter._issuers
