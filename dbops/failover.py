@@ -8,9 +8,10 @@ plan out:
    each fenced server and mark it a standby, so it can never come back as a
    second primary (``local.fence``, or the caller's ``fence`` for servers an
    orchestrator runs).
-2. Promote, CHECKPOINT, then give the new primary its replication slots and
-   ``synchronous_standby_names``; re-point the other standbys; rejoin the
-   fenced servers through pg_rewind (or a fresh clone).
+2. Give the standby to promote its replication slots and ``synchronous_standby_names``
+   (still a standby: it is a primary with them from its first instant), promote,
+   CHECKPOINT; re-point the other standbys; rejoin the fenced servers through
+   pg_rewind (or a fresh clone).
 """
 
 from __future__ import annotations
@@ -65,9 +66,12 @@ def configure_primary(spec: ClusterSpec, primary: Node) -> None:
 
 
 def repoint(spec: ClusterSpec, standby: Node, primary: Node) -> None:
+    """Stream from ``primary``. A standby serves no replica of its own, so slots it holds (made
+    for a promotion that went to another server) are dropped: they would keep its WAL forever."""
     conninfo = spec.replication_conninfo(primary, standby.name).replace("'", "''")
     _sql(spec, standby, f"ALTER SYSTEM SET primary_conninfo = '{conninfo}'",
-         f"ALTER SYSTEM SET primary_slot_name = '{spec.slot(standby)}'", "SELECT pg_reload_conf()")
+         f"ALTER SYSTEM SET primary_slot_name = '{spec.slot(standby)}'", "SELECT pg_reload_conf()",
+         "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE NOT active")
 
 
 def failover(
@@ -106,14 +110,19 @@ def execute(spec: ClusterSpec, plan: FailoverPlan, *, fence: Callable[[Node, Nod
             rep.steps.append(f"could not fence {n.name} locally ({e}); it is down and must stay down")
     failpoints.point("dbops.failover.fenced")
 
+    # Configured while still a standby, so that it is a primary with its quorum and its slots from
+    # its first instant: promoted first, it acknowledged writes alone (a standby's empty
+    # synchronous_standby_names) until configured, and with no slot yet its first WAL segment on
+    # the new timeline could be removed before the others streamed it ("requested WAL segment ...
+    # has already been removed", the campaign's seed 1130: a watcher killed in between).
+    configure_primary(spec, new)
+    rep.steps.append(f"{new.name}: slots + synchronous_standby_names = {spec.sync_names(new.name)}")
+    failpoints.point("dbops.failover.configured")
     # The CHECKPOINT writes the new timeline into pg_control, which pg_rewind
     # reads from the source; without it a rewind wrongly finds "same timeline".
     _sql(spec, new, "SELECT pg_promote(true, 60)", "CHECKPOINT")
     rep.steps.append(f"promoted {new.name} at {plan.at_lsn}")
     failpoints.point("dbops.failover.promoted")
-    configure_primary(spec, new)
-    failpoints.point("dbops.failover.configured")
-    rep.steps.append(f"{new.name}: slots + synchronous_standby_names = {spec.sync_names(new.name)}")
     for n in plan.repoint:
         repoint(spec, n, new)
         rep.steps.append(f"re-pointed {n.name} at {new.name}")

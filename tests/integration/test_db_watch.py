@@ -83,10 +83,11 @@ def test_the_watcher_fails_over_by_itself_and_remembers_the_primary(cluster: PgC
         proc.wait(15)
 
 
-@pytest.mark.parametrize("step", ["fenced", "promoted", "configured", "repointed"])
+@pytest.mark.parametrize("step", ["fenced", "configured", "promoted", "repointed"])
 def test_a_watcher_killed_in_the_middle_of_a_failover_finishes_it_after_its_restart(
         cluster: PgCluster, tmp_path: Path, step: str) -> None:
-    """Killed right after pg_promote, the watcher left a primary whose synchronous_standby_names
+    """Killed right after pg_promote (the promotion came before the configuration then), the
+    watcher left a primary whose synchronous_standby_names
     were a standby's (empty: it acknowledged writes no standby held), the other standby pointed
     at the dead primary and the old primary down for good: the restarted watcher saw "primary
     answers" and did nothing. It now keeps the failover's servers to rejoin in its state file
@@ -101,16 +102,25 @@ def test_a_watcher_killed_in_the_middle_of_a_failover_finishes_it_after_its_rest
         assert local.kill_node(cluster.spec().node(old.name))
         wait_for(lambda: stopped_at_failpoint(proc.pid), 60, f"the watcher to stop at dbops.failover.{step}")
         assert json.loads(state.read_text())["unfinished"] == [old.name]
+        if step == "promoted":
+            # A primary with its quorum and slots from its first instant: promoted first and configured
+            # after, it acknowledged writes alone meanwhile, and its first WAL segment on the new
+            # timeline was removed before the others streamed it (campaign seed 1130, cycle 88).
+            fresh = cluster.primary()
+            assert fresh.psql("SHOW synchronous_standby_names") == cluster.spec().sync_names(fresh.name)
+            slots = fresh.psql("SELECT string_agg(slot_name, ',' ORDER BY slot_name) FROM pg_replication_slots",
+                               dbname="postgres")
+            assert slots == ",".join(sorted(n.name for n in cluster.nodes if n.name != fresh.name)), slots
     finally:
         proc.kill()
         proc.wait(15)
     proc = _watch(cluster, log, state)
     try:
-        if step in ("promoted", "configured", "repointed"):
+        if step in ("promoted", "repointed"):
             done = wait_for(lambda: [ln for ln in _lines(log) if ln.get("msg") == "finished an interrupted failover"],
                             90, "the restarted watcher to finish the failover")[-1]
             assert any(str(s).startswith(f"rejoined {old.name}") for s in done["steps"]), done  # type: ignore[attr-defined]
-        else:  # fenced, not promoted: no primary yet, the restarted watcher fails over itself
+        else:  # fenced or configured, not promoted: no primary yet, the restarted watcher fails over itself
             wait_for(lambda: [ln for ln in _lines(log) if ln.get("msg") == "failed over"], 90,
                      "the restarted watcher to fail over")
         cluster.wait_synchronous(90)
