@@ -134,6 +134,13 @@ class _H2Conn:
         reader = asyncio.get_running_loop().create_task(self._read())
         try:
             await self.done.wait()
+            if not reader.done():
+                # A lingering close, as real servers do: closing with the client's last frames
+                # (WINDOW_UPDATE, SETTINGS ACK) unread makes the kernel send RST, and the client's
+                # kernel may then drop the response's last bytes still unread on its side (seen as a
+                # CANCEL of a completed stream after GOAWAY). Wait, bounded, for the client to close.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(reader), 2.0)
         finally:
             reader.cancel()
             for t in list(self.tasks.values()):
