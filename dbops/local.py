@@ -60,6 +60,19 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _kill_all(pids: list[int], timeout: float, what: str) -> float:
+    """SIGKILL ``pids`` and wait, bounded, until they are gone; returns the deadline used."""
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while not all(_gone(p) for p in pids):
+        if time.monotonic() > deadline:
+            raise PgError(f"{what}: processes {pids} survived SIGKILL for {timeout}s")
+        time.sleep(0.02)  # poll interval of a bounded wait
+    return deadline
+
+
 def kill_node(node: Node, timeout: float = 15) -> bool:
     """SIGKILL the postmaster and all its children at once (a crash), and
     wait until they are gone. True if it was running."""
@@ -68,14 +81,7 @@ def kill_node(node: Node, timeout: float = 15) -> bool:
         return False
     kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     pids = [pid] + [int(k) for k in kids]
-    for p in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGKILL)
-    deadline = time.monotonic() + timeout
-    while not all(_gone(p) for p in pids):
-        if time.monotonic() > deadline:
-            raise PgError(f"{node.name}: processes {pids} survived SIGKILL for {timeout}s")
-        time.sleep(0.02)  # poll interval of a bounded wait
+    deadline = _kill_all(pids, timeout, node.name)
     # Postgres refuses to start while a zombie of the old postmaster exists.
     while (not _gone(pid) or _exists(pid)) and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -245,11 +251,4 @@ def _kill_working_in(d: Path, timeout: float = 15) -> None:
             with contextlib.suppress(OSError):
                 if os.readlink(proc / "cwd") == target:
                     pids.append(int(proc.name))
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + timeout
-    while not all(_gone(p) for p in pids):
-        if time.monotonic() > deadline:
-            raise PgError(f"processes {pids} working in {d} survived SIGKILL for {timeout}s")
-        time.sleep(0.02)  # poll interval of a bounded wait
+    _kill_all(pids, timeout, f"working in {d}")
