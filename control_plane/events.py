@@ -57,11 +57,15 @@ class EventHub:
         self._woken = asyncio.Event()
         self._ready = asyncio.Event()
 
+    async def _prime(self) -> None:
+        self.last_seq = await self._store.last_event_seq()
+        self._primed = True
+        self._ready.set()
+        log.info("event hub: ready, the log ends at seq %d", self.last_seq)
+
     async def start(self) -> None:
         try:
-            self.last_seq = await self._store.last_event_seq()
-            self._primed = True
-            self._ready.set()
+            await self._prime()
         except KeywardError:
             # No server reachable yet: learn where the log ends on the first
             # successful read, so old events are never replayed as new ones.
@@ -94,9 +98,7 @@ class EventHub:
 
     async def _drain(self) -> None:
         if not self._primed:
-            self.last_seq = await self._store.last_event_seq()
-            self._primed = True
-            self._ready.set()
+            await self._prime()
             return
         while True:
             rows = await self._store.events_after(self.last_seq)

@@ -71,6 +71,12 @@ SLOW_SECONDS = 10.0
 """A server that failed a read, or did not answer it within HEDGE_SECONDS, is asked last for this
 long (or until it answers again): the reads that follow do not each wait for a frozen server."""
 
+RECONNECT_SECONDS = 5.0
+"""A pool that cannot connect retries with psycopg_pool's back-off (1 s, then 2 s) for this long,
+then gives up and connects again on the next request. Its default (5 minutes) lets the back-off grow
+to a minute between attempts: a server that came back (Postgres started after the CA, as pods do; a
+standby rejoined) went unused that long, and reads failed while it answered."""
+
 # Answers only where the whole schema exists (its last table): what "ready" needs.
 SCHEMA_PROBE = "SELECT 1 FROM audit_events LIMIT 0"
 SCHEMA = resources.files(__package__).joinpath("schema.sql").read_text(encoding="utf-8")
@@ -175,6 +181,7 @@ class Database:
 
             return AsyncConnectionPool(
                 conninfo, min_size=1, max_size=max_size, timeout=timeout, open=False,
+                reconnect_timeout=RECONNECT_SECONDS,
                 kwargs={"row_factory": dict_row, "autocommit": False,
                         **({"password": password} if password is not None else {})}, configure=configure,
                 check=AsyncConnectionPool.check_connection, name=name)
