@@ -75,14 +75,14 @@ class Events(Database):
                                      " FROM key_events WHERE seq > %s ORDER BY seq LIMIT %s",
                                      (seq, limit))
             return [event_row(r) for r in await cur.fetchall()]
-        return await self._replica_read(q)
+        return await self._replica_read(q, one_statement=True)
 
     async def last_event_seq(self) -> int:
         async def q(conn: Conn) -> int:
             cur = await conn.execute("SELECT coalesce(max(seq), 0) AS s FROM key_events")
             row = await cur.fetchone()
             return int(row["s"]) if row else 0
-        return await self._replica_read(q)
+        return await self._replica_read(q, one_statement=True)
 
     async def notifications(self) -> AsyncIterator[None]:
         """Yield each time key events may have been added (LISTEN on the primary). The

@@ -20,8 +20,6 @@ from typing import Any
 from control_plane.certs import CertInfo, KeyAlgorithm
 from control_plane.custody import PendingKey
 from control_plane.errors import FailedPrecondition, NotFound
-from control_plane.store.orgs import ORG_SELECT
-from control_plane.store.pools import pool_row
 from control_plane.store.rows import (
     NO_REQUEST,
     ActiveKey,
@@ -176,36 +174,48 @@ class Keys(Writes):
 
     async def distribution_view(self, pool_name: str, org_id: str, *, floor: int = 0
                                 ) -> tuple[PoolRow | None, OrgRow | None, ActiveKey | None]:
-        """The pool, the org and its active key from ONE snapshot, so a key is
-        never sent on the strength of a pool binding that a concurrent change
-        has just removed. Replica-ok: from the first server whose snapshot holds
-        a key of version ``floor`` or newer (a standby may lag behind a key
-        already sent), else from the primary (no server holds a newer one)."""
-        async def q(conn: Conn) -> tuple[PoolRow | None, dict[str, Any] | None, dict[str, Any] | None]:
-            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            pool = await pool_row(conn, pool_name)
-            cur = await conn.execute(ORG_SELECT, (org_id,))
-            o = await cur.fetchone()
-            if o is None:
-                return pool, None, None
-            cur = await conn.execute(
-                "SELECT * FROM intermediate_keys WHERE org_id = %s AND state = 'active'", (org_id,))
-            return pool, o, await cur.fetchone()
+        """The pool, the org and its active key from ONE snapshot (one statement), so a key is
+        never sent on the strength of a pool binding that a concurrent change has just removed.
+        The pool's ``org_ids`` holds ``org_id`` alone, when it is bound to the pool (what the rule,
+        :meth:`PoolRow.serves`, needs for this org; its other bindings are not read).
+        Replica-ok: from the first server whose snapshot holds a key of version ``floor`` or newer
+        (a standby may lag behind a key already sent), else from the primary (no server holds a
+        newer one). One round trip: a ZEN's key fetch is the CA's hottest call."""
+        async def q(conn: Conn) -> dict[str, Any] | None:
+            cur = await conn.execute(DISTRIBUTION_VIEW, {"pool": pool_name, "org": org_id})
+            return await cur.fetchone()
 
-        def recent(view: tuple[PoolRow | None, dict[str, Any] | None, dict[str, Any] | None]) -> bool:
-            _, o, k = view
-            if o is None:  # an org is never deleted: one a key was sent of exists
+        def recent(r: dict[str, Any] | None) -> bool:
+            if r is None or r["org_id"] is None:  # an org is never deleted: one a key was sent of exists
                 return floor == 0
-            return (k["version"] if k else 0) >= floor
+            return (r["k_version"] or 0) >= floor
 
-        pool, o, k = await self._replica_read(q, accept=recent)
-        if o is None:
+        r = await self._replica_read(q, accept=recent, one_statement=True)
+        if r is None:
+            return None, None, None
+        pool = PoolRow(name=pool_name, visibility=r["pool_visibility"],
+                       org_ids=(org_id,) if r["pool_bound"] else ())
+        if r["org_id"] is None:
             return pool, None, None
-        org = org_row(o)
-        if k is None:
+        org = org_row(r)
+        if r["k_key_id"] is None:
             return pool, org, None
         return pool, org, ActiveKey(
-            org=org, key_id=str(k["key_id"]), version=k["version"], algorithm=KeyAlgorithm(k["algorithm"]),
-            keylib_format=k["keylib_format"], spki_sha256=bytes(k["spki_sha256"]),
-            sealed_key=bytes(k["sealed_key"]), certificate_pem=k["certificate_pem"],
-            chain_pem=k["chain_pem"] or "", not_after=k["not_after"])
+            org=org, key_id=str(r["k_key_id"]), version=r["k_version"], algorithm=KeyAlgorithm(r["k_algorithm"]),
+            keylib_format=r["k_keylib_format"], spki_sha256=bytes(r["k_spki_sha256"]),
+            sealed_key=bytes(r["k_sealed_key"]), certificate_pem=r["k_certificate_pem"],
+            chain_pem=r["k_chain_pem"] or "", not_after=r["k_not_after"])
+
+
+DISTRIBUTION_VIEW = """
+SELECT p.visibility AS pool_visibility,
+       EXISTS (SELECT 1 FROM zen_pool_orgs b WHERE b.pool = p.name AND b.org_id = %(org)s) AS pool_bound,
+       o.*, k.key_id AS active_key_id,
+       k.key_id AS k_key_id, k.version AS k_version, k.algorithm AS k_algorithm,
+       k.keylib_format AS k_keylib_format, k.spki_sha256 AS k_spki_sha256, k.sealed_key AS k_sealed_key,
+       k.certificate_pem AS k_certificate_pem, k.chain_pem AS k_chain_pem, k.not_after AS k_not_after
+FROM zen_pools p
+LEFT JOIN organizations o ON o.org_id = %(org)s
+LEFT JOIN intermediate_keys k ON k.org_id = o.org_id AND k.state = 'active'
+WHERE p.name = %(pool)s
+"""

@@ -71,6 +71,11 @@ SLOW_SECONDS = 10.0
 """A server that failed a read, or did not answer it within HEDGE_SECONDS, is asked last for this
 long (or until it answers again): the reads that follow do not each wait for a frozen server."""
 
+FRESH_SECONDS = 2.0
+"""A pooled connection used without error this recently is handed out unchecked: the check (an empty
+query) is a round trip per transaction, as much as a key read's own under load. One that broke since
+fails its read, and the read goes on to the next server (a write is retried by its caller)."""
+
 RECONNECT_SECONDS = 5.0
 """A pool that cannot connect retries with psycopg_pool's back-off (1 s, then 2 s) for this long,
 then gives up and connects again on the next request. Its default (5 minutes) lets the back-off grow
@@ -139,6 +144,8 @@ class Database:
         self._servers = servers
         self._abandoned: set[asyncio.Task[Any]] = set()
         self._notices: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
+        self._fresh: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        """When each connection last ended a transaction without error (FRESH_SECONDS)."""
         self._pool_timeout = 5.0
         self._password: str | None = None
         self.on_retire: Callable[[], None] = lambda: None
@@ -170,6 +177,11 @@ class Database:
         of any mode, where a libpq passfile must be 0600 (a Secret volume with fsGroup is 0440)."""
         rw_dsn, server_dsns = cls.derive_dsns(dsn)
         notices: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
+        fresh: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+        async def check(conn: AsyncConnection[Any]) -> None:
+            if time.monotonic() - fresh.get(conn, 0.0) >= FRESH_SECONDS:
+                await AsyncConnectionPool.check_connection(conn)
 
         def pool(conninfo: str, name: str, server: Server | None = None) -> AsyncConnectionPool[Any]:
             async def configure(conn: AsyncConnection[Any]) -> None:
@@ -184,7 +196,7 @@ class Database:
                 reconnect_timeout=RECONNECT_SECONDS,
                 kwargs={"row_factory": dict_row, "autocommit": False,
                         **({"password": password} if password is not None else {})}, configure=configure,
-                check=AsyncConnectionPool.check_connection, name=name)
+                check=check, name=name)
 
         rw = pool(rw_dsn, "keyward-ca-rw")
         servers = []
@@ -198,6 +210,7 @@ class Database:
                 await srv.pool.open(wait=False)
         store = cls(rw_dsn, rw, servers)
         store._notices = notices
+        store._fresh = fresh
         store._pool_timeout = timeout
         store._password = password
         return store
@@ -212,8 +225,11 @@ class Database:
             await conn.execute(SCHEMA.encode())
 
     @asynccontextmanager
-    async def _tx(self, *, write: bool, pool: AsyncConnectionPool[Any] | None = None) -> AsyncIterator[Conn]:
-        """One transaction, on the primary or on ``pool`` (a :class:`Server`'s). Writes take the
+    async def _tx(self, *, write: bool, pool: AsyncConnectionPool[Any] | None = None,
+                  one_statement: bool = False) -> AsyncIterator[Conn]:
+        """One transaction, on the primary or on ``pool`` (a :class:`Server`'s); ``one_statement``
+        (a read that runs a single statement, its own snapshot): in autocommit, with no BEGIN and
+        COMMIT round trips. Writes take the
         write lock, are bounded by the call's deadline (statement_timeout covers the wait for the
         standbys), and raise :class:`CommitUnknown` when Postgres committed locally but the
         standbys' confirmation was cancelled, or the server went away during COMMIT: such a write
@@ -224,7 +240,9 @@ class Database:
         wait = max(0.1, min(self._pool_timeout, remaining(self._pool_timeout) - 0.3))
         with db_errors():
             async with pool.connection(timeout=wait) as conn:
-                if conn.autocommit:
+                if one_statement and not write:
+                    await conn.set_autocommit(True)  # no round trip: the connection is idle
+                elif conn.autocommit:
                     # psycopg_pool's check (check_connection) turns autocommit on for its probe and
                     # off again; a cancellation at the wrong moment returns the connection with it
                     # on (set_autocommit may yield to the loop once it has set it). In autocommit
@@ -275,6 +293,7 @@ class Database:
                     if fired:
                         # A late cancel must not hit this connection's next user.
                         await conn.close()
+                self._fresh[conn] = time.monotonic()
                 if write and box and any("synchronous replication" in m for m in box):
                     raise CommitUnknown(
                         "write outcome unknown: committed on the primary but not confirmed by the "
@@ -312,16 +331,17 @@ class Database:
             raise TimeoutError
         return task.result()
 
-    async def _attempt(self, srv: Server, fn: Callable[[Conn], Awaitable[T]]) -> tuple[T, bool]:
+    async def _attempt(self, srv: Server, fn: Callable[[Conn], Awaitable[T]], one_statement: bool
+                       ) -> tuple[T, bool]:
         """``fn`` on ``srv``: (its answer, whether the server answered as the primary)."""
-        async with self._tx(write=False, pool=srv.pool) as conn:
+        async with self._tx(write=False, pool=srv.pool, one_statement=one_statement) as conn:
             value = await fn(conn)
             srv.saw(conn)
         srv.slow_until = 0.0
         return value, srv.standby is False
 
     async def _replica_read(self, fn: Callable[[Conn], Awaitable[T]],
-                            accept: Callable[[T], bool] | None = None) -> T:
+                            accept: Callable[[T], bool] | None = None, *, one_statement: bool = False) -> T:
         """``fn`` on the servers, standbys first, each asked once (see the module's contract):
         the first answer ``accept`` takes (any, without it), else the primary's (no server holds a
         newer one). Bounded by the call's deadline: Unavailable when no server answered in time,
@@ -338,7 +358,7 @@ class Database:
                 now = time.monotonic()
                 if order:  # the next server: the first, or company for late ones, or a stand-in
                     srv = order.pop(0)
-                    running[asyncio.create_task(self._attempt(srv, fn))] = (srv, now)
+                    running[asyncio.create_task(self._attempt(srv, fn, one_statement))] = (srv, now)
                 left = ends - now
                 if left <= 0:
                     break
