@@ -17,6 +17,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
+
 from dbops.binaries import PgError, chown_server, run, write_as_server
 from dbops.spec import ClusterSpec, Node
 
@@ -190,14 +192,70 @@ def _rejoin(spec: ClusterSpec, node: Node, primary: Node, d: Path, lock: int) ->
         (work / "standby.signal").unlink(missing_ok=True)
     p = run("pg_rewind", "-D", str(work), f"--source-server={src}", timeout=600, check=False,
             env={"PGPASSFILE": spec.passfile}, pass_fds=(lock,))
+    lines = (p.stderr or p.stdout).strip().splitlines()
+    said = lines[-1][:160] if lines else str(p.returncode)
     if how.startswith("clone") or p.returncode != 0:
-        lines = (p.stderr or p.stdout).strip().splitlines()
-        how = how if how.startswith("clone") else f"clone; pg_rewind: {lines[-1][:160] if lines else p.returncode}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(mode=0o700)
-        chown_server(work)
-        run("pg_basebackup", "-h", primary.host, "-p", str(primary.port), "-U", spec.repl_user, "-D", str(work),
-            "-X", "stream", "-c", "fast", timeout=900, env={"PGPASSFILE": spec.passfile}, pass_fds=(lock,))
+        how = how if how.startswith("clone") else f"clone; pg_rewind: {said}"
+        _clone(spec, primary, work, lock)
+    else:
+        how = f"rewind; pg_rewind: {said}"
+    _start_back(spec, node, primary, work, d)
+    if how.startswith("rewind") and not follows(spec, node, primary):
+        # pg_rewind found nothing to rewind, or rewound, yet the server cannot replay what the
+        # primary sends (fault campaign, seed 879: a killed primary, "no rewind required", then
+        # "invalid resource manager ID" at its own last record forever, every write waiting for
+        # it). Its WAL is not the primary's: it is cloned afresh.
+        kill_node(node)
+        os.rename(d, work)
+        _kill_working_in(work)
+        _clone(spec, primary, work, lock)
+        _start_back(spec, node, primary, work, d)
+        how = f"clone; it did not follow the primary after the rewind ({said})"
+    return how
+
+
+FOLLOW_SECONDS = 30.0
+"""How long a rewound server has to replay a record the primary writes after its start (a
+streaming standby does in well under a second) before it is cloned afresh instead."""
+
+
+def follows(spec: ClusterSpec, node: Node, primary: Node, timeout: float = FOLLOW_SECONDS) -> bool:
+    """Does ``node`` replay what ``primary`` writes now? A fresh token is written on the primary
+    (committed locally: nothing waits for the standbys, this one among them) in the ``postgres``
+    database; true once ``node`` reads it. By content, not by LSN: a server whose own WAL went
+    past the primary's fork point is at a higher LSN than what it fails to replay."""
+    deadline = time.monotonic() + timeout
+    token = os.urandom(8).hex()
+    written = False
+    while time.monotonic() < deadline:
+        try:
+            if not written:
+                with psycopg.connect(spec.conninfo(primary, dbname="postgres"), autocommit=True) as c:
+                    c.execute("SET synchronous_commit = local")
+                    c.execute("CREATE TABLE IF NOT EXISTS keyward_rejoin_marks (node text PRIMARY KEY, mark text)")
+                    c.execute("INSERT INTO keyward_rejoin_marks VALUES (%s, %s)"
+                              " ON CONFLICT (node) DO UPDATE SET mark = EXCLUDED.mark", (node.name, token))
+                written = True
+            with psycopg.connect(spec.conninfo(node, dbname="postgres"), autocommit=True) as c:
+                row = c.execute("SELECT mark FROM keyward_rejoin_marks WHERE node = %s", (node.name,)).fetchone()
+                if row and row[0] == token:
+                    return True
+        except psycopg.Error:
+            pass  # starting up, or the table not replayed yet: asked again until the deadline
+        time.sleep(0.2)  # poll interval of a bounded wait
+    return False
+
+
+def _clone(spec: ClusterSpec, primary: Node, work: Path, lock: int) -> None:
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(mode=0o700)
+    chown_server(work)
+    run("pg_basebackup", "-h", primary.host, "-p", str(primary.port), "-U", spec.repl_user, "-D", str(work),
+        "-X", "stream", "-c", "fast", timeout=900, env={"PGPASSFILE": spec.passfile}, pass_fds=(lock,))
+
+
+def _start_back(spec: ClusterSpec, node: Node, primary: Node, work: Path, d: Path) -> None:
+    """Point the server in ``work`` at ``primary``, give it its name back and start it."""
     point_at(spec, node, primary, datadir=work)
     os.rename(work, d)
     try:
@@ -209,7 +267,6 @@ def _rejoin(spec: ClusterSpec, node: Node, primary: Node, d: Path, lock: int) ->
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)  # poll interval of a bounded wait
-    return how
 
 
 def control_state(d: Path) -> str:

@@ -42,7 +42,7 @@ def test_a_standby_killed_then_rejoined_streams_and_confirms_again(cluster: PgCl
     standby = next(n for n in cluster.nodes if n.name != primary.name)
     spec = cluster.spec()
     how = local.rejoin(spec, spec.node(standby.name), spec.node(primary.name))  # kills it first: a crash
-    assert how == "rewind", how
+    assert how.startswith("rewind"), how
     # Acknowledged only once both standbys confirm (ANY 2): bounded, not a hang.
     primary.psql("SET statement_timeout = '20s'; CREATE TABLE IF NOT EXISTS after_crash (n int); "
                  "INSERT INTO after_crash VALUES (1)")
@@ -126,6 +126,50 @@ def test_a_rejoin_waits_for_the_pg_rewind_a_killed_watcher_left_running(cluster:
     primary.psql("INSERT INTO after_orphan VALUES (1)")
     wait_for(lambda: standby.running() and standby.psql("SELECT count(*) FROM after_orphan") == "1", 60,
              f"{standby.name} ({how}) to stream again")
+
+
+def test_a_server_that_cannot_follow_after_its_rewind_is_cloned(cluster: PgCluster,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault campaign, seed 879 (CI): a primary killed, its watcher killed 0.8 s later; the
+    restarted watcher rejoined it ("rewind"), and the server then replayed "invalid resource
+    manager ID" at its own last record forever, not streaming, every write waiting for it. A
+    rejoin now checks that the server replays what the primary writes after its start, and
+    clones it afresh when it does not.
+
+    pg_rewind's wrong verdict cannot be brought about at will, so it stands in here: a pg_rewind
+    that does nothing, for an old primary whose WAL goes past the new primary's (written with the
+    standbys cut off, committed locally)."""
+    cluster.wait_synchronous(60)
+    old = cluster.primary()
+    standbys = [n for n in cluster.nodes if n.name != old.name]
+    old.psql("CREATE TABLE IF NOT EXISTS before_cut (n int)")
+    old.psql("INSERT INTO before_cut VALUES (1)")
+    cluster.wait_synchronous(60)
+    for n in standbys:  # their walreceivers stop: nothing more reaches them
+        n.psql("ALTER SYSTEM SET primary_conninfo = ''", dbname="postgres")
+        n.psql("SELECT pg_reload_conf()", dbname="postgres")
+    for n in standbys:
+        wait_for(lambda n=n: n.psql("SELECT count(*) FROM pg_stat_wal_receiver", dbname="postgres") == "0",  # type: ignore[misc]
+                 30, f"{n.name}'s walreceiver to stop")
+    old.psql("SET synchronous_commit = local; CREATE TABLE diverged (n int); INSERT INTO diverged VALUES (1)")
+    spec = cluster.spec()
+    assert local.kill_node(spec.node(old.name))
+    rep = dbfailover.failover(spec, rejoin=False)
+    new = next(n for n in cluster.nodes if n.name == rep.new_primary)
+    real_run = local.run
+
+    def run(*argv: str, **kw: object) -> subprocess.CompletedProcess[str]:
+        if argv and argv[0] == "pg_rewind":  # the stand-in: "no rewind required", wrongly
+            return subprocess.CompletedProcess(list(argv), 0, "pg_rewind: no rewind required\n", "")
+        return real_run(*argv, **kw)  # type: ignore[arg-type]
+    monkeypatch.setattr(local, "run", run)
+    how = local.rejoin(spec, spec.node(old.name), spec.node(new.name))
+    assert how.startswith("clone; it did not follow the primary after the rewind"), how
+    new.psql("CREATE TABLE IF NOT EXISTS after_clone (n int)")
+    new.psql("INSERT INTO after_clone VALUES (1)")  # ANY 2: acknowledged once the clone confirms too
+    cluster.wait_synchronous(60)
+    assert old.psql("SELECT count(*) FROM after_clone") == "1"
+    assert old.psql("SELECT to_regclass('diverged') IS NULL", dbname=cluster.spec().dbname) == "t"
 
 
 def _gone(pid: int) -> bool:
