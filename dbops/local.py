@@ -193,7 +193,7 @@ def _rejoin(spec: ClusterSpec, node: Node, primary: Node, d: Path, lock: int) ->
     p = run("pg_rewind", "-D", str(work), f"--source-server={src}", timeout=600, check=False,
             env={"PGPASSFILE": spec.passfile}, pass_fds=(lock,))
     lines = (p.stderr or p.stdout).strip().splitlines()
-    said = lines[-1][:160] if lines else str(p.returncode)
+    said = (lines[-1].removeprefix("pg_rewind: ")[:160] if lines else f"exit {p.returncode}")
     if how.startswith("clone") or p.returncode != 0:
         how = how if how.startswith("clone") else f"clone; pg_rewind: {said}"
         _clone(spec, primary, work, lock)
