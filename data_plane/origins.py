@@ -42,6 +42,7 @@ from typing import Any
 from common.policy import PatternSet
 from data_plane import metrics
 from data_plane.config import resolved
+from data_plane.http1 import BODY_CHUNK
 from data_plane.policy import cert_name_covers
 
 Key = tuple[str, str, int, str, bool]
@@ -306,7 +307,7 @@ class Dialer:
         return resolved(self.resolve, self._resolve_names, host) or host
 
     async def tcp(self, host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        return await asyncio.wait_for(asyncio.open_connection(self.addr(host), port, limit=64 * 1024),
+        return await asyncio.wait_for(asyncio.open_connection(self.addr(host), port, limit=BODY_CHUNK),
                                       CONNECT_TIMEOUT)
 
     def take(self, key: Key) -> Origin | None:
@@ -332,7 +333,7 @@ class Dialer:
         with offering(self.sessions.get(key)):
             reader, writer = await asyncio.wait_for(asyncio.open_connection(
                 self.addr(key[1]), key[2], ssl=self.ctx if key[4] else self.h1_ctx, server_hostname=key[3],
-                limit=64 * 1024), CONNECT_TIMEOUT)
+                limit=BODY_CHUNK), CONNECT_TIMEOUT)
         try:
             self._proved(key, writer)
         except ssl.SSLError:
