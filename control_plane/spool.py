@@ -25,7 +25,6 @@ primary that may be as stuck as the one the append stands in for.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import json
 import logging
@@ -156,10 +155,12 @@ class KeySentAuditor:
             done = 0
             try:
                 while done < len(lines):
-                    chunk = [json.loads(ln) for ln in lines[done:done + REPLAY_BATCH]]
-                    await self._store.audit_many([
-                        AuditEntry(Actor(e["actor"]), "KeySent", org_id=e["org_id"], key_id=e["key_id"],
-                                   detail=f"{e['detail']} (spooled at {e['at']})") for e in chunk])
+                    chunk = lines[done:done + REPLAY_BATCH]
+                    entries, bad = _parse(chunk)
+                    if entries:
+                        await self._store.audit_many(entries)
+                    if bad:  # after the good ones are written: a failed write quarantines nothing twice
+                        await asyncio.to_thread(self._quarantine, bad)
                     done += len(chunk)
             finally:
                 if done:  # lines are only appended meanwhile: the first ``done`` are those written
@@ -169,12 +170,43 @@ class KeySentAuditor:
                 log.info("wrote %d spooled KeySent audit events", done)
             return done
 
+    def _quarantine(self, bad: Sequence[str]) -> None:
+        """Lines that are no spooled event (torn by a crash or a full disk mid-write) go to
+        ``<spool>.malformed`` for an operator, said once each in the log (where, not what): they
+        must neither stop the spool nor be lost without a word."""
+        fd = os.open(self._path + ".malformed", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, "".join(x + "\n" for x in bad).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        log.error("%d spooled line(s) that are no KeySent event were moved to %s.malformed; the "
+                  "events they held, if any, are not in the audit log", len(bad), self._path)
+
     async def run(self) -> None:
         while True:
-            with contextlib.suppress(KeywardError):  # still no primary: next time
+            try:
                 await self.flush()
+            except KeywardError:
+                pass  # still no primary: next time
+            except Exception:  # the flusher must outlive any one failure: the spool is the audit's
+                log.exception("spool flush failed; retrying in %gs", FLUSH_SECONDS)
             await asyncio.sleep(FLUSH_SECONDS)
 
     async def aclose(self) -> None:
         await self.batches.aclose()
         await self._spool.aclose()
+
+
+def _parse(lines: Sequence[str]) -> tuple[list[AuditEntry], list[str]]:
+    """The spooled events among ``lines`` as audit entries, and the lines that are none."""
+    entries: list[AuditEntry] = []
+    bad: list[str] = []
+    for ln in lines:
+        try:
+            e = json.loads(ln)
+            entries.append(AuditEntry(Actor(str(e["actor"])), "KeySent", org_id=str(e["org_id"]),
+                                      key_id=str(e["key_id"]), detail=f"{e['detail']} (spooled at {e['at']})"))
+        except (ValueError, KeyError, TypeError):
+            bad.append(ln)
+    return entries, bad

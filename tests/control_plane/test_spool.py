@@ -137,3 +137,23 @@ async def test_a_batch_is_bounded_by_its_most_patient_caller_not_by_the_first(tm
     until = now + 20 - spool.REPLY_MARGIN
     assert store.deadlines == [pytest.approx(until + spool.TX_RESERVE)]
     assert store.bounds[0] == pytest.approx(until + spool.TX_RESERVE - now, abs=0.5)  # then abandoned
+
+
+async def test_a_torn_spool_line_is_set_aside_and_the_others_are_written(tmp_path: Path) -> None:
+    """A line torn by a crash or a full disk mid-write stopped the flusher for good (json.loads
+    raised in its loop, which caught only database errors): no spooled event reached the audit
+    log again. Found in review (helper-19's notes)."""
+    store = FakeStore()
+    path = tmp_path / "spool.jsonl"
+    good = {"actor": ZEN.spiffe_id, "org_id": "acme", "key_id": "k1", "detail": "pool=public version=1",
+            "at": "2026-11-30T10:00:00+00:00"}
+    path.write_text(json.dumps(good) + "\n" + '{"actor": "spiffe://keyward/zen-pool/pub' + "\n"
+                    + json.dumps({**good, "key_id": "k2"}) + "\n")
+    a = auditor(store, str(path))
+    try:
+        assert await a.flush() == 3
+    finally:
+        await a.aclose()
+    assert [e.key_id for batch in store.committed for e in batch] == ["k1", "k2"]
+    assert spooled(path) == []
+    assert (tmp_path / "spool.jsonl.malformed").read_text() == '{"actor": "spiffe://keyward/zen-pool/pub\n'
