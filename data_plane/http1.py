@@ -30,20 +30,41 @@ class Head:
     headers: list[tuple[str, str]]
     raw: bytes
     _index: dict[str, str] | None = field(default=None, repr=False, compare=False)
+    """Lowered name: first value (read_head builds it with the headers, in the same pass)."""
+    _framing: list[tuple[str, str]] | None = field(default=None, repr=False, compare=False)
+    """Every Transfer-Encoding and Content-Length header, names lowered (check_framing's)."""
 
     def get(self, name: str) -> str | None:
         """The first value of header ``name`` (any case)."""
         if self._index is None:
-            index: dict[str, str] = {}
-            for k, v in self.headers:
-                index.setdefault(k.lower(), v)
-            self._index = index
+            self._index_headers()
+            assert self._index is not None
         return self._index.get(name.lower())
+
+    def framing(self) -> list[tuple[str, str]]:
+        if self._framing is None:
+            self._index_headers()
+            assert self._framing is not None
+        return self._framing
+
+    def _index_headers(self) -> None:
+        index: dict[str, str] = {}
+        framing: list[tuple[str, str]] = []
+        for k, v in self.headers:
+            lk = k.lower()
+            if lk in _FRAMING:
+                framing.append((lk, v))
+            if lk not in index:
+                index[lk] = v
+        self._index, self._framing = index, framing
 
     def wants_close(self) -> bool:
         c = (self.get("connection") or "").lower()
         return "close" in c or (self.start[0 if self.start[0].startswith("HTTP/") else 2] == "HTTP/1.0"
                                 and "keep-alive" not in c)
+
+
+_FRAMING = frozenset({"transfer-encoding", "content-length"})
 
 
 class Deadline:
@@ -117,14 +138,22 @@ async def read_head(reader: asyncio.StreamReader, timeout: float = 60, deadline:
     if len(start) < 2:
         raise HttpError("malformed start line")
     headers = []
+    index: dict[str, str] = {}
+    framing: list[tuple[str, str]] = []
     for line in lines[1:]:
         if not line:
             continue
         k, sep, v = line.partition(":")
         if not sep or not k or k != k.strip():
             raise HttpError("malformed header line")
-        headers.append((k, v.strip()))
-    return Head(start + [""] * (3 - len(start)), headers, raw)
+        v = v.strip()
+        headers.append((k, v))
+        lk = k.lower()  # once per header, here: every later look-up uses the index
+        if lk in _FRAMING:
+            framing.append((lk, v))
+        if lk not in index:
+            index[lk] = v
+    return Head(start + [""] * (3 - len(start)), headers, raw, index, framing)
 
 
 def check_framing(head: Head, *, is_request: bool) -> None:
@@ -132,8 +161,9 @@ def check_framing(head: Head, *, is_request: bool) -> None:
     RFC 9112 section 6.3): Transfer-Encoding with Content-Length, a request whose last transfer
     coding is not chunked, several Content-Length values that differ, or one that is not a number.
     The ZEN frames a body exactly once; the origin must see the same framing."""
-    te = [v for k, v in head.headers if k.lower() == "transfer-encoding"]
-    cls = {v.strip() for k, v in head.headers if k.lower() == "content-length"}
+    framing = head.framing()
+    te = [v for k, v in framing if k == "transfer-encoding"]
+    cls = {v.strip() for k, v in framing if k == "content-length"}
     if te and cls:
         raise HttpError("a message with both Transfer-Encoding and Content-Length is refused (request smuggling)")
     if te and is_request and ",".join(te).split(",")[-1].strip().lower() != "chunked":
