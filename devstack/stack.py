@@ -13,10 +13,12 @@ Kubernetes Secret on a tmpfs volume); it never touches the disk.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -91,10 +93,42 @@ def wait_healthy(pki_dir: Path, addr: str, proc: subprocess.Popen[bytes] | None,
     raise SystemExit(f"CA not healthy after {timeout}s: {last}")
 
 
+def ensure_free(addr: str, what: str) -> None:
+    """Exit with a message a person can act on when ``addr`` (host:port) is taken: another clone's
+    stack on the same fixed ports failed later as "pg_ctl: could not start server"."""
+    host, _, port = addr.rpartition(":")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT is no owner
+        try:
+            s.bind((host, int(port)))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+            raise SystemExit(
+                f"{what} cannot listen on {addr}: something else holds that port (another keyward stack? "
+                "`make down` in its clone), or choose other ports for this one: KEYWARD_PG_PORT "
+                f"(3 ports from it; now {PG_PORT}), KEYWARD_CA_ADDR (now {CA_ADDR}), KEYWARD_METRICS_ADDR "
+                f"(now {METRICS_ADDR})") from None
+
+
+def _alive(name: str) -> bool:
+    try:
+        os.kill(int((RUN / f"{name}.pid").read_text()), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def up() -> None:
     RUN.mkdir(exist_ok=True)
     (RUN / "logs").mkdir(exist_ok=True)
     pg = cluster()
+    for node in pg.nodes:  # before anything starts: this stack's own servers hold theirs
+        if not node.running():
+            ensure_free(f"127.0.0.1:{node.port}", f"Postgres {node.name}")
+    if not _alive("ca"):
+        ensure_free(CA_ADDR, "the CA")
+        ensure_free(METRICS_ADDR, "the CA's metrics")
     if not pg.initialized():
         print(f"initdb + pg_basebackup: Postgres primary and two synchronous standbys on 127.0.0.1:"
               f"{','.join(map(str, pg.ports))} ({pg.root})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -29,3 +30,23 @@ def test_pg_data_leaves_a_folder_postgres_cannot_enter(monkeypatch: pytest.Monke
     else:  # Postgres runs as the caller, who can
         assert stack.pg_root() == closed / "clone" / ".run" / "pg"
     shutil.rmtree(tmp_path)
+
+
+def test_a_port_held_by_another_stack_is_named_before_anything_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two clones' stacks share the fixed ports; the second's `make demo` failed deep inside with
+    "pg_ctl: could not start server / Examine the log output" (seen this stop: a bench had left a
+    stack up). It now stops first, naming the port and what to do."""
+    run = Path(tempfile.mkdtemp(dir="/var/tmp")) / ".run"
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    monkeypatch.setattr(stack, "RUN", run)
+    monkeypatch.setattr(stack, "PG_PORT", port)
+    try:
+        with pytest.raises(SystemExit, match=f"Postgres n0 cannot listen on 127.0.0.1:{port}.*make down"):
+            stack.up()
+        assert not (run / "pki").exists()  # nothing else was started or made
+    finally:
+        holder.close()
+        shutil.rmtree(run.parent)
