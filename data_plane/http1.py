@@ -138,22 +138,16 @@ async def read_head(reader: asyncio.StreamReader, timeout: float = 60, deadline:
     if len(start) < 2:
         raise HttpError("malformed start line")
     headers = []
-    index: dict[str, str] = {}
-    framing: list[tuple[str, str]] = []
     for line in lines[1:]:
         if not line:
             continue
         k, sep, v = line.partition(":")
         if not sep or not k or k != k.strip():
             raise HttpError("malformed header line")
-        v = v.strip()
-        headers.append((k, v))
-        lk = k.lower()  # once per header, here: every later look-up uses the index
-        if lk in _FRAMING:
-            framing.append((lk, v))
-        if lk not in index:
-            index[lk] = v
-    return Head(start + [""] * (3 - len(start)), headers, raw, index, framing)
+        headers.append((k, v.strip()))
+    head = Head(start + [""] * (3 - len(start)), headers, raw)
+    head._index_headers()  # names lowered once, here: every later look-up uses the index
+    return head
 
 
 def check_framing(head: Head, *, is_request: bool) -> None:

@@ -174,10 +174,9 @@ def _rejoin_lock(node: Node, d: Path) -> Iterator[int]:
 def _rejoin(spec: ClusterSpec, node: Node, primary: Node, d: Path, lock: int) -> str:
     work = d.with_name(d.name + ".rejoining")
     if d.exists() or not work.exists():
-        kill_node(node)
-        shutil.rmtree(work, ignore_errors=True)  # a leftover beside a live directory: the live one wins
-        os.rename(d, work)  # from here on nobody can start this server
-    _kill_working_in(work)  # a server started between the kill and the rename
+        _set_aside(node, d, work)
+    else:  # carried on from an interrupted rejoin
+        _kill_working_in(work)
     src = spec.conninfo(primary, dbname="postgres")
     how = "rewind"
     if control_state(work) == "in archive recovery":
@@ -205,9 +204,7 @@ def _rejoin(spec: ClusterSpec, node: Node, primary: Node, d: Path, lock: int) ->
         # primary sends (fault campaign, seed 879: a killed primary, "no rewind required", then
         # "invalid resource manager ID" at its own last record forever, every write waiting for
         # it). Its WAL is not the primary's: it is cloned afresh.
-        kill_node(node)
-        os.rename(d, work)
-        _kill_working_in(work)
+        _set_aside(node, d, work)
         _clone(spec, primary, work, lock)
         _start_back(spec, node, primary, work, d)
         how = f"clone; it did not follow the primary after the rewind ({said})"
@@ -244,6 +241,14 @@ def follows(spec: ClusterSpec, node: Node, primary: Node, timeout: float = FOLLO
             pass  # starting up, or the table not replayed yet: asked again until the deadline
         time.sleep(0.2)  # poll interval of a bounded wait
     return False
+
+
+def _set_aside(node: Node, d: Path, work: Path) -> None:
+    """Stop the server and rename its data directory to ``work``: from then on nobody can start it."""
+    kill_node(node)
+    shutil.rmtree(work, ignore_errors=True)  # a leftover beside a live directory: the live one wins
+    os.rename(d, work)
+    _kill_working_in(work)  # a server started between the kill and the rename
 
 
 def _clone(spec: ClusterSpec, primary: Node, work: Path, lock: int) -> None:
