@@ -493,3 +493,20 @@ async def test_a_reset_stream_cancels_its_handler_and_the_others_complete() -> N
         assert not c.got(h2.events.ResponseReceived, slow)
         again = await c.request("/again")  # the connection goes on
         assert await c.response(again) == (200, b"0 bytes from /again")
+
+
+def test_a_received_frame_is_described_as_hyperframe_does_without_hexlifying_its_payload() -> None:
+    """h2 builds ``repr(frame)`` for every frame it receives; hyperframe hexlified a DATA frame's
+    whole payload for it (15% of the ZEN's CPU in an HTTP/2 download). The replacement gives the
+    library's text, for every length, from the payload's first bytes."""
+    import hyperframe.frame
+
+    from data_plane import h2conn
+
+    assert hyperframe.frame._raw_data_repr is h2conn._data_repr
+    for n in [*range(0, 24), 8192, 1 << 20]:
+        data = bytes((i * 7) % 256 for i in range(n))
+        assert h2conn._data_repr(data) == h2conn._library_data_repr(data), n
+    assert h2conn._data_repr(None) == h2conn._library_data_repr(None) == "None"
+    frame = hyperframe.frame.DataFrame(1, data=b"\xab" * 16384)
+    assert repr(frame).endswith("<hex:abababababababababab...>")
