@@ -8,6 +8,7 @@ itself, which the client trusts already, is not sent."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ssl
 
@@ -94,6 +95,56 @@ def test_a_client_that_trusts_only_the_org_root_verifies_the_leaf(levels: int) -
     finally:
         signer.stop()
     assert leaf.issuer == inter.subject
+
+
+def _pump(c: ssl.SSLObject, s: ssl.SSLObject, bios: tuple[ssl.MemoryBIO, ...]) -> None:
+    """Handshake ``c`` with ``s`` in memory, then give the client what the server sent after it."""
+    c_in, c_out, s_in, s_out = bios
+    for _ in range(20):
+        for side in (c, s):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                side.do_handshake()
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+    with contextlib.suppress(ssl.SSLWantReadError):
+        c.read()  # processes the session tickets
+    assert c.version() == "TLSv1.3"
+
+
+def test_a_client_gets_one_session_ticket_and_resumes_with_it() -> None:
+    """One ticket per handshake (OpenSSL's default is two: mint.TICKETS), and it works: the
+    client's next connection to the same leaf resumes (no certificate, no signature)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    root = _ca("org root", key, None, None)
+    inter_key = ec.generate_private_key(ec.SECP256R1())
+    inter = _ca("org intermediate", inter_key, (root, key), 0)
+    buf = from_bytes(inter_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()))
+    try:
+        signer = Signer.start(buf, _pem(inter))
+    finally:
+        buf.wipe()
+    try:
+        server = Minter().context_for("acme", "k1", signer, _pem(inter), "shop.example", [], chain_pem=_pem(root))
+    finally:
+        signer.stop()
+    client = ssl.create_default_context(cadata=_pem(root))
+    tickets: list[object] = []
+
+    def seen(conn: object, direction: str, version: object, content_type: object, msg_type: object,
+             data: bytes) -> None:
+        if direction == "read" and msg_type == ssl._TLSMessageType.NEWSESSION_TICKET:  # type: ignore[attr-defined]
+            tickets.append(msg_type)
+    client._msg_callback = seen  # type: ignore[attr-defined]
+    bios = (ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO())
+    first = client.wrap_bio(bios[0], bios[1], server_hostname="shop.example")
+    _pump(first, server.wrap_bio(bios[2], bios[3], server_side=True), bios)
+    assert len(tickets) == 1 and first.session is not None and first.session.has_ticket
+    assert not first.session_reused
+    bios = (ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO())
+    again = client.wrap_bio(bios[0], bios[1], server_hostname="shop.example", session=first.session)
+    _pump(again, server.wrap_bio(bios[2], bios[3], server_side=True), bios)
+    assert again.session_reused
 
 
 def test_issuers_to_send() -> None:
