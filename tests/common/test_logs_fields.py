@@ -74,3 +74,18 @@ def test_with_only_the_json_handler_the_line_is_written_directly_and_the_same(mo
     finally:
         os.close(r)
         os.close(w)
+
+
+@pytest.mark.parametrize("fields", [
+    {},
+    {"org": "acme", "method": "GET", "host": "shop.example", "path": "/a?b=c", "status": 200, "bytes": 1024,
+     "protocol": "http/1.1", "stream": None, "ok": True, "no": False},
+    {"msg": 'quote " backslash \\ tab \t newline \n nul \x00 é 漢 \U0001f600', "n": -1, "big": 10 ** 30},
+    {"f": 1.5, "nan": float("nan"), "inf": float("inf"), "minus": float("-inf"), "zero": -0.0},
+    {"list": [1, "two", None, [3.0]], "dict": {"a": {"b": []}}, "tuple": (1, 2)},
+    {"obj": ValueError("an object: its str()"), "path": os.sep, "bytes": b"\xff", 3: "int key", None: "none key"},
+])
+def test_to_json_writes_what_json_dumps_writes(fields: dict[Any, Any]) -> None:
+    """Log lines are encoded by json's C encoder made once (json.dumps makes one per call): the
+    same text as ``json.dumps(fields, default=str)``, whatever the fields hold."""
+    assert logs.to_json(fields) == json.dumps(fields, default=str)
