@@ -87,6 +87,17 @@ def log_level(name: str, raw: str) -> str:
     return v
 
 
+EVENT_LOOPS = ("uvloop", "asyncio")
+"""What a program's event loop may be (``common.loops.run``): libuv's, or asyncio's own."""
+
+
+def event_loop(name: str, raw: str) -> str:
+    v = raw.strip().lower()
+    if v not in EVENT_LOOPS:
+        raise SettingError(f"{name}={raw}: uvloop or asyncio")
+    return v
+
+
 def integer_in(lo: int, hi: int) -> Callable[[str, str], int]:
     """A parser of integers within lo..hi, for :func:`get`."""
     return lambda name, raw: integer(name, raw, lo, hi)

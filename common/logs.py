@@ -35,7 +35,7 @@ from typing import Any
 from common.stderr import HANDSHAKE_TRACE, StderrLines, rfc3339
 
 SAFE_FIELDS = ("method", "code", "actor", "org_id", "key_id", "pool", "duration_ms", "port", "peer", "reason",
-               "setting", "status", "master_check")
+               "setting", "status", "master_check", "event_loop")
 """The ``extra`` fields a line may carry; anything else passed as ``extra`` is left out."""
 
 MAX_FRAMES = 30

@@ -18,6 +18,7 @@ import secrets
 import sys
 from pathlib import Path
 
+from common import loops
 from common.hardening import no_core_dumps
 from control_plane import config, logs
 from control_plane.errors import KeywardError
@@ -38,7 +39,7 @@ def _serve() -> int:
             log.warning("ignoring unknown settings (typo?): %s", ", ".join(sorted(cfg.extra)))
         no_core_dumps()
         master = MasterSecret.load(path=cfg.master_secret_file or None, require_lock=cfg.require_mlock)
-        asyncio.run(server.serve(cfg, master))
+        loops.run(server.serve(cfg, master), cfg.event_loop)
     except (KeywardError, KeylibError) as e:
         log.error("%s", e)  # one line, no traceback: the message names the setting
         return 2

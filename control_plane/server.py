@@ -204,7 +204,8 @@ async def start(cfg: CAConfig, master: MasterSecret) -> RunningCA:
     # The validator's worker starts beside serving, never in its way (warm() does not raise).
     tasks.append(asyncio.create_task(asyncio.to_thread(validator.warm), name="keyward-validator-warm"))
     # The master secret's check value is not secret: operators compare it with a ZEN's.
-    log.info("CA listening", extra={"port": port, "master_check": check})
+    log.info("CA listening", extra={"port": port, "master_check": check,
+                                    "event_loop": type(asyncio.get_running_loop()).__module__.partition(".")[0]})
     return RunningCA(server, port, store, hub, hs, master, tasks, extra, validator)
 
 

@@ -22,6 +22,7 @@ import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 
+from common import loops
 from common.env import read_file, split_hostport, why
 from common.hardening import no_core_dumps
 from common.logs import setup
@@ -178,12 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             # Before prometheus_client is imported, here and in the workers (which inherit it).
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="keyward-zen-metrics-")
             atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], True)
-        if cfg.event_loop == "uvloop":
-            import uvloop
-
-            uvloop.run(run(cfg))
-        else:
-            asyncio.run(run(cfg))
+        loops.run(run(cfg), cfg.event_loop)
     except (config.ZenConfigError, StartupError) as e:
         log.error("%s", e)
         return 2

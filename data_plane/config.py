@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from common.env import SettingError, address, boolean, hostport, integer_in, log_level, text
+from common.env import SettingError, address, boolean, event_loop, hostport, integer_in, log_level, text
 from common.policy import PatternSet, host_pattern, normalize_host
 
 ZenConfigError = SettingError
@@ -128,12 +128,6 @@ def resolved(table: Mapping[str, str], names: PatternSet, host: str) -> str | No
     return table[hit] if hit is not None else None
 
 
-def _loop(name: str, raw: str) -> str:
-    if raw.strip().lower() not in ("uvloop", "asyncio"):
-        raise ZenConfigError(f"{name}={raw}: uvloop or asyncio")
-    return raw.strip().lower()
-
-
 def _list(name: str, raw: str) -> tuple[str, ...]:
     return tuple(address(name, x) for x in raw.split(",") if x.strip())
 
@@ -151,7 +145,7 @@ _PARSE: dict[str, Callable[[str, str], Any]] = {
     "origin_idle": integer_in(1, 3600),
     "origin_session_seconds": integer_in(0, 86400),
     "require_mlock": boolean,
-    "event_loop": _loop,
+    "event_loop": event_loop,
     "workers": integer_in(1, 64),
     "log_level": log_level,
 }

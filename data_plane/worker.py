@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from common import loops
 from common.logs import setup
 from data_plane import config
 from data_plane.keys import OrgKey
@@ -136,12 +137,7 @@ def main(argv: list[str]) -> int:
     import logging
 
     logging.getLogger().setLevel(cfg.log_level)
-    if cfg.event_loop == "uvloop":
-        import uvloop
-
-        uvloop.run(run(cfg, control_fd, listen_fds))
-    else:
-        asyncio.run(run(cfg, control_fd, listen_fds))
+    loops.run(run(cfg, control_fd, listen_fds), cfg.event_loop)
     return 0
 
 

@@ -56,6 +56,7 @@ def test_a_bad_value_is_one_line_naming_the_setting_in_every_process() -> None:
     (env.hostport, "[::1:8080", "X=[::1:8080: an IPv6 host goes in brackets, [::1]:8080"),
     (env.address, "ca:0", "X=ca:0: not host:port (a port from 1 to 65535)"),
     (env.log_level, "loud", "X=loud: not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+    (env.event_loop, "trio", "X=trio: uvloop or asyncio"),
 ])
 def test_errors_name_the_setting_and_the_value(parse: object, raw: str, error: str) -> None:
     with pytest.raises(SettingError) as e:
@@ -72,6 +73,7 @@ def test_values_and_defaults() -> None:
     assert env.split_hostport(":9464") == (env.LOOPBACK, 9464)  # no host: loopback, never every interface
     assert env.split_hostport("[::1]:8080") == ("::1", 8080)
     assert env.log_level("X", " info ") == "INFO"
+    assert env.event_loop("X", " UVLoop ") == "uvloop" and env.event_loop("X", "asyncio") == "asyncio"
 
 
 def test_a_file_setting_names_the_file_and_why(tmp_path: object) -> None:

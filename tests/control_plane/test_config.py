@@ -27,6 +27,14 @@ def test_missing_and_bad_values() -> None:
         from_env({**BASE, "KEYWARD_REQUIRE_MLOCK": "maybe"})
 
 
+def test_the_event_loop_is_uvloop_unless_asyncio_is_named() -> None:
+    assert from_env(BASE).event_loop == "uvloop"
+    assert from_env({**BASE, "KEYWARD_CA_EVENT_LOOP": " AsyncIO "}).event_loop == "asyncio"
+    assert "KEYWARD_CA_EVENT_LOOP" not in from_env({**BASE, "KEYWARD_CA_EVENT_LOOP": "asyncio"}).extra
+    with pytest.raises(ConfigError, match=r"^KEYWARD_CA_EVENT_LOOP=trio: uvloop or asyncio$"):
+        from_env({**BASE, "KEYWARD_CA_EVENT_LOOP": "trio"})
+
+
 def test_unknown_keys_are_reported() -> None:
     assert "KEYWARD_LISTN" in from_env({**BASE, "KEYWARD_LISTN": "x"}).extra
 

@@ -61,6 +61,7 @@ def test_the_ca_reports_its_master_check_value(ca: CAProcess, master_secret: tup
     mine = master_check_value(MasterSecret.from_bytes(master_secret[0], require_lock=False))
     [listening] = [x for x in assert_json_lines(ca.log_text(), "CA log") if x.get("msg") == "CA listening"]
     assert listening["master_check"] == mine
+    assert listening["event_loop"] == "uvloop"  # KEYWARD_CA_EVENT_LOOP's default, as it runs
 
 
 
