@@ -183,7 +183,10 @@ class Sink:
         self._lock = threading.Lock()
 
     def write_line(self, line: str) -> None:
-        data = memoryview((line + "\n").encode("utf-8", "backslashreplace"))
+        self._write((line + "\n").encode("utf-8", "backslashreplace"))
+
+    def _write(self, raw: bytes) -> None:
+        data = memoryview(raw)
         with self._lock:
             while data:
                 try:
@@ -192,6 +195,69 @@ class Sink:
                     continue
                 except OSError:
                     return  # stderr is gone: nothing left to tell
+
+
+QUEUE_BYTES = 4 << 20
+"""What a :class:`QueuedSink` holds for its writer at most (about 16,000 access lines)."""
+
+
+class QueuedSink(Sink):
+    """Whole lines to a file descriptor, written by a thread of their own: a caller never waits
+    for the descriptor (the ZEN's event loop writes a line per request, and a log reader that
+    stops, its pipe full, would otherwise stop every connection of every org).
+
+    Lines keep their order. When ``limit`` bytes wait already, a line is dropped and counted;
+    once the writer has written what waited, it writes one line saying how many were dropped
+    (``dropped``). :meth:`close` writes what waits (bounded) and stops the thread."""
+
+    def __init__(self, fd: int, limit: int = QUEUE_BYTES) -> None:
+        super().__init__(fd)
+        self.limit = limit
+        self.dropped_total = 0
+        self._waiting: list[bytes] = []
+        self._size = 0
+        self._dropped = 0
+        self._closing = False
+        self._ready = threading.Condition(threading.Lock())
+        self._thread = threading.Thread(target=self._run, name="keyward-log-writer", daemon=True)
+        self._thread.start()
+
+    def write_line(self, line: str) -> None:
+        data = (line + "\n").encode("utf-8", "backslashreplace")
+        with self._ready:
+            if self._size + len(data) > self.limit:
+                self._dropped += 1
+                self.dropped_total += 1
+                return
+            self._waiting.append(data)
+            self._size += len(data)
+            if len(self._waiting) == 1 or self._dropped:
+                self._ready.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._waiting and not self._dropped and not self._closing:
+                    self._ready.wait()
+                batch, dropped = b"".join(self._waiting), self._dropped
+                self._waiting, self._size, self._dropped = [], 0, 0
+                done = self._closing and not batch and not dropped
+            if done:
+                return
+            if batch:
+                self._write(batch)  # whole lines, in one write where the descriptor takes it
+            if dropped:
+                Sink.write_line(self, to_json({
+                    "msg": f"{dropped} log lines dropped: the log's reader did not keep up",
+                    "time": rfc3339(time.time()), "level": "warning", "logger": "keyward.logs", "dropped": dropped}))
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Write what waits (at most ``timeout`` seconds: a reader that never reads again must
+        not hold the process's exit), then stop the writer."""
+        with self._ready:
+            self._closing = True
+            self._ready.notify()
+        self._thread.join(timeout)
 
 
 class JsonHandler(logging.Handler):
@@ -308,7 +374,7 @@ def lines_fd() -> int | None:
 
 
 def setup(level: str | int, program: str, *, capture_stderr: bool = True, grpc_handshakes: bool = False,
-          lines_fd: int | None = None) -> None:
+          lines_fd: int | None = None, queued: bool = False) -> None:
     """JSON lines on stderr for this process (idempotent: a second call changes the level).
 
     ``program`` names the root logger's records. ``capture_stderr``: route fd 2 through the
@@ -317,7 +383,8 @@ def setup(level: str | int, program: str, *, capture_stderr: bool = True, grpc_h
     each with the peer and the reason; this turns gRPC's handshaker trace on, so it must be called
     before grpc is imported. ``lines_fd``: where this process's records go, when not fd 2 (a
     keyward process's real stderr, :func:`lines_fd`, handed to a child whose fd 2 is its pipe: the
-    records skip the converting thread; each is one ``write``).
+    records skip the converting thread; each is one ``write``). ``queued``: lines are written by a
+    thread of their own (:class:`QueuedSink`), so no caller ever waits for the log's reader.
     """
     global _pump, _sink
     if grpc_handshakes:
@@ -326,7 +393,9 @@ def setup(level: str | int, program: str, *, capture_stderr: bool = True, grpc_h
             os.environ["GRPC_TRACE"] = ",".join([*have, HANDSHAKE_TRACE])
     if _sink is None:
         real = lines_fd if lines_fd is not None else os.dup(2) if capture_stderr else 2
-        _sink = Sink(real)
+        _sink = QueuedSink(real) if queued else Sink(real)
+        if isinstance(_sink, QueuedSink):
+            atexit.register(_sink.close)  # after the converting thread's close (atexit runs last first)
         if capture_stderr:
             _pump = _Pump(_sink, StderrLines(handshakes=grpc_handshakes))
             atexit.register(_pump.close)

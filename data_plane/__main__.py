@@ -170,7 +170,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    setup("INFO", "keyward-zen")
+    setup("INFO", "keyward-zen", queued=True)  # a stalled log reader must not stall the proxy
     try:
         cfg = config.from_env()
         logging.getLogger().setLevel(cfg.log_level)

@@ -132,7 +132,7 @@ async def run(cfg: config.ZenConfig, control_fd: int, listen_fds: list[int]) -> 
 def main(argv: list[str]) -> int:
     control_fd, lines_fd, listen_fds = int(argv[0]), int(argv[1]), [int(x) for x in argv[2:]]
     # fd 2 is the supervisor's converting pipe (for what is not a record); records go to its stderr.
-    setup("INFO", "keyward-zen", capture_stderr=False, lines_fd=lines_fd if lines_fd >= 0 else None)
+    setup("INFO", "keyward-zen", capture_stderr=False, lines_fd=lines_fd if lines_fd >= 0 else None, queued=True)
     cfg = config.from_env()
     import logging
 

@@ -164,3 +164,73 @@ def test_a_crash_is_one_json_line_with_the_type_and_no_argument() -> None:
     crash = [r for r in recs if r.get("exc_type") == "RuntimeError"]
     assert len(crash) == 1 and crash[0]["level"] == "critical" and crash[0]["exc_frames"], recs
     assert "crash-secret-0815" not in "\n".join(lines)
+
+
+def _drain(r: int, until: bytes, deadline: float = 30.0) -> bytes:
+    """What the pipe's reader gets until ``until`` has come (bounded)."""
+    import os
+    import select
+    import time
+
+    got = b""
+    end = time.monotonic() + deadline
+    while until not in got:
+        assert time.monotonic() < end, f"{until!r} never came; last: {got[-300:]!r}"
+        if select.select([r], [], [], 0.5)[0]:
+            got += os.read(r, 1 << 16)
+    return got
+
+
+def test_a_queued_sink_never_waits_for_a_reader_that_stopped() -> None:
+    """The ZEN writes a line per request on its event loop: with a reader that stopped reading
+    (a pipe full), a plain ``write`` would stop every connection. A QueuedSink's callers never
+    wait; what its bound cannot hold is dropped, counted, and said in one line once the reader
+    reads again. Lines keep their order."""
+    import os
+    import threading
+
+    from common.logs import QueuedSink
+
+    r, w = os.pipe()
+    sink = QueuedSink(w, limit=16 * 1024)
+    n = 5000
+    def write_all() -> None:
+        for i in range(n):
+            sink.write_line(f'{{"n": {i}, "pad": "{"x" * 80}"}}')
+    writer = threading.Thread(target=write_all)
+    writer.start()
+    writer.join(30)  # the pipe (64 KiB) is full long before the 500 KB are written
+    assert not writer.is_alive(), "a caller waited for the log's reader"
+    assert sink.dropped_total > 0
+    out = _drain(r, b"log lines dropped")
+    sink.close()
+    os.close(w)
+    while chunk := os.read(r, 1 << 16):
+        out += chunk
+    os.close(r)
+    lines = [json.loads(x) for x in out.decode().splitlines()]
+    numbers = [x["n"] for x in lines if "n" in x]
+    assert numbers == sorted(numbers) and numbers[0] == 0
+    markers = [x for x in lines if "dropped" in x]  # one each time the writer caught up after drops
+    assert sum(x["dropped"] for x in markers) == sink.dropped_total == n - len(numbers)
+    assert all(x["level"] == "warning" and x["msg"] == f"{x['dropped']} log lines dropped: the log's reader "
+               "did not keep up" for x in markers)
+
+
+def test_a_queued_sink_writes_what_waits_when_closed() -> None:
+    import os
+
+    from common.logs import QueuedSink
+
+    r, w = os.pipe()
+    sink = QueuedSink(w)
+    for i in range(100):
+        sink.write_line(json.dumps({"n": i}))
+    sink.close()
+    os.close(w)
+    out = b""
+    while chunk := os.read(r, 1 << 16):
+        out += chunk
+    os.close(r)
+    assert [json.loads(x)["n"] for x in out.decode().splitlines()] == list(range(100))
+    assert sink.dropped_total == 0

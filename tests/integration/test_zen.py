@@ -110,9 +110,9 @@ class Zen:
     log: Path
 
 
-def start_zen(ca: CAProcess, pki_dir: Path, master: Path, web: Web, workdir: Path, who: str = "zen-public",
-              extra: dict[str, str] | None = None, python: str = sys.executable) -> Zen:
-    log = workdir / f"zen-{uuid.uuid4().hex[:6]}.log"
+def zen_env(ca: CAProcess, pki_dir: Path, master: Path, web: Web, who: str = "zen-public",
+            extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a test ZEN: this CA, ``who``'s identity, ``web``'s names and root."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KEYWARD_")}
     env.update(KEYWARD_ZEN_LISTEN="127.0.0.1:0", KEYWARD_ZEN_METRICS_LISTEN="127.0.0.1:0", KEYWARD_CA_ADDR=ca.addr,
                KEYWARD_ZEN_TLS_CERT_FILE=str(pki_dir / f"{who}.crt"), KEYWARD_ZEN_TLS_KEY_FILE=str(pki_dir / f"{who}.key"),
@@ -120,6 +120,13 @@ def start_zen(ca: CAProcess, pki_dir: Path, master: Path, web: Web, workdir: Pat
                KEYWARD_ZEN_EXTRA_ROOTS_FILE=str(web.root_crt),
                KEYWARD_ZEN_RESOLVE="good.test=127.0.0.1,www.good.test=127.0.0.1,dni.test=127.0.0.1,blocked.test=127.0.0.1,bad.test=127.0.0.1")
     env.update(extra or {})
+    return env
+
+
+def start_zen(ca: CAProcess, pki_dir: Path, master: Path, web: Web, workdir: Path, who: str = "zen-public",
+              extra: dict[str, str] | None = None, python: str = sys.executable) -> Zen:
+    log = workdir / f"zen-{uuid.uuid4().hex[:6]}.log"
+    env = zen_env(ca, pki_dir, master, web, who, extra)
     with open(log, "wb") as out:  # the child has its own copy of the descriptor
         proc = subprocess.Popen([python, "-m", "data_plane"], env=env, cwd=ROOT, stdout=out, stderr=out)
 
