@@ -132,7 +132,7 @@ def serve(d: Path, origin_port: int, profile_dir: str | None) -> None:
     from keylib import proxyauth
     from keylib.securemem import from_bytes
 
-    setup("INFO", "keyward-zen")
+    setup("INFO", "keyward-zen", queued=not os.environ.get("BENCH_PLAIN_SINK"))  # as python -m data_plane
     inter_pem = (d / "inter.crt").read_text()
     signer = Signer.start(from_bytes((d / "inter.der").read_bytes(), require_lock=False), inter_pem)
     key = OrgKey(ORG, "k1", 1, inter_pem, (d / "org-root.crt").read_text(), signer)

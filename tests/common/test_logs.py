@@ -192,7 +192,7 @@ def test_a_queued_sink_never_waits_for_a_reader_that_stopped() -> None:
     from common.logs import QueuedSink
 
     r, w = os.pipe()
-    sink = QueuedSink(w, limit=16 * 1024)
+    sink = QueuedSink(w, limit=200)
     n = 5000
     def write_all() -> None:
         for i in range(n):
