@@ -214,7 +214,8 @@ class QueuedSink(Sink):
 
     Lines keep their order. When ``limit`` lines wait already, a line is dropped and counted;
     once the writer has written what waited, it writes one line saying how many were dropped
-    (``dropped``). :meth:`close` writes what waits (bounded) and stops the thread."""
+    (``dropped``). :meth:`close` writes what waits (bounded) and stops the thread; a line after
+    it is written at once, as by a plain :class:`Sink`."""
 
     def __init__(self, fd: int, limit: int = QUEUE_LINES) -> None:
         super().__init__(fd)
@@ -223,10 +224,14 @@ class QueuedSink(Sink):
         self._lines: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._dropped = 0
         self._drops = threading.Lock()  # taken only when a line is dropped, and by the writer
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="keyward-log-writer", daemon=True)
         self._thread.start()
 
     def write_line(self, line: str) -> None:
+        if self._closed:  # a line of the process's last moments (after close): written at once
+            super().write_line(line)
+            return
         if self._lines.qsize() >= self.limit:
             with self._drops:
                 self._dropped += 1
@@ -260,6 +265,7 @@ class QueuedSink(Sink):
         not hold the process's exit), then stop the writer."""
         self._lines.put(None)
         self._thread.join(timeout)
+        self._closed = True
 
 
 class JsonHandler(logging.Handler):

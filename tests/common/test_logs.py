@@ -227,10 +227,11 @@ def test_a_queued_sink_writes_what_waits_when_closed() -> None:
     for i in range(100):
         sink.write_line(json.dumps({"n": i}))
     sink.close()
+    sink.write_line(json.dumps({"n": 100}))  # after close (an atexit handler's line): written at once
     os.close(w)
     out = b""
     while chunk := os.read(r, 1 << 16):
         out += chunk
     os.close(r)
-    assert [json.loads(x)["n"] for x in out.decode().splitlines()] == list(range(100))
+    assert [json.loads(x)["n"] for x in out.decode().splitlines()] == list(range(101))
     assert sink.dropped_total == 0
