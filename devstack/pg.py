@@ -114,8 +114,10 @@ class PgServer:
     def init(self, passwords: dict[str, str] | None = None) -> None:
         """initdb, configure, start; create the roles and the database."""
         self._prepare_root()
+        # Data checksums: a page the disk or the file system damaged is an error when read (and
+        # pg_basebackup refuses to copy it), not a wrong row served; the standbys are clones.
         run("initdb", "-D", str(self.datadir), "-U", "postgres", "--auth-local=trust",
-            "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8")
+            "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8", "--data-checksums")
         write_as_server(self.datadir / "postgresql.auto.conf", BASE_CONF + self._node_conf(), append=True)
         if self.host != "127.0.0.1":  # initdb lets only loopback in: also our own subnet (the standbys clone it)
             write_as_server(self.datadir / "pg_hba.conf", "host all all samenet scram-sha-256\n"

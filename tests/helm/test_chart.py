@@ -178,6 +178,8 @@ def test_postgres_is_three_servers_synchronous_and_spread(docs: list[dict[str, A
     assert "synchronous_commit = remote_apply" in conf
     assert "synchronous_standby_names = 'ANY" in conf and "kw-keyward-postgres-2" in conf
     assert "pg_basebackup" in next(d for d in _by_kind(docs, "ConfigMap"))["data"]["start.sh"]
+    env = {e["name"]: e.get("value") for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "--data-checksums" in env["POSTGRES_INITDB_ARGS"].split()  # the image's initdb; clones inherit it
     assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
     assert any(p["spec"].get("maxUnavailable") == 1 for p in _by_kind(docs, "PodDisruptionBudget"))
 

@@ -64,6 +64,8 @@ def test_both_standbys_synchronous_and_status_command(pg: PgCluster) -> None:
     assert rows == ["n1:streaming:quorum", "n2:streaming:quorum"]
     assert pg.psql("SHOW synchronous_standby_names") == "ANY 2 (n1, n2)"
     assert pg.psql("SHOW synchronous_commit") == "remote_apply"
+    # A damaged page is an error when read, on each server (initdb --data-checksums; clones inherit it).
+    assert [n.psql("SHOW data_checksums") for n in pg.nodes] == ["on", "on", "on"]
     r = subprocess.run([sys.executable, "-m", "control_plane", "db", "--cluster", str(pg.spec_path), "status"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "problems: none" in r.stdout, r.stdout + r.stderr
