@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import queue
+import select
 import sys
 import threading
 import time
@@ -250,9 +251,21 @@ class QueuedSink(Sink):
                 while True:
                     parts.append(self._lines.get_nowait())
             closing = None in parts
-            batch = b"".join(p for p in parts if p is not None)
-            if batch:
-                self._write(batch)  # whole lines, in one write where the descriptor takes it
+            # Whole lines, at most PIPE_BUF bytes a write (a line longer goes alone, as from a plain
+            # Sink): a larger write to a pipe may be split and interleaved with another process's
+            # lines (the ZEN's workers and its supervisor share one).
+            chunk: list[bytes] = []
+            size = 0
+            for line in parts:
+                if line is None:
+                    continue
+                if chunk and size + len(line) > select.PIPE_BUF:
+                    self._write(b"".join(chunk))
+                    chunk, size = [], 0
+                chunk.append(line)
+                size += len(line)
+            if chunk:
+                self._write(b"".join(chunk))
             with self._drops:
                 dropped, self._dropped = self._dropped, 0
             if dropped:

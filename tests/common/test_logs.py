@@ -235,3 +235,40 @@ def test_a_queued_sink_writes_what_waits_when_closed() -> None:
     os.close(r)
     assert [json.loads(x)["n"] for x in out.decode().splitlines()] == list(range(101))
     assert sink.dropped_total == 0
+
+
+def test_two_queued_sinks_on_one_pipe_never_tear_a_line() -> None:
+    """The ZEN's workers and its supervisor write to one pipe (the supervisor's stderr), each
+    through its own QueuedSink. A write of more than PIPE_BUF bytes to a pipe may be split and
+    interleaved with another writer's: a sink's batches are whole lines of at most PIPE_BUF bytes
+    per write, so every line arrives whole."""
+    import os
+    import threading
+    import time
+
+    from common.logs import QueuedSink
+
+    r, w = os.pipe()
+    sinks = [QueuedSink(w), QueuedSink(w)]
+    n = 3000
+
+    def write_all(k: int) -> None:
+        for i in range(n):
+            sinks[k].write_line(json.dumps({"sink": k, "n": i, "pad": "x" * 150}))
+    writers = [threading.Thread(target=write_all, args=(k,)) for k in (0, 1)]
+    for t in writers:
+        t.start()
+    out = b""
+    end = time.monotonic() + 60
+    while out.count(b"\n") < 2 * n:  # a slow reader: the pipe stays full, writes are split
+        assert time.monotonic() < end, out.count(b"\n")
+        out += os.read(r, 1000)
+    for t in writers:
+        t.join(10)
+    for s in sinks:
+        s.close()
+    os.close(w)
+    os.close(r)
+    lines = [json.loads(x) for x in out.decode().splitlines()]  # a torn line does not parse
+    for k in (0, 1):
+        assert [x["n"] for x in lines if x["sink"] == k] == list(range(n))
