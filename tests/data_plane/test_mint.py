@@ -45,6 +45,16 @@ def _pem(*certs: x509.Certificate) -> str:
     return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in certs)
 
 
+def _signer(key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> Signer:
+    """A signer process holding ``key`` (the intermediate ``cert``'s), as the ZEN starts one."""
+    buf = from_bytes(key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    try:
+        return Signer.start(buf, _pem(cert))
+    finally:
+        buf.wipe()
+
+
 def _handshake(server: ssl.SSLContext, root: x509.Certificate, host: str) -> x509.Certificate:
     """A TLS handshake in memory by a client that trusts ``root`` only (raises when it cannot
     verify the chain it is sent); the leaf."""
@@ -83,12 +93,7 @@ def test_a_client_that_trusts_only_the_org_root_verifies_the_leaf(levels: int) -
         issuer, chain = (sub, sub_key), [sub, root]
     inter_key = ec.generate_private_key(ec.SECP256R1())
     inter = _ca("org intermediate", inter_key, issuer, 0)
-    buf = from_bytes(inter_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                                             serialization.NoEncryption()))
-    try:
-        signer = Signer.start(buf, _pem(inter))
-    finally:
-        buf.wipe()
+    signer = _signer(inter_key, inter)
     try:
         ctx = Minter().context_for("acme", "k1", signer, _pem(inter), "shop.example", [], chain_pem=_pem(*chain))
         leaf = _handshake(ctx, root, "shop.example")  # SSLCertVerificationError when the path is broken
@@ -118,12 +123,7 @@ def test_a_client_gets_one_session_ticket_and_resumes_with_it() -> None:
     root = _ca("org root", key, None, None)
     inter_key = ec.generate_private_key(ec.SECP256R1())
     inter = _ca("org intermediate", inter_key, (root, key), 0)
-    buf = from_bytes(inter_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                                             serialization.NoEncryption()))
-    try:
-        signer = Signer.start(buf, _pem(inter))
-    finally:
-        buf.wipe()
+    signer = _signer(inter_key, inter)
     try:
         server = Minter().context_for("acme", "k1", signer, _pem(inter), "shop.example", [], chain_pem=_pem(root))
     finally:
